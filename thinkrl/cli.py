@@ -1,0 +1,56 @@
+"""Command line: ``thinkrl train --config PATH [key=value ...]``.
+
+User errors (config, data, model paths, NaN loss) print one line ``thinkrl: error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from thinkrl.errors import ThinkRLError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from thinkrl.config import load_config
+    from thinkrl.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    result = Trainer(cfg).train()
+    init, final = result["initial_eval"], result["final_eval"]
+    print(f"reward_mean {init['reward_mean']:.4f} -> {final['reward_mean']:.4f}; "
+          f"nll_null - nll_thought {init['nll_null'] - init['nll_thought']:.4f} -> {final['nll_null'] - final['nll_thought']:.4f}; "
+          f"results in {cfg.trainer.output_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thinkrl", description="Token-level thought RL for language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="RL-train a reasoner/interpreter pair")
+    train.add_argument("--config", default=None, help="YAML recipe (e.g. configs/default.yaml)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=10 rollout.num_thoughts=4")
+    train.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ThinkRLError as exc:
+        print(f"thinkrl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("thinkrl: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Data sources → train and held-out position pools.
+
+Local files under ``data.data_dir`` come first (default ``../shared/data``); for users with internet a
+``data.hub_id`` (or the task's usual one) is loaded with ``datasets`` when the local file is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from thinkrl.config import DataConfig
+from thinkrl.data.positions import PositionPool, task_pool, text_pool
+from thinkrl.data.synthetic import synthetic_documents
+from thinkrl.errors import DataError
+from thinkrl.prompts import load_template
+
+# task → (local train file, local held-out file, hub id, hub config, hub train split, hub held-out split)
+TASK_FILES = {
+    "gsm8k": ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "openai/gsm8k", "main", "train", "test"),
+    "csqa": ("csqa/train_rand_split.jsonl", "csqa/dev_rand_split.jsonl", "tau/commonsense_qa", None, "train", "validation"),
+}
+SYNTHETIC_TRAIN_DOCS = 20_000
+
+
+def _resolve(cfg: DataConfig, name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    data_dir = cfg.resolved_data_dir()
+    return (data_dir / name) if data_dir is not None else path
+
+
+def read_jsonl(path: Path, limit: int = 0) -> list[dict]:
+    """Rows of a JSON-lines file; a broken row is a one-line error with its line number."""
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or delete that line") from None
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def _load_task_rows(cfg: DataConfig, split: str) -> list[dict]:
+    train_file, eval_file, hub_id, hub_cfg, hub_train, hub_eval = TASK_FILES[cfg.source]
+    local = cfg.train_file or train_file if split == "train" else cfg.eval_file or eval_file
+    path = _resolve(cfg, local)
+    if path.is_file():
+        rows = read_jsonl(path, cfg.max_docs)
+    elif cfg.hub_id or cfg.data_dir == "auto":
+        import datasets  # only users with internet reach this
+
+        try:
+            ds = datasets.load_dataset(cfg.hub_id or hub_id, hub_cfg, split=hub_train if split == "train" else hub_eval)
+        except Exception as exc:  # offline, wrong id...
+            raise DataError(
+                f"{path} does not exist and the hub copy could not be loaded ({type(exc).__name__}); "
+                "set data.data_dir to a folder with the task files"
+            ) from None
+        rows = [dict(r) for r in (ds.select(range(min(cfg.max_docs, len(ds)))) if cfg.max_docs else ds)]
+    else:
+        raise DataError(f"data file {path} does not exist; set data.data_dir (folder with {local}) or data.hub_id")
+    if not rows:
+        raise DataError(f"{path} holds no rows; point data.{split}_file at a non-empty file")
+    return rows
+
+
+def gsm8k_answer(solution: str) -> str:
+    """The gold number after ``####``, commas stripped."""
+    match = re.search(r"####\s*(.+)\s*$", solution.strip())
+    if not match:
+        raise ValueError("no '#### <answer>' line")
+    return match.group(1).replace(",", "").strip()
+
+
+def _gsm8k_item(row: dict, template: str) -> tuple[str, str, dict]:
+    answer = gsm8k_answer(row["answer"])
+    return template.format(question=row["question"].strip()), " " + answer, {"answer": answer}
+
+
+def _csqa_item(row: dict, template: str) -> tuple[str, str, dict]:
+    q = row["question"]
+    if isinstance(q, dict):  # official release: {"stem", "choices": [{"label", "text"}]}
+        stem, labels, texts = q["stem"], [c["label"] for c in q["choices"]], [c["text"] for c in q["choices"]]
+    else:  # hub form: question str, choices {"label": [...], "text": [...]}
+        stem, labels, texts = q, row["choices"]["label"], row["choices"]["text"]
+    answer = row["answerKey"]
+    if answer not in labels:
+        raise ValueError(f"answerKey {answer!r} is not a choice label")
+    choices = " ".join(f"({label}) {text}" for label, text in zip(labels, texts))
+    return template.format(question=stem.strip(), choices=choices), " " + answer, {"answer": answer}
+
+
+TASK_ITEMS = {"gsm8k": (_gsm8k_item, {"question"}), "csqa": (_csqa_item, {"question", "choices"})}
+
+
+def _task_pool(cfg: DataConfig, tokenizer, split: str) -> PositionPool:
+    make_item, allowed = TASK_ITEMS[cfg.source]
+    template = load_template(cfg.prompt_template or f"tasks/{cfg.source}", allowed)
+    contexts, targets, metas = [], [], []
+    for i, row in enumerate(_load_task_rows(cfg, split)):
+        try:
+            context, target, meta = make_item(row, template)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{cfg.source} {split} row {i + 1} is malformed ({type(exc).__name__}: {exc}); fix or drop it") from None
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        contexts.append(bos + tokenizer.encode(context, add_special_tokens=False))
+        targets.append(tokenizer.encode(target, add_special_tokens=False)[: cfg.n_ahead])
+        metas.append(meta)
+    return task_pool(contexts, targets, cfg.context_len, metas)
+
+
+def _text_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, PositionPool]:
+    train_path = _resolve(cfg, cfg.train_file)
+    if not train_path.is_file():
+        raise DataError(f"data file {train_path} does not exist; set data.train_file (or data.data_dir)")
+    text = train_path.read_text(encoding="utf-8")
+    if cfg.eval_file:
+        eval_path = _resolve(cfg, cfg.eval_file)
+        if not eval_path.is_file():
+            raise DataError(f"data file {eval_path} does not exist; set data.eval_file or leave it empty")
+        eval_text = eval_path.read_text(encoding="utf-8")
+    else:  # hold out the tail: text later in the file than anything trained on
+        cut = int(len(text) * 0.9)
+        text, eval_text = text[:cut], text[cut:]
+    if not text.strip():
+        raise DataError(f"{train_path} is empty; give a text file with content")
+
+    def pool(body: str, pool_seed: int) -> PositionPool:
+        ids = np.asarray(tokenizer.encode(body, add_special_tokens=False), dtype=np.int64)
+        # Documents are windows of context_len + n_ahead tokens so positions stay within one window.
+        span = cfg.context_len + cfg.n_ahead
+        docs = [ids[i : i + span] for i in range(0, max(1, len(ids) - cfg.n_ahead), cfg.context_len)]
+        if cfg.max_docs:
+            docs = docs[: cfg.max_docs]
+        return text_pool(docs, cfg.positions, cfg.n_ahead, cfg.context_len, cfg.every_k, cfg.positions_per_doc, pool_seed)
+
+    return pool(text, seed), pool(eval_text, seed + 1)
+
+
+def _synthetic_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, PositionPool]:
+    def pool(n: int, doc_seed: int) -> PositionPool:
+        contexts, targets = synthetic_documents(cfg.synthetic, n, doc_seed)
+        enc = lambda texts: [tokenizer.encode(t, add_special_tokens=False) for t in texts]  # noqa: E731
+        bos = tokenizer.bos_token_id
+        return task_pool([[bos] + c for c in enc(contexts)], enc(targets), cfg.context_len)
+
+    n_train = cfg.max_docs or SYNTHETIC_TRAIN_DOCS
+    # Disjoint seeds (train vs held-out) so evaluation never sees a training document by construction.
+    return pool(n_train, 2 * seed), pool(cfg.eval_positions, 2 * seed + 1)
+
+
+def build_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, PositionPool]:
+    """(train pool, held-out pool) for ``cfg.source``."""
+    if cfg.source == "synthetic":
+        return _synthetic_pools(cfg, tokenizer, seed)
+    if cfg.source == "text":
+        return _text_pools(cfg, tokenizer, seed)
+    return _task_pool(cfg, tokenizer, "train"), _task_pool(cfg, tokenizer, "eval")

@@ -1,0 +1,110 @@
+"""Learner: one TRICE-style loss over a batch of rollouts, and the optimiser it feeds.
+
+loss = policy_weight · PG(reasoner) − entropy_coef · H(reasoner on thought tokens)
+     + interpreter_weight · NLL(y | x, z) through the mixing head
+     + base_weight · NLL(y | x) with no thought
+The score-function term trains the reasoner; the pathwise NLL terms train interpreter, base and head
+(seed note 004's gradient of E_z[-log p(y | z, x)]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import get_scheduler
+
+from thinkrl import core_algos
+from thinkrl.config import Config
+from thinkrl.models.roles import RoleModels
+from thinkrl.rollout.base import ThoughtBatch
+from thinkrl.rollout.policy import thought_logps
+from thinkrl.scoring import Scorer, Scores
+
+LR_ROLE_ORDER = ("reasoner", "interpreter", "base")
+
+
+def build_optimizer(cfg: Config, roles: RoleModels):
+    """AdamW with one parameter group per weight group (+ head). A shared group takes the lr of its first
+    role in reasoner → interpreter → base order that has a ``learner.role_lr`` entry."""
+    lcfg, groups = cfg.learner, []
+    for group, model in roles.models.items():
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            continue
+        lr = next((lcfg.role_lr[r] for r in LR_ROLE_ORDER if roles.role_group[r] == group and r in lcfg.role_lr), lcfg.lr)
+        groups.append({"params": params, "lr": lr, "name": group})
+    head_params = [p for p in roles.head.parameters() if p.requires_grad]
+    if head_params:
+        groups.append({"params": head_params, "lr": lcfg.role_lr.get("head", lcfg.lr), "name": "head"})
+    if not groups:
+        raise ValueError("every role is frozen: nothing to train")
+    optimizer = torch.optim.AdamW(groups, lr=lcfg.lr, betas=tuple(lcfg.adam_betas), weight_decay=lcfg.weight_decay)
+    scheduler = get_scheduler(lcfg.scheduler, optimizer, num_warmup_steps=lcfg.warmup_steps,
+                              num_training_steps=max(1, cfg.trainer.max_steps))
+    return optimizer, scheduler
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    stats: dict[str, float]
+    scores: Scores
+    rewards: torch.Tensor  # (N, K) raw improvement over the null thought
+    per_token_rewards: torch.Tensor  # (N, K, n)
+    advantages: torch.Tensor  # (N, K)
+
+
+def rewards_and_advantages(cfg: Config, scores: Scores, thoughts: ThoughtBatch):
+    """Detached (per-token rewards, rewards, advantages) from a scored batch."""
+    with torch.no_grad():
+        per_token = core_algos.token_rewards(scores.logp_thoughts, scores.logp_null, scores.target_mask.float())
+        rewards = core_algos.sequence_rewards(per_token, scores.target_mask.float(), cfg.reward.discount)
+        if thoughts.num_thoughts == 0:
+            return per_token, rewards, rewards.clone()
+        shaped = core_algos.shape_rewards(
+            rewards, thoughts.lengths.to(rewards.device), thoughts.finished.to(rewards.device),
+            cfg.reward.length_penalty, cfg.reward.unfinished_penalty, cfg.reward.clip,
+        )
+        lc = cfg.learner
+        advantages = core_algos.compute_advantages(shaped, lc.baseline, lc.include_null, lc.positive_only, lc.normalize)
+    return per_token, rewards, advantages
+
+
+def compute_loss(
+    cfg: Config, roles: RoleModels, scorer: Scorer, contexts: list[list[int]], targets: list[list[int]],
+    thoughts: ThoughtBatch,
+) -> LossOutput:
+    lc = cfg.learner
+    scores = scorer.score(contexts, targets, thoughts)
+    per_token, rewards, advantages = rewards_and_advantages(cfg, scores, thoughts)
+    mask = scores.target_mask
+    stats: dict[str, float] = {}
+    loss = scores.logp.sum() * 0.0  # keeps every term on the graph even when weights are 0
+
+    if thoughts.num_thoughts and (lc.policy_weight > 0 or lc.entropy_coef > 0):
+        logps, entropy = thought_logps(
+            roles.model("reasoner"), contexts, thoughts, roles.sot_id, roles.eot_id, scorer.pad_id,
+            cfg.rollout.temperature, cfg.rollout.length_mode == "fixed",
+        )
+        action_mask = thoughts.thought_mask.to(logps.device)
+        pg, pg_stats = core_algos.policy_loss(logps, thoughts.sampler_logps.to(logps.device), action_mask,
+                                              advantages, lc.ratio_clip)
+        ent = core_algos.masked_mean(entropy, action_mask)
+        loss = loss + lc.policy_weight * pg - lc.entropy_coef * ent
+        stats.update(policy_loss=float(pg), entropy=float(ent), **pg_stats)
+
+    if lc.interpreter_weight > 0:
+        if thoughts.num_thoughts:
+            helpful = (rewards > 0).float() if lc.interpreter_only_helpful else None
+            nll = core_algos.nll_loss(scores.logp[:, :-1], mask, helpful)
+        else:  # control run: the null thought is all the interpreter ever sees
+            nll = core_algos.nll_loss(scores.logp[:, -1:], mask)
+        loss = loss + lc.interpreter_weight * nll
+        stats["interpreter_nll"] = float(nll)
+    if lc.base_weight > 0:
+        base_nll = core_algos.nll_loss(scores.logp_base[:, None], mask)
+        loss = loss + lc.base_weight * base_nll
+        stats["base_nll"] = float(base_nll)
+    stats["loss"] = float(loss)
+    return LossOutput(loss, stats, scores, rewards, per_token, advantages)

@@ -1,0 +1,64 @@
+"""The reasoner's policy distribution, shared by the sampler and the learner so both score the same thing.
+
+pi(z_t | x, z_<t) = softmax(logits / temperature), with the end token disabled in fixed-length mode.
+(Quiet-STaR sampled at one temperature and scored at another; here one function defines the policy.)
+Top-p only truncates what is *sampled*; log-probs are of the untruncated tempered distribution, so the
+learner's and the sampler's values agree and the importance ratio is 1 on-policy.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from thinkrl.models.shared_prefix import forward_shared_prefix
+from thinkrl.rollout.base import ThoughtBatch
+
+
+def policy_logits(logits: torch.Tensor, temperature: float, eot_id: int, fixed_length: bool) -> torch.Tensor:
+    logits = logits.float() / temperature
+    if fixed_length:  # thoughts always run to max length: stopping is not an action
+        logits = logits.clone()
+        logits[..., eot_id] = float("-inf")
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row from policy logits (B, V). Returns (tokens (B,), their log-probs (B,))."""
+    logps = torch.log_softmax(logits, dim=-1)
+    probs = logps.exp()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens after the nucleus is full
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def thought_logps(
+    model, contexts: list[list[int]], thoughts: ThoughtBatch, sot_id: int, eot_id: int, pad_id: int,
+    temperature: float, fixed_length: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learner-side log-probs and entropies of the sampled actions, differentiable.
+
+    Each context is computed once and shared by its K thoughts. Returns (logps, entropy), both (N, K, M)
+    and zero where ``thought_mask`` is False."""
+    n, k, m = thoughts.thought_ids.shape
+    actions = thoughts.thought_ids.to(model.device)
+    action_mask = thoughts.thought_mask.to(model.device)
+    # Suffix = [last context token, sot, actions...]: the logits at index 1 + j predict action j.
+    suffixes = [
+        [contexts[i][-1], sot_id, *actions[i, j, : int(action_mask[i, j].sum())].tolist()]
+        for i in range(n) for j in range(k)
+    ]
+    logits, _, _ = forward_shared_prefix(model, [c[:-1] for c in contexts], suffixes, pad_id)
+    logits = policy_logits(logits[:, 1 : 1 + m], temperature, eot_id, fixed_length)  # (N*K, <=M, V)
+    if logits.shape[1] < m:  # every thought shorter than the slot width
+        logits = torch.nn.functional.pad(logits, (0, 0, 0, m - logits.shape[1]))
+    flat_actions = actions.reshape(n * k, m)
+    logps = selective_log_softmax(logits, flat_actions).reshape(n, k, m)
+    entropy = entropy_from_logits(logits).reshape(n, k, m)
+    return logps.masked_fill(~action_mask, 0.0), entropy.masked_fill(~action_mask, 0.0)

@@ -1,0 +1,97 @@
+"""Scorer: teacher-forced log q(y | x, z) for the K thoughts and the null thought, and the base's log p0(y | x).
+
+For each position the interpreter reads ``window(x) ⊕ <sot> z <eot> ⊕ y``. The window (the last
+``data.interpreter_window`` context tokens, or all of them) is computed once per position and shared by
+its K + 1 thoughts (and by the base row when base and interpreter are one model). The mixing head then
+blends base and interpreter per target token. Differentiable when called under grad (the learner's
+interpreter/base/head losses reuse this forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from thinkrl.models.roles import RoleModels
+from thinkrl.models.shared_prefix import forward_shared_prefix
+from thinkrl.rollout.base import ThoughtBatch
+
+
+@dataclass
+class Scores:
+    """Per-token log-probs of the targets. Row K of the thought axis is the null thought."""
+
+    logp: torch.Tensor  # (N, K+1, n) mixed prediction (the interpreter alone when head.form=none)
+    logp_reward: torch.Tensor  # (N, K+1, n) the prediction rewards are computed from (reward.source)
+    logp_base: torch.Tensor  # (N, n) base model, no thought, its own LM head
+    weight: torch.Tensor  # (N, K+1, n) interpreter weight of the mixing head
+    target_ids: torch.Tensor  # (N, n)
+    target_mask: torch.Tensor  # (N, n) bool
+
+    @property
+    def logp_thoughts(self) -> torch.Tensor:
+        return self.logp_reward[:, :-1]
+
+    @property
+    def logp_null(self) -> torch.Tensor:
+        return self.logp_reward[:, -1]
+
+
+def _gather_targets(hidden: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tensor:
+    """hidden (B, S, d), starts (B,) → (B, n, d): the states at starts + j that predict y_j."""
+    index = (starts[:, None] + torch.arange(n, device=hidden.device)).clamp_max(hidden.shape[1] - 1)
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+class Scorer:
+    def __init__(self, roles: RoleModels, null_ids: list[int], interpreter_window: int, reward_source: str):
+        self.roles = roles
+        self.null_seq = [roles.sot_id, *null_ids, roles.eot_id]
+        self.window = interpreter_window
+        self.reward_source = reward_source
+        self.pad_id = roles.tokenizer.pad_token_id
+
+    def _window(self, context: list[int]) -> list[int]:
+        return context[-self.window :] if self.window else context
+
+    def score(self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch) -> Scores:
+        roles, pad = self.roles, self.pad_id
+        n_pos, k = len(contexts), thoughts.num_thoughts
+        n = max(len(t) for t in targets)
+        device = roles.model("interpreter").device
+        target_ids = torch.full((n_pos, n), pad, dtype=torch.long, device=device)
+        target_mask = torch.zeros((n_pos, n), dtype=torch.bool, device=device)
+        for i, t in enumerate(targets):
+            target_ids[i, : len(t)], target_mask[i, : len(t)] = torch.tensor(t, device=device), True
+
+        windows = [self._window(c) for c in contexts]
+        seqs = thoughts.interpreter_sequences(roles.sot_id, roles.eot_id) if k else [[] for _ in contexts]
+        base_in_batch = roles.shared("base", "interpreter")
+        rows = [seqs[i] + [self.null_seq] + ([[]] if base_in_batch else []) for i in range(n_pos)]
+        r = len(rows[0])
+        # Suffix = [last window token] + thought + y[:-1]; the state at len(thought) + j predicts y_j.
+        suffixes = [[w[-1], *z, *y[:-1]] for w, row, y in zip(windows, rows, targets) for z in row]
+        starts = torch.tensor([len(z) for row in rows for z in row], device=device)
+        _, hidden, _ = forward_shared_prefix(roles.model("interpreter"), [w[:-1] for w in windows], suffixes, pad,
+                                             need_logits=False)
+        h = _gather_targets(hidden, starts, n).reshape(n_pos, r, n, -1)
+        if base_in_batch:
+            h_interp, h_base = h[:, :-1], h[:, -1:]
+        else:
+            h_interp = h
+            _, hb, _ = forward_shared_prefix(roles.model("base"), [w[:-1] for w in windows],
+                                             [[w[-1], *y[:-1]] for w, y in zip(windows, targets)], pad, need_logits=False)
+            h_base = _gather_targets(hb, torch.zeros(n_pos, dtype=torch.long, device=device), n)[:, None]
+
+        lm_base = roles.model("base").get_output_embeddings()
+        lm_interp = roles.model("interpreter").get_output_embeddings()
+        pick = lambda logp, ids: logp.gather(-1, ids[..., None]).squeeze(-1)  # noqa: E731
+        k1_targets = target_ids[:, None, :].expand(-1, k + 1, -1)
+        mixed, weight = roles.head(h_base.expand_as(h_interp), h_interp, lm_base, lm_interp)
+        logp = pick(mixed, k1_targets)
+        logp_reward = logp
+        if self.reward_source == "interpreter" and roles.head.form != "none":
+            logp_reward = pick(torch.log_softmax(lm_interp(h_interp).float(), -1), k1_targets)
+        logp_base = pick(torch.log_softmax(lm_base(h_base[:, 0]).float(), -1), target_ids)
+        return Scores(logp, logp_reward, logp_base, weight, target_ids, target_mask)

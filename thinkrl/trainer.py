@@ -1,0 +1,261 @@
+"""The RL loop: rollout → score → rewards/advantages → update → sync → log/eval/save.
+
+Run: ``thinkrl train --config configs/default.yaml`` (or ``accelerate launch -m thinkrl train ...``).
+The run folder gets ``config.yaml``, ``metrics.jsonl``, ``rollouts/``, ``checkpoint-<step>/`` (accelerate state:
+models, optimizer, scheduler, RNG, data position, trainer state), ``summary.json`` and ``results.md``.
+A run restarted on the same folder resumes from its newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from thinkrl.config import Config, to_dict, to_yaml
+from thinkrl.data.positions import PositionStream
+from thinkrl.data.sources import build_pools
+from thinkrl.errors import ConfigError, NonFiniteLossError
+from thinkrl.evaluation import evaluate
+from thinkrl.learner import build_optimizer, compute_loss
+from thinkrl.models.roles import build_roles, set_threads
+from thinkrl.prompts import load_template
+from thinkrl.rollout import make_actor
+from thinkrl.run_files import append_jsonl, dump_rollouts, mean_or_nan, write_atomic, write_summary
+from thinkrl.scoring import Scorer
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainerState:
+    """Loop counters and the initial evaluation, saved in every checkpoint (accelerate custom object)."""
+
+    def __init__(self):
+        self.step = 0
+        self.initial_eval: dict | None = None
+        self.last_eval: dict | None = None
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+def find_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with trainer_state.json), oldest first."""
+    found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]) if p.name[len(CHECKPOINT_PREFIX):].isdigit() else -1)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        tc = cfg.trainer
+        set_threads(tc.num_threads)
+        self.run_dir = Path(tc.output_dir)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                       log_with=None if tc.report_to == "none" else tc.report_to,
+                                       project_dir=str(self.run_dir))
+        set_seed(tc.seed)
+        self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            (self.run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
+            write_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
+
+        self.roles = build_roles(cfg)
+        tok = self.roles.tokenizer
+        self.train_pool, self.eval_pool = build_pools(cfg.data, tok, tc.seed)
+        self.stream = PositionStream(self.train_pool, tc.seed)
+        null_ids = tok.encode(load_template(cfg.rollout.null_thought, set()), add_special_tokens=False) \
+            if cfg.rollout.null_thought else []
+        self.scorer = Scorer(self.roles, null_ids, cfg.data.interpreter_window, cfg.reward.source)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.roles)
+        prepared = self.accelerator.prepare(*self.roles.models.values(), self.roles.head, self.optimizer, self.scheduler)
+        self.optimizer, self.scheduler = prepared[-2], prepared[-1]
+        for group, model in zip(list(self.roles.models), prepared):
+            self.roles.models[group] = self.accelerator.unwrap_model(model)
+        self.actor = make_actor(cfg.rollout, self.roles)
+        self.state = TrainerState()
+        self.accelerator.register_for_checkpointing(self.stream, self.state)
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    @contextmanager
+    def _timed(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.timings[f"timing/{phase}"] = self.timings.get(f"timing/{phase}", 0.0) + time.perf_counter() - start
+
+    def _init_tracker(self) -> None:
+        tc = self.cfg.trainer
+        if tc.report_to == "none":
+            return
+        kwargs = {}
+        if tc.report_to == "wandb":
+            os.environ.setdefault("WANDB_MODE", "offline")  # never ask for a key or a network by default
+            kwargs = {"wandb": {"dir": str(self.run_dir), "name": tc.run_name or self.run_dir.name}}
+        try:
+            self.accelerator.init_trackers(tc.project, config=to_dict(self.cfg), init_kwargs=kwargs)
+        except Exception as exc:
+            raise ConfigError(f"trainer.report_to={tc.report_to} failed to start ({type(exc).__name__}: {exc}); "
+                              "set trainer.report_to=none or install/configure the tracker") from None
+
+    def _resume(self) -> None:
+        how = self.cfg.trainer.resume
+        if how == "never":
+            return
+        path = Path(how) if how != "auto" else (find_checkpoints(self.run_dir) or [None])[-1]
+        if path is None:
+            return
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError(f"trainer.resume={how} is not a complete checkpoint folder; use auto, never or a checkpoint-<step> path")
+        self.accelerator.load_state(str(path))
+        logger.info("resumed from %s at step %d", path, self.state.step)
+
+    def _save(self) -> Path:
+        """Write checkpoint-<step>/ atomically: into a temp folder first, renamed when complete."""
+        final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.state.step}"
+        tmp = self.run_dir / f".tmp-{CHECKPOINT_PREFIX}{self.state.step}"
+        self.accelerator.wait_for_everyone()
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.save_state(str(tmp))
+        if self.is_main:
+            self.roles.tokenizer.save_pretrained(tmp / "tokenizer")
+            write_atomic(tmp / "trainer_state.json", json.dumps(self.state.state_dict(), indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in find_checkpoints(self.run_dir)[: -self.cfg.trainer.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _evaluate(self) -> dict:
+        with self._timed("eval"):
+            return evaluate(self.cfg, self.roles, self.actor, self.scorer, self.eval_pool, seed=self.cfg.trainer.seed + 12345)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def step(self) -> tuple[dict, list, object, object]:
+        """One optimizer step over ``grad_accum_steps`` rollout micro-batches.
+
+        Returns (metrics, positions, thoughts, loss output) of the last micro-batch for dumping."""
+        cfg, lc = self.cfg, self.cfg.learner
+        stats_sum: dict[str, float] = {}
+        for _ in range(lc.grad_accum_steps):
+            positions = self.stream.next_batch(cfg.trainer.batch_positions)
+            contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
+            with self._timed("rollout"):
+                thoughts = self.actor.sample(contexts, cfg.rollout.num_thoughts)
+            for _update in range(lc.updates_per_rollout):
+                with self._timed("score_and_loss"):
+                    out = compute_loss(cfg, self.roles, self.scorer, contexts, targets, thoughts)
+                if not torch.isfinite(out.loss):
+                    self._non_finite(f"loss is {float(out.loss)}")
+                with self._timed("backward"):
+                    self.accelerator.backward(out.loss / lc.grad_accum_steps)
+                if _update < lc.updates_per_rollout - 1:
+                    self._optimizer_step()
+                    thoughts.staleness += 1
+            for key, value in out.stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
+            stats_sum["reward"] = stats_sum.get("reward", 0.0) + mean_or_nan(out.rewards) / lc.grad_accum_steps
+        grad_norm = self._optimizer_step()
+        with self._timed("sync"):
+            self.actor.sync_weights()
+        self.state.step += 1
+        k = thoughts.num_thoughts
+        metrics = {
+            **{f"train/{k_}": v for k_, v in stats_sum.items()},
+            "train/grad_norm": grad_norm,
+            "train/null_rate": float((out.rewards.max(dim=1).values <= 0).float().mean()) if k else 1.0,
+            "train/thought_len": mean_or_nan(thoughts.lengths),
+            "train/unfinished_rate": mean_or_nan((~thoughts.finished).float()),
+            "train/mix_weight": float(out.scores.weight[:, :-1].float().mean()) if k else 1.0,
+            "train/staleness": thoughts.staleness,
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
+        return metrics, positions, thoughts, out
+
+    def _optimizer_step(self) -> float:
+        with self._timed("optimizer"):
+            max_norm = self.cfg.learner.max_grad_norm
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            norm = float(norm) if norm is not None else float("nan")
+            if not math.isfinite(norm):
+                self._non_finite(f"gradient norm is {norm}")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _non_finite(self, what: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        ckpts = find_checkpoints(self.run_dir)
+        last = f"last good checkpoint {ckpts[-1]} is intact" if ckpts else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"{what} at step {self.state.step + 1}; stopped before updating weights ({last}); "
+            "lower learner.lr or set learner.max_grad_norm, then rerun to resume"
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        tc = self.cfg.trainer
+        self._resume()
+        self._init_tracker()
+        start_time = time.perf_counter()
+        if self.state.initial_eval is None:
+            self.state.initial_eval = self._evaluate()
+            self._log({f"eval/{k}": v for k, v in self.state.initial_eval.items()}, step=0)
+        bar = tqdm(total=tc.max_steps, initial=self.state.step, disable=not (self.is_main and tc.progress),
+                   desc="thinkrl", dynamic_ncols=True)
+        saved_step = None
+        while self.state.step < tc.max_steps:
+            self.timings = {}
+            metrics, positions, thoughts, out = self.step()
+            step = self.state.step
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", null=f"{metrics['train/null_rate']:.2f}",
+                            len=f"{metrics['train/thought_len']:.1f}")
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+                self.state.last_eval = self._evaluate()
+                metrics.update({f"eval/{k}": v for k, v in self.state.last_eval.items()})
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                self._log({**metrics, **self.timings}, step=step)
+                if tc.dump_rollouts and self.is_main:
+                    dump_rollouts(self.run_dir / "rollouts" / f"step-{step:06d}.jsonl", step, self.roles.tokenizer,
+                                  positions, thoughts, out)
+            if tc.save_every and step % tc.save_every == 0:
+                with self._timed("save"):
+                    self._save()
+                saved_step = step
+        bar.close()
+        final = self._evaluate()
+        self.state.last_eval = final
+        if saved_step != self.state.step:
+            self._save()
+        self._log({f"eval/{k}": v for k, v in final.items()}, step=self.state.step)
+        if self.is_main:
+            write_summary(self.run_dir, self.state.initial_eval, final,
+                          {"steps": self.state.step, "train_seconds_this_session": round(time.perf_counter() - start_time, 2)})
+        self.accelerator.end_training()
+        return {"initial_eval": self.state.initial_eval, "final_eval": final}
+
+    def _log(self, metrics: dict, step: int) -> None:
+        if self.is_main:
+            append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **metrics})
+        if self.cfg.trainer.report_to != "none":
+            self.accelerator.log(metrics, step=step)
