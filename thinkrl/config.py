@@ -279,6 +279,9 @@ class LearnerConfig:
     policy_weight: float = _help("weight of the policy-gradient loss", 1.0)
     entropy_coef: float = _help("entropy bonus on thought tokens (keeps thoughts from collapsing)", 0.01)
     interpreter_weight: float = _help("weight of NLL(y | x, thought) through the mixing head", 1.0)
+    interpreter_null: bool = _help(
+        "the interpreter also learns from the null thought, keeping the baseline of r(z) a calibrated no-thought guess", True
+    )
     interpreter_only_helpful: bool = _help("interpreter learns only from thoughts that beat the null thought", False)
     base_weight: float = _help("weight of NLL(y | x) with no thought (keeps plain language modelling)", 0.0)
     ratio_clip: float = _help("PPO-style clip of the importance ratio learner/sampler", 0.2)
@@ -316,6 +319,7 @@ class TrainerConfig:
     max_steps: int = _help("optimizer steps", 100)
     batch_positions: int = _help("thought positions per micro-batch", 8)
     seed: int = _help("seed of data order, sampling and initialisation", 0)
+    lm_warmup_steps: int = _help("plain LM training steps on the training text before RL (for scratch models)", 0)
     log_every: int = _help("steps between metric logs and rollout dumps", 1)
     eval_every: int = _help("steps between held-out evaluations; 0 = only at start and end", 50)
     save_every: int = _help("steps between checkpoints; 0 = only at the end", 50)
@@ -333,7 +337,7 @@ class TrainerConfig:
         _positive("trainer.max_steps", self.max_steps, allow_zero=True)
         _positive("trainer.batch_positions", self.batch_positions)
         _positive("trainer.log_every", self.log_every)
-        for name in ("eval_every", "save_every", "num_threads"):
+        for name in ("eval_every", "save_every", "num_threads", "lm_warmup_steps"):
             _positive(f"trainer.{name}", getattr(self, name), allow_zero=True)
         _positive("trainer.keep_checkpoints", self.keep_checkpoints)
 
@@ -392,7 +396,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. trainer.max_steps=10)")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            for override in overrides:
+                try:
+                    parsed = OmegaConf.from_dotlist([override])
+                except Exception as exc:
+                    raise ConfigError(
+                        f"cannot parse override {override!r} ({_one_line(exc)}); quote YAML-special values: key='\"value\"'"
+                    ) from None
+                merged = OmegaConf.merge(merged, parsed)
         return OmegaConf.to_object(merged)
     except ConfigError:
         raise

@@ -84,9 +84,10 @@ def policy_loss(
         per_token = -unclipped
     loss = (per_token * mask).sum(-1).mean() if mask.numel() else logps.sum() * 0
     n_tok = mask.sum().clamp_min(1)
+    r = ratio.detach()
     stats = {
-        "ratio_mean": float((ratio * mask).sum() / n_tok),
-        "clip_frac": float((((ratio - 1).abs() > ratio_clip) * mask).sum() / n_tok) if ratio_clip > 0 else 0.0,
+        "ratio_mean": float((r * mask).sum() / n_tok),
+        "clip_frac": float((((r - 1).abs() > ratio_clip) * mask).sum() / n_tok) if ratio_clip > 0 else 0.0,
     }
     return loss, stats
 

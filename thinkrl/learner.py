@@ -92,19 +92,21 @@ def compute_loss(
                                               advantages, lc.ratio_clip)
         ent = core_algos.masked_mean(entropy, action_mask)
         loss = loss + lc.policy_weight * pg - lc.entropy_coef * ent
-        stats.update(policy_loss=float(pg), entropy=float(ent), **pg_stats)
+        stats.update(policy_loss=float(pg.detach()), entropy=float(ent.detach()), **pg_stats)
 
     if lc.interpreter_weight > 0:
-        if thoughts.num_thoughts:
-            helpful = (rewards > 0).float() if lc.interpreter_only_helpful else None
-            nll = core_algos.nll_loss(scores.logp[:, :-1], mask, helpful)
-        else:  # control run: the null thought is all the interpreter ever sees
-            nll = core_algos.nll_loss(scores.logp[:, -1:], mask)
+        # Row weights over the K thoughts + null: sampled thoughts (all, or only those beating the null), the null.
+        row_weights = torch.ones(scores.logp.shape[:2], device=scores.logp.device)
+        if lc.interpreter_only_helpful:
+            row_weights[:, :-1] = (rewards > 0).float()
+        if not lc.interpreter_null and thoughts.num_thoughts:
+            row_weights[:, -1] = 0.0
+        nll = core_algos.nll_loss(scores.logp, mask, row_weights)
         loss = loss + lc.interpreter_weight * nll
-        stats["interpreter_nll"] = float(nll)
+        stats["interpreter_nll"] = float(nll.detach())
     if lc.base_weight > 0:
         base_nll = core_algos.nll_loss(scores.logp_base[:, None], mask)
         loss = loss + lc.base_weight * base_nll
-        stats["base_nll"] = float(base_nll)
-    stats["loss"] = float(loss)
+        stats["base_nll"] = float(base_nll.detach())
+    stats["loss"] = float(loss.detach())
     return LossOutput(loss, stats, scores, rewards, per_token, advantages)

@@ -33,6 +33,7 @@ from thinkrl.prompts import load_template
 from thinkrl.rollout import make_actor
 from thinkrl.run_files import append_jsonl, dump_rollouts, mean_or_nan, write_atomic, write_summary
 from thinkrl.scoring import Scorer
+from thinkrl.warmup import lm_warmup
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -158,7 +159,10 @@ class Trainer:
             positions = self.stream.next_batch(cfg.trainer.batch_positions)
             contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
             with self._timed("rollout"):
-                thoughts = self.actor.sample(contexts, cfg.rollout.num_thoughts)
+                try:
+                    thoughts = self.actor.sample(contexts, cfg.rollout.num_thoughts)
+                except NonFiniteLossError as exc:
+                    self._non_finite(str(exc))
             for _update in range(lc.updates_per_rollout):
                 with self._timed("score_and_loss"):
                     out = compute_loss(cfg, self.roles, self.scorer, contexts, targets, thoughts)
@@ -183,7 +187,7 @@ class Trainer:
             "train/null_rate": float((out.rewards.max(dim=1).values <= 0).float().mean()) if k else 1.0,
             "train/thought_len": mean_or_nan(thoughts.lengths),
             "train/unfinished_rate": mean_or_nan((~thoughts.finished).float()),
-            "train/mix_weight": float(out.scores.weight[:, :-1].float().mean()) if k else 1.0,
+            "train/mix_weight": float(out.scores.weight[:, :-1].detach().float().mean()) if k else 1.0,
             "train/staleness": thoughts.staleness,
             "train/lr": self.scheduler.get_last_lr()[0],
         }
@@ -218,6 +222,8 @@ class Trainer:
         self._init_tracker()
         start_time = time.perf_counter()
         if self.state.initial_eval is None:
+            if tc.lm_warmup_steps:
+                self._lm_warmup()
             self.state.initial_eval = self._evaluate()
             self._log({f"eval/{k}": v for k, v in self.state.initial_eval.items()}, step=0)
         bar = tqdm(total=tc.max_steps, initial=self.state.step, disable=not (self.is_main and tc.progress),
@@ -253,6 +259,14 @@ class Trainer:
                           {"steps": self.state.step, "train_seconds_this_session": round(time.perf_counter() - start_time, 2)})
         self.accelerator.end_training()
         return {"initial_eval": self.state.initial_eval, "final_eval": final}
+
+    def _lm_warmup(self) -> None:
+        tc = self.cfg.trainer
+        trainable = [m for m in self.roles.models.values() if any(p.requires_grad for p in m.parameters())]
+        with self._timed("lm_warmup"):
+            nll = lm_warmup(trainable, self.stream, tc.lm_warmup_steps, tc.batch_positions, self.cfg.learner.lr,
+                            self.roles.tokenizer.pad_token_id, show_progress=self.is_main and tc.progress)
+        self._log({"warmup/lm_nll": nll, **self.timings}, step=0)
 
     def _log(self, metrics: dict, step: int) -> None:
         if self.is_main:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
+from thinkrl.errors import NonFiniteLossError
 from thinkrl.models.shared_prefix import forward_shared_prefix
 from thinkrl.rollout.base import ThoughtBatch
 
@@ -29,6 +30,8 @@ def sample_tokens(
     """Sample one token per row from policy logits (B, V). Returns (tokens (B,), their log-probs (B,))."""
     logps = torch.log_softmax(logits, dim=-1)
     probs = logps.exp()
+    if not torch.isfinite(probs).all():
+        raise NonFiniteLossError("the reasoner's next-token distribution is NaN/inf")
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens after the nucleus is full

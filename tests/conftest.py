@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny configs and models built offline; nothing downloads."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from thinkrl.config import load_config  # noqa: E402
+
+TINY = [
+    "model.default.scratch.hidden_size=32",
+    "model.default.scratch.num_layers=2",
+    "model.default.scratch.num_heads=2",
+    "model.default.scratch.intermediate_size=64",
+    "data.interpreter_window=3",
+    "data.n_ahead=2",
+    "data.eval_positions=8",
+    "rollout.num_thoughts=4",
+    "rollout.max_thought_len=4",
+    "trainer.batch_positions=4",
+    "trainer.report_to=none",
+    "trainer.progress=false",
+    "trainer.eval_every=0",
+    "trainer.save_every=0",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Build a tiny synthetic-task config; extra dotted overrides win."""
+
+    def make(*overrides: str):
+        return load_config(None, [*TINY, f"trainer.output_dir={tmp_path / 'run'}", *overrides])
+
+    return make

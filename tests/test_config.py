@@ -1,0 +1,68 @@
+"""Configuration: recipes load, overrides win, bad input is a one-line error naming the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from thinkrl.cli import main
+from thinkrl.config import load_config, to_yaml
+from thinkrl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
+                                          if "accelerate" not in p.parts))
+def test_every_recipe_loads(recipe):
+    cfg = load_config(ROOT / recipe)
+    assert load_config(None, []).__class__ is cfg.__class__
+    assert "rollout:" in to_yaml(cfg)
+
+
+def test_overrides_win_and_types_convert():
+    cfg = load_config(ROOT / "configs/default.yaml", ["rollout.num_thoughts=3", "learner.lr=0.5", "model.freeze=[head]"])
+    assert cfg.rollout.num_thoughts == 3 and cfg.learner.lr == 0.5 and cfg.model.freeze == ["head"]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["rollout.num_thoghts=3"], "unknown config key"),
+        (["rollout.num_thoughts=many"], "rollout.num_thoughts"),
+        (["rollout.num_thoughts=1"], "leave-one-out needs at least 2"),
+        (["head.form=magic"], "head.form='magic' is not one of"),
+        (["model.weight_groups=[A,A,B]", "model.freeze=[base]"], "share weight group A"),
+        (["trainer.max_steps"], "not key=value"),
+        (["data.source=text"], "has no task positions"),
+        (["data.source=text", "data.positions=every_k"], "needs data.train_file"),
+    ],
+)
+def test_bad_config_is_one_clear_line(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def _cli_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("thinkrl: error:"), err
+    return err[0]
+
+
+def test_cli_errors_have_no_traceback(capsys, tmp_path):
+    out = f"trainer.output_dir={tmp_path / 'r'}"
+    assert "does not exist" in _cli_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml")])
+    assert "unknown config key" in _cli_error(capsys, ["train", "bogus.key=1", out])
+    # a missing data file, an empty dataset, a model path that does not exist
+    missing = _cli_error(capsys, ["train", "data.source=gsm8k", f"data.data_dir={tmp_path}", out,
+                                  "model.default.path=scratch", "model.tokenizer=byte"])
+    assert "gsm8k/train.jsonl does not exist" in missing
+    (tmp_path / "empty.txt").write_text("")
+    empty = _cli_error(capsys, ["train", "data.source=text", "data.positions=every_k", f"data.train_file={tmp_path / 'empty.txt'}",
+                                f"data.eval_file={tmp_path / 'empty.txt'}", out])
+    assert "empty" in empty
+    nomodel = _cli_error(capsys, ["train", "model.default.path=./no/such/model", out, "data.source=text",
+                                  "data.positions=every_k", "data.train_file=x.txt"])
+    assert "'./no/such/model' does not exist" in nomodel

@@ -1,0 +1,104 @@
+"""The trainer end to end on tiny models: parameters move, resume is exact, NaN stops cleanly, run files exist."""
+
+import json
+
+import pytest
+import torch
+
+from thinkrl.cli import main
+from thinkrl.errors import NonFiniteLossError
+from thinkrl.trainer import Trainer, find_checkpoints
+
+
+def _snapshot(trainer):
+    return {f"{name}.{p_name}": p.detach().clone()
+            for name, module in trainer.roles.modules().items() for p_name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("groups, freeze, form", [("[A,B,C]", "[base]", "gate"), ("[A,A,A]", "[]", "mlp"),
+                                                 ("[A,B,A]", "[reasoner]", "concat")])
+def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(tiny_config, groups, freeze, form):
+    cfg = tiny_config(f"model.weight_groups={groups}", f"model.freeze={freeze}", f"head.form={form}",
+                      "learner.lr=1e-2", "learner.base_weight=0.5", "trainer.dump_rollouts=false")
+    trainer = Trainer(cfg)
+    before = _snapshot(trainer)
+    trainable = {f"{name}.{p_name}" for name, module in trainer.roles.modules().items()
+                 for p_name, p in module.named_parameters() if p.requires_grad}
+    trainer.step()
+    trainer.step()
+    after = _snapshot(trainer)
+    frozen_roles = set(cfg.model.freeze)
+    frozen_groups = {trainer.roles.role_group[r] for r in frozen_roles}
+    for key, value in before.items():
+        group = key.split(".")[0]
+        if group in frozen_groups:
+            assert key not in trainable and torch.equal(value, after[key]), f"frozen {key} changed"
+        elif key in trainable:
+            assert not torch.equal(value, after[key]), f"trainable {key} did not change"
+    assert frozen_groups or all(k in trainable for k in before if k.split(".")[0] != "head" or form != "none")
+
+
+def _loss_at(run_dir, step):
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["step"] == step and "train/loss" in record:
+            return record["train/loss"], record["train/reward"]
+    raise AssertionError(f"no train/loss at step {step}")
+
+
+def test_resume_gives_the_same_next_step(tiny_config, tmp_path):
+    common = ["trainer.save_every=2", "learner.lr=3e-3", "trainer.eval_every=0"]
+    straight = tmp_path / "straight"
+    Trainer(tiny_config(*common, "trainer.max_steps=3", f"trainer.output_dir={straight}")).train()
+    interrupted = tmp_path / "interrupted"
+    Trainer(tiny_config(*common, "trainer.max_steps=2", f"trainer.output_dir={interrupted}")).train()
+    assert [p.name for p in find_checkpoints(interrupted)] == ["checkpoint-2"]
+    resumed = Trainer(tiny_config(*common, "trainer.max_steps=3", f"trainer.output_dir={interrupted}"))
+    resumed.train()
+    assert resumed.state.step == 3
+    assert _loss_at(straight, 3) == pytest.approx(_loss_at(interrupted, 3), abs=1e-6)
+    assert _loss_at(straight, 2) == pytest.approx(_loss_at(interrupted, 2), abs=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_config, tmp_path, capsys):
+    run = tmp_path / "nan"
+    cfg = tiny_config("learner.lr=1e30", "learner.max_grad_norm=0", "trainer.save_every=1", "trainer.max_steps=5",
+                      f"trainer.output_dir={run}")
+    trainer = Trainer(cfg)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert "lower learner.lr" in message and "\n" not in message
+    checkpoints = find_checkpoints(run)
+    assert checkpoints, "the checkpoint written before the NaN must survive"
+    assert f"{checkpoints[-1]} is intact" in message
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    assert state["step"] == int(checkpoints[-1].name.split("-")[1])
+    assert not list(run.glob(".tmp-*")), "no half-written checkpoint left behind"
+
+
+def test_run_folder_contents_and_wandb_offline(tiny_config, tmp_path):
+    run = tmp_path / "files"
+    cfg = tiny_config("trainer.max_steps=2", "trainer.report_to=wandb", f"trainer.output_dir={run}")
+    Trainer(cfg).train()
+    assert (run / "config.yaml").read_text().startswith("model:")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {m["step"] for m in metrics} == {0, 1, 2}
+    assert any("timing/rollout" in m for m in metrics)
+    dump = [json.loads(line) for line in (run / "rollouts" / "step-000002.jsonl").read_text().splitlines()]
+    assert len(dump) == cfg.trainer.batch_positions and len(dump[0]["thoughts"]) == cfg.rollout.num_thoughts
+    assert {"text", "reward", "advantage", "per_token_reward"} <= set(dump[0]["thoughts"][0])
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("reward_mean", "nll_thought", "nll_null", "nll_base", "null_rate", "thought_len_mean"):
+        assert isinstance(summary["initial_eval"][key], float) and isinstance(summary["final_eval"][key], float)
+    assert "| reward_mean |" in (run / "results.md").read_text()
+    assert list((run / "wandb").glob("offline-run-*")), "wandb should log offline into the run folder"
+    assert [p.name for p in find_checkpoints(run)] == ["checkpoint-2"]
+
+
+def test_cli_train_prints_the_gain(tmp_path, capsys):
+    code = main(["train", "--config", "configs/default.yaml", f"trainer.output_dir={tmp_path / 'cli'}",
+                 "trainer.max_steps=1", "trainer.lm_warmup_steps=1", "trainer.report_to=none", "data.eval_positions=4",
+                 "trainer.progress=false"])
+    assert code == 0
+    assert "reward_mean" in capsys.readouterr().out
