@@ -36,7 +36,7 @@ def test_cached_sampling_logps_equal_uncached(tiny_config):
             for k in range(3):
                 n_act = int(thoughts.thought_mask[i, k].sum())
                 actions = thoughts.thought_ids[i, k, :n_act].tolist()
-                logp = policy_logits(_full_logprobs(model, ctx + [roles.sot_id] + actions), 0.7, roles.eot_id,
+                logp = policy_logits(_full_logprobs(model, ctx + [roles.sot_id] + actions), 0.7, roles.sot_id, roles.eot_id,
                                      mode == "fixed").log_softmax(-1)
                 start = len(ctx)  # logits at the sot position predict the first action
                 expected = logp[start : start + n_act].gather(-1, torch.tensor(actions)[:, None]).squeeze(-1)

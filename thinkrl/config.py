@@ -204,6 +204,9 @@ class DataConfig:
         _choice("data.positions", self.positions, ("task", "every_k", "random"))
         for name in ("every_k", "positions_per_doc", "context_len", "n_ahead", "eval_positions"):
             _positive(f"data.{name}", getattr(self, name))
+        if self.interpreter_window == 1 or self.context_len < 2:
+            raise ConfigError("data.interpreter_window must be 0 (all) or >= 2 and data.context_len >= 2 "
+                              "(one token is the shared prefix, one starts the thought)")
         _positive("data.interpreter_window", self.interpreter_window, allow_zero=True)
         _positive("data.max_docs", self.max_docs, allow_zero=True)
         if self.source == "text" and self.positions == "task":

@@ -29,9 +29,15 @@ def placeholders(name: str, text: str) -> set[str]:
 def load_template(name: str, allowed: set[str] | None = None) -> str:
     """The template's text; with ``allowed``, every placeholder must be one of them."""
     text = template_path(name).read_text(encoding="utf-8")
-    unknown = placeholders(name, text) - (allowed or set()) if allowed is not None else set()
+    if allowed is None:
+        return text
+    unknown = placeholders(name, text) - allowed
     if unknown:
         raise ConfigError(f"prompt template {name!r} uses unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    try:  # a trial fill catches what parsing alone lets through (nested fields in a spec, bad conversions)
+        text.format(**dict.fromkeys(allowed, ""))
+    except (KeyError, ValueError, IndexError) as exc:
+        raise ConfigError(f"prompt template {name!r} cannot be filled ({type(exc).__name__}: {exc}); fix its braces") from None
     return text
 
 

@@ -27,26 +27,35 @@ SYNTHETIC_TRAIN_DOCS = 20_000
 
 
 def _resolve(cfg: DataConfig, name: str) -> Path:
+    """Absolute paths as given; otherwise the data folder's file, falling back to the working directory."""
     path = Path(name).expanduser()
-    if path.is_absolute() or path.exists():
+    if path.is_absolute():
         return path
     data_dir = cfg.resolved_data_dir()
-    return (data_dir / name) if data_dir is not None else path
+    if data_dir is not None and ((data_dir / name).exists() or not path.exists()):
+        return data_dir / name
+    return path
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it") from None
 
 
 def read_jsonl(path: Path, limit: int = 0) -> list[dict]:
     """Rows of a JSON-lines file; a broken row is a one-line error with its line number."""
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or delete that line") from None
-            if limit and len(rows) >= limit:
-                break
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or delete that line") from None
+        if limit and len(rows) >= limit:
+            break
     return rows
 
 
@@ -110,7 +119,7 @@ def _task_pool(cfg: DataConfig, tokenizer, split: str) -> PositionPool:
     for i, row in enumerate(_load_task_rows(cfg, split)):
         try:
             context, target, meta = make_item(row, template)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"{cfg.source} {split} row {i + 1} is malformed ({type(exc).__name__}: {exc}); fix or drop it") from None
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         contexts.append(bos + tokenizer.encode(context, add_special_tokens=False))
@@ -123,12 +132,12 @@ def _text_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, Po
     train_path = _resolve(cfg, cfg.train_file)
     if not train_path.is_file():
         raise DataError(f"data file {train_path} does not exist; set data.train_file (or data.data_dir)")
-    text = train_path.read_text(encoding="utf-8")
+    text = read_text(train_path)
     if cfg.eval_file:
         eval_path = _resolve(cfg, cfg.eval_file)
         if not eval_path.is_file():
             raise DataError(f"data file {eval_path} does not exist; set data.eval_file or leave it empty")
-        eval_text = eval_path.read_text(encoding="utf-8")
+        eval_text = read_text(eval_path)
     else:  # hold out the tail: text later in the file than anything trained on
         cut = int(len(text) * 0.9)
         text, eval_text = text[:cut], text[cut:]
@@ -148,15 +157,18 @@ def _text_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, Po
 
 
 def _synthetic_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, PositionPool]:
-    def pool(n: int, doc_seed: int) -> PositionPool:
-        contexts, targets = synthetic_documents(cfg.synthetic, n, doc_seed)
+    def pool(contexts: list[str], targets: list[str]) -> PositionPool:
         enc = lambda texts: [tokenizer.encode(t, add_special_tokens=False) for t in texts]  # noqa: E731
-        bos = tokenizer.bos_token_id
-        return task_pool([[bos] + c for c in enc(contexts)], enc(targets), cfg.context_len)
+        return task_pool([[tokenizer.bos_token_id] + c for c in enc(contexts)], enc(targets), cfg.context_len)
 
-    n_train = cfg.max_docs or SYNTHETIC_TRAIN_DOCS
-    # Disjoint seeds (train vs held-out) so evaluation never sees a training document by construction.
-    return pool(n_train, 2 * seed), pool(cfg.eval_positions, 2 * seed + 1)
+    train = synthetic_documents(cfg.synthetic, cfg.max_docs or SYNTHETIC_TRAIN_DOCS, 2 * seed)
+    # Held-out documents come from another seed and drop any that also occur in training.
+    seen = set(train[0])
+    candidates = synthetic_documents(cfg.synthetic, 4 * cfg.eval_positions, 2 * seed + 1)
+    held_out = [(c, t) for c, t in zip(*candidates) if c not in seen][: cfg.eval_positions]
+    if not held_out:
+        raise DataError("every held-out synthetic document also occurs in training; enlarge data.synthetic sizes")
+    return pool(*train), pool([c for c, _ in held_out], [t for _, t in held_out])
 
 
 def build_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, PositionPool]:

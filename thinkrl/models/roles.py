@@ -9,7 +9,6 @@ embeddings start as the embedding of ``model.thought_init_token`` ("---" in Quie
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,4 +196,3 @@ def _apply_freezing(roles: RoleModels, cfg: Config) -> None:
 def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)
-        os.environ.setdefault("OMP_NUM_THREADS", str(n))

@@ -55,7 +55,7 @@ class HFRolloutActor(RolloutActor):
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         for t in range(max_len):
-            tokens, token_logps = sample_tokens(policy_logits(logits, temp, self.eot_id, fixed), self.cfg.top_p, generator)
+            tokens, token_logps = sample_tokens(policy_logits(logits, temp, self.sot_id, self.eot_id, fixed), self.cfg.top_p, generator)
             active = ~done
             ids[active, t], logps[active, t], acted[active, t] = tokens[active], token_logps[active], True
             stopped = active & (tokens == self.eot_id)

@@ -1,6 +1,6 @@
 """The reasoner's policy distribution, shared by the sampler and the learner so both score the same thing.
 
-pi(z_t | x, z_<t) = softmax(logits / temperature), with the end token disabled in fixed-length mode.
+pi(z_t | x, z_<t) = softmax(logits / temperature), without the start marker (and the end marker in fixed mode).
 (Quiet-STaR sampled at one temperature and scored at another; here one function defines the policy.)
 Top-p only truncates what is *sampled*; log-probs are of the untruncated tempered distribution, so the
 learner's and the sampler's values agree and the importance ratio is 1 on-policy.
@@ -16,10 +16,12 @@ from thinkrl.models.shared_prefix import forward_shared_prefix
 from thinkrl.rollout.base import ThoughtBatch
 
 
-def policy_logits(logits: torch.Tensor, temperature: float, eot_id: int, fixed_length: bool) -> torch.Tensor:
-    logits = logits.float() / temperature
-    if fixed_length:  # thoughts always run to max length: stopping is not an action
-        logits = logits.clone()
+def policy_logits(logits: torch.Tensor, temperature: float, sot_id: int, eot_id: int, fixed_length: bool) -> torch.Tensor:
+    """Tempered logits with the impossible actions removed: a thought never opens another thought, and in
+    fixed-length mode it never stops early."""
+    logits = logits.float() / temperature  # a new tensor: safe to edit in place
+    logits[..., sot_id] = float("-inf")
+    if fixed_length:
         logits[..., eot_id] = float("-inf")
     return logits
 
@@ -58,7 +60,7 @@ def thought_logps(
         for i in range(n) for j in range(k)
     ]
     logits, _, _ = forward_shared_prefix(model, [c[:-1] for c in contexts], suffixes, pad_id)
-    logits = policy_logits(logits[:, 1 : 1 + m], temperature, eot_id, fixed_length)  # (N*K, <=M, V)
+    logits = policy_logits(logits[:, 1 : 1 + m], temperature, sot_id, eot_id, fixed_length)  # (N*K, <=M, V)
     if logits.shape[1] < m:  # every thought shorter than the slot width
         logits = torch.nn.functional.pad(logits, (0, 0, 0, m - logits.shape[1]))
     flat_actions = actions.reshape(n * k, m)
