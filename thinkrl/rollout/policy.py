@@ -20,9 +20,11 @@ def policy_logits(logits: torch.Tensor, temperature: float, sot_id: int, eot_id:
     """Tempered logits with the impossible actions removed: a thought never opens another thought, and in
     fixed-length mode it never stops early."""
     logits = logits.float() / temperature  # a new tensor: safe to edit in place
-    logits[..., sot_id] = float("-inf")
+    # The most negative finite float, not -inf: probability exactly 0, yet entropy's p·log p stays 0, not NaN.
+    banned = torch.finfo(logits.dtype).min
+    logits[..., sot_id] = banned
     if fixed_length:
-        logits[..., eot_id] = float("-inf")
+        logits[..., eot_id] = banned
     return logits
 
 
