@@ -102,3 +102,17 @@ def test_cli_train_prints_the_gain(tmp_path, capsys):
                  "trainer.progress=false"])
     assert code == 0
     assert "reward_mean" in capsys.readouterr().out
+
+
+def test_lora_roles_train_adapters_and_marker_embeddings_only(tiny_config):
+    cfg = tiny_config("model.default.lora.r=4", "model.weight_groups=[A,A,A]", "head.form=gate", "learner.lr=1e-2",
+                      "trainer.dump_rollouts=false")
+    trainer = Trainer(cfg)
+    model = trainer.roles.model("reasoner")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "token_adapter" in n or "trainable_tokens" in n for n in trainable), trainable
+    trainer.step()
+    trainer.step()
+    for name, param in model.named_parameters():
+        assert torch.equal(before[name], param) != (name in trainable), name

@@ -309,6 +309,8 @@ class LearnerConfig:
             _positive(f"learner.{name}", getattr(self, name), allow_zero=True)
         _positive("learner.grad_accum_steps", self.grad_accum_steps)
         _positive("learner.updates_per_rollout", self.updates_per_rollout)
+        if self.updates_per_rollout > 1 and self.grad_accum_steps > 1:
+            raise ConfigError("use learner.updates_per_rollout>1 or learner.grad_accum_steps>1, not both")
 
 
 # ----------------------------------------------------------------------------------------------------------------

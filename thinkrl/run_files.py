@@ -49,7 +49,7 @@ def dump_rollouts(path: Path, step: int, tokenizer, positions, thoughts, out) ->
                 "step": step,
                 "context": tokenizer.decode(pos.context_ids[-200:]),
                 "target": tokenizer.decode(pos.target_ids),
-                "nll_null": round(-float(out.scores.logp[i, -1][out.scores.target_mask[i]].sum()), 5),
+                "nll_null": round(-float(out.scores.logp[i, -1].detach()[out.scores.target_mask[i]].sum()), 5),
                 "thoughts": items,
             }) + "\n")
 

@@ -124,6 +124,10 @@ class Trainer:
             raise ConfigError(f"trainer.resume={how} is not a complete checkpoint folder; use auto, never or a checkpoint-<step> path")
         self.accelerator.load_state(str(path))
         logger.info("resumed from %s at step %d", path, self.state.step)
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.is_main and metrics.is_file():  # steps logged after this checkpoint are about to be redone
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
+            write_atomic(metrics, "".join(f"{line}\n" for line in kept))
 
     def _save(self) -> Path:
         """Write checkpoint-<step>/ atomically: into a temp folder first, renamed when complete."""
