@@ -78,7 +78,8 @@ class Trainer:
         self.roles = build_roles(cfg)
         tok = self.roles.tokenizer
         self.train_pool, self.eval_pool = build_pools(cfg.data, tok, tc.seed)
-        self.stream = PositionStream(self.train_pool, tc.seed)
+        # Each process draws its own positions (data parallel); gradients are averaged in _optimizer_step.
+        self.stream = PositionStream(self.train_pool, tc.seed + 100_003 * self.accelerator.process_index)
         null_ids = tok.encode(load_template(cfg.rollout.null_thought, set()), add_special_tokens=False) \
             if cfg.rollout.null_thought else []
         self.scorer = Scorer(self.roles, null_ids, cfg.data.interpreter_window, cfg.reward.source)
@@ -201,6 +202,7 @@ class Trainer:
         with self._timed("optimizer"):
             max_norm = self.cfg.learner.max_grad_norm
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self._average_gradients(params)
             norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
             norm = float(norm) if norm is not None else float("nan")
             if not math.isfinite(norm):
@@ -209,6 +211,16 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Data-parallel gradient mean across processes (a no-op with one). Models are used unwrapped, since the
+        scorer needs their hidden states and LM heads, so the all-reduce DDP would do happens here."""
+        if self.accelerator.num_processes == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
     def _non_finite(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -269,7 +281,8 @@ class Trainer:
         trainable = [m for m in self.roles.models.values() if any(p.requires_grad for p in m.parameters())]
         with self._timed("lm_warmup"):
             nll = lm_warmup(trainable, self.stream, tc.lm_warmup_steps, tc.batch_positions, self.cfg.learner.lr,
-                            self.roles.tokenizer.pad_token_id, show_progress=self.is_main and tc.progress)
+                            self.roles.tokenizer.pad_token_id, show_progress=self.is_main and tc.progress,
+                            average_gradients=self._average_gradients)
         self._log({"warmup/lm_nll": nll, **self.timings}, step=0)
 
     def _log(self, metrics: dict, step: int) -> None:

@@ -17,7 +17,7 @@ from thinkrl.models.shared_prefix import right_pad
 
 
 def lm_warmup(models: list, stream: PositionStream, steps: int, batch_size: int, lr: float, pad_id: int,
-              show_progress: bool = True) -> float:
+              show_progress: bool = True, average_gradients=None) -> float:
     """Train ``models`` as plain LMs on context+target of stream positions. Returns the last mean NLL."""
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     if not params or steps == 0:
@@ -31,6 +31,8 @@ def lm_warmup(models: list, stream: PositionStream, steps: int, batch_size: int,
         loss = sum(m(input_ids=ids, labels=labels).loss for m in models) / len(models)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if average_gradients is not None:  # data parallel: keep every process's copy identical
+            average_gradients(params)
         optimizer.step()
         loss_value = float(loss.detach())
     return loss_value
