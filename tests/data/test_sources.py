@@ -44,6 +44,16 @@ class BosByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8")
 
+    def __call__(self, text: str) -> dict:  # Llama-style: the tokenizer itself starts texts with BOS
+        return {"input_ids": [self.bos_token_id, *self.encode(text)]}
+
+
+class NoBosByteTokenizer(BosByteTokenizer):
+    """Has a BOS token but does not start texts with it (SmolLM2/GPT-2 style): contexts get none."""
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": self.encode(text)}
+
 
 def shared_file(rel: str) -> Path:
     """A file in ../shared/data, or skip the test."""
@@ -229,6 +239,8 @@ def test_gsm8k_context_starts_with_bos(tmp_path, elsewhere):
     assert train[0].context_ids[0] == tok.bos_token_id
     assert tok.decode(train[0].context_ids[1:]) == "Question: What is 2 + 3?\nAnswer (a number):"
     assert tok.decode(train[1].target_ids) == " 12"  # " 1234" cut to n_ahead tokens
+    plain, _ = build_pools(cfg, NoBosByteTokenizer(), seed=0)
+    assert plain[0].context_ids == train[0].context_ids[1:]
 
 
 # ----------------------------------------------------------------------------------------------------------------

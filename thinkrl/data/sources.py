@@ -83,6 +83,12 @@ def _load_task_rows(cfg: DataConfig, split: str) -> list[dict]:
     return rows
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer itself starts texts with it (Llama-style), else [] (SmolLM2, GPT-2, ByT5)."""
+    ids = tokenizer("a")["input_ids"]
+    return ids[:1] if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else []
+
+
 def gsm8k_answer(solution: str) -> str:
     """The gold number after ``####``, commas stripped."""
     match = re.search(r"####\s*(.+)\s*$", solution.strip())
@@ -116,12 +122,12 @@ def _task_pool(cfg: DataConfig, tokenizer, split: str) -> PositionPool:
     make_item, allowed = TASK_ITEMS[cfg.source]
     template = load_template(cfg.prompt_template or f"tasks/{cfg.source}", allowed)
     contexts, targets, metas = [], [], []
+    bos = bos_prefix(tokenizer)
     for i, row in enumerate(_load_task_rows(cfg, split)):
         try:
             context, target, meta = make_item(row, template)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"{cfg.source} {split} row {i + 1} is malformed ({type(exc).__name__}: {exc}); fix or drop it") from None
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         contexts.append(bos + tokenizer.encode(context, add_special_tokens=False))
         targets.append(tokenizer.encode(target, add_special_tokens=False)[: cfg.n_ahead])
         metas.append(meta)
