@@ -69,7 +69,7 @@ def test_policy_loss_on_policy_is_reinforce():
     mask = torch.tensor([[[True, True], [True, False]]])
     adv = torch.tensor([[2.0, -1.0]])
     loss, stats = ca.policy_loss(logps, logps.detach(), mask, adv)
-    assert math.isclose(float(loss), -(2.0 * 2 + -1.0 * 1) / 2)  # ratio 1: -(sum A_i * n_tokens_i) / K
+    assert math.isclose(float(loss.detach()), -(2.0 * 2 + -1.0 * 1) / 2)  # ratio 1: -(sum A_i * n_tokens_i) / K
     loss.backward()
     # d/dlogp of -A * ratio = -A (ratio = 1), averaged over N*K = 2 thoughts; masked token gets 0
     assert torch.allclose(logps.grad, torch.tensor([[[-1.0, -1.0], [0.5, 0.0]]]))
