@@ -26,13 +26,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--config PATH`` and dotted ``key=value`` overrides, shared by every command that takes a recipe."""
+    parser.add_argument("--config", default=None, help=f"YAML recipe (e.g. {example})")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=10")
+
+
+def _add_train(sub) -> None:
+    train = sub.add_parser("train", help="RL-train a reasoner/interpreter pair")
+    add_config_arguments(train, "configs/default.yaml")
+    train.set_defaults(func=_train)
+
+
+# Each entry adds one subcommand; other modules register theirs here (``add_parser(subparsers)``).
+COMMANDS = [_add_train]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thinkrl", description="Token-level thought RL for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="RL-train a reasoner/interpreter pair")
-    train.add_argument("--config", default=None, help="YAML recipe (e.g. configs/default.yaml)")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=10 rollout.num_thoughts=4")
-    train.set_defaults(func=_train)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

@@ -387,9 +387,11 @@ def _one_line(exc: Exception) -> str:
     return msg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML recipe (optional) + dotted overrides → validated ``Config``. Raises ``ConfigError`` with one line."""
-    schema = OmegaConf.structured(Config)
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema_class: type = None):
+    """YAML recipe (optional) + dotted overrides → validated ``schema_class`` instance (default ``Config``).
+
+    Raises ``ConfigError`` with one line. Other commands (e.g. Coconut) pass their own dataclass."""
+    schema = OmegaConf.structured(schema_class or Config)
     try:
         merged = schema
         if path is not None:
@@ -423,9 +425,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"cannot read config {path}: {_one_line(exc)}") from None
 
 
-def to_dict(cfg: Config) -> dict:
+def to_dict(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
-def to_yaml(cfg: Config) -> str:
+def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
