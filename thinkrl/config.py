@@ -233,7 +233,7 @@ class DataConfig:
 class RolloutConfig:
     """How thoughts are sampled."""
 
-    backend: str = _help("hf (transformers, KV-cached) | vllm (next release)", "hf")
+    backend: str = _help("hf (transformers, KV-cached, samples with the learner's own weights) | vllm (colocated engine)", "hf")
     num_thoughts: int = _help("K thoughts sampled per position (TRICE samples); 0 = control run, null thought only", 8)
     max_thought_len: int = _help("most thought tokens between the start/end markers", 8)
     length_mode: str = _help("variable (stop at the end-of-thought token) | fixed (always max_thought_len)", "variable")
@@ -241,6 +241,9 @@ class RolloutConfig:
     top_p: float = _help("nucleus sampling mass", 1.0)
     null_thought: str = _help("'' = empty thought <sot><eot>, or a prompts/ name holding a phrase", "")
     batch_positions: int = _help("positions sampled together in one batch (memory knob)", 32)
+    sync_every: int = _help("vllm: push the learner's weights into the engine every N updates (staleness <= N-1)", 1)
+    vllm_kv_cache_gb: int = _help("vllm on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", 1)
+    vllm_gpu_memory_utilization: float = _help("vllm on GPU: share of GPU memory the engine may take", 0.3)
 
     def __post_init__(self):
         _choice("rollout.backend", self.backend, ("hf", "vllm"))
@@ -249,6 +252,8 @@ class RolloutConfig:
         _positive("rollout.max_thought_len", self.max_thought_len)
         _positive("rollout.temperature", self.temperature)
         _positive("rollout.batch_positions", self.batch_positions)
+        _positive("rollout.sync_every", self.sync_every)
+        _positive("rollout.vllm_kv_cache_gb", self.vllm_kv_cache_gb)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
 

@@ -88,7 +88,8 @@ class Trainer:
         self.optimizer, self.scheduler = prepared[-2], prepared[-1]
         for group, model in zip(list(self.roles.models), prepared):
             self.roles.models[group] = self.accelerator.unwrap_model(model)
-        self.actor = make_actor(cfg.rollout, self.roles)
+        longest = cfg.data.context_len + cfg.rollout.max_thought_len + 2
+        self.actor = make_actor(cfg.rollout, self.roles, self.run_dir / f"rank{self.accelerator.process_index}", longest)
         self.state = TrainerState()
         self.accelerator.register_for_checkpointing(self.stream, self.state)
         self.timings: dict[str, float] = {}
@@ -175,15 +176,16 @@ class Trainer:
                     self._non_finite(f"loss is {float(out.loss)}")
                 with self._timed("backward"):
                     self.accelerator.backward(out.loss / lc.grad_accum_steps)
-                if _update < lc.updates_per_rollout - 1:
+                if _update < lc.updates_per_rollout - 1:  # further updates on these rollouts make them stale
                     self._optimizer_step()
+                    self.actor.after_update()
                     thoughts.staleness += 1
             for key, value in out.stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
             stats_sum["reward"] = stats_sum.get("reward", 0.0) + mean_or_nan(out.rewards) / lc.grad_accum_steps
         grad_norm = self._optimizer_step()
         with self._timed("sync"):
-            self.actor.sync_weights()
+            self.actor.after_update()
         self.state.step += 1
         k = thoughts.num_thoughts
         metrics = {

