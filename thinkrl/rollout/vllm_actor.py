@@ -36,6 +36,8 @@ class VLLMEngineError(ThinkRLError):
 
 
 def _import_vllm():
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engine's INFO lines would bury the progress bar
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
     try:
         import vllm  # noqa: F401
         from vllm import LLM, SamplingParams
