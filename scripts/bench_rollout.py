@@ -50,7 +50,7 @@ import transformers
 from thinkrl.config import load_config
 from thinkrl.models.roles import build_roles, set_threads
 from thinkrl.rollout.hf_actor import HFRolloutActor
-from thinkrl.rollout.policy import policy_logits
+from thinkrl.rollout.policy import position_seeds, policy_logits
 from thinkrl.scoring import Scorer
 
 FALLBACK_TEXT = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. "
@@ -205,7 +205,7 @@ def check_greedy(model, contexts, rc, sot, eot, pad) -> tuple[int, int]:
     first difference: e.g. the new marker tokens start with the output row of ``thought_init_token``, so at
     initialisation they tie with it exactly, and argmax and sampling may break the tie differently."""
     cold = dataclasses.replace(rc, temperature=1e-6)
-    fast = HFRolloutActor(cold, model, sot, eot, pad).sample(contexts, 1, generator=torch.Generator().manual_seed(0))
+    fast = HFRolloutActor(cold, model, sot, eot, pad).sample(contexts, 1, position_seeds(len(contexts), torch.Generator().manual_seed(0)))
     same = ties = 0
     for i, ctx in enumerate(contexts):
         mine = fast.thought_ids[i, 0, : int(fast.thought_mask[i, 0].sum())].tolist()
@@ -307,7 +307,7 @@ def main(argv=None) -> None:
 
     with torch.no_grad():
         g = torch.Generator(device=model.device).manual_seed(args.seed)
-        thoughts = actor.sample(contexts, k, generator=g)  # these thoughts are scored by both scorer paths
+        thoughts = actor.sample(contexts, k, position_seeds(len(contexts), g))  # these thoughts are scored by both scorer paths
 
         # ---- checks ----------------------------------------------------------------------------------------
         ok = True
@@ -333,7 +333,7 @@ def main(argv=None) -> None:
               f"{'OK' if good else 'FAIL'}")
 
         # ---- timings ---------------------------------------------------------------------------------------
-        fast_roll = measure(lambda: int(actor.sample(contexts, k, generator=g).thought_mask.sum()), args.repeats)
+        fast_roll = measure(lambda: int(actor.sample(contexts, k, position_seeds(len(contexts), g)).thought_mask.sum()), args.repeats)
         naive_roll = measure(lambda: naive_rollout(model, contexts, k, rc, sot, eot, pad), args.repeats)
         window = cfg.data.interpreter_window
         scored, naive_tok, fast_tok = scorer_token_counts(contexts, targets, thoughts, scorer, window)

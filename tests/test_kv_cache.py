@@ -4,7 +4,7 @@ import torch
 
 from thinkrl.models.roles import build_roles
 from thinkrl.rollout.hf_actor import HFRolloutActor
-from thinkrl.rollout.policy import policy_logits
+from thinkrl.rollout.policy import position_seeds, policy_logits
 from thinkrl.scoring import Scorer
 
 # Contexts of different lengths so left padding and position ids are exercised.
@@ -30,7 +30,7 @@ def test_cached_sampling_logps_equal_uncached(tiny_config):
                             "rollout.batch_positions=2")
         model = roles.model("reasoner")
         actor = HFRolloutActor(cfg.rollout, model, roles.sot_id, roles.eot_id, roles.tokenizer.pad_token_id)
-        thoughts = actor.sample(CONTEXTS, 3, generator=torch.Generator().manual_seed(1))
+        thoughts = actor.sample(CONTEXTS, 3, position_seeds(len(CONTEXTS), torch.Generator().manual_seed(1)))
         assert thoughts.thought_ids.shape[:2] == (3, 3)
         for i, ctx in enumerate(CONTEXTS):
             for k in range(3):
@@ -54,7 +54,7 @@ def test_cached_scoring_equals_uncached(tiny_config):
         cfg, roles = _roles(tiny_config, f"model.weight_groups={groups}", "head.form=none")
         actor = HFRolloutActor(cfg.rollout, roles.model("reasoner"), roles.sot_id, roles.eot_id,
                                roles.tokenizer.pad_token_id)
-        thoughts = actor.sample(CONTEXTS, 2, generator=torch.Generator().manual_seed(2))
+        thoughts = actor.sample(CONTEXTS, 2, position_seeds(len(CONTEXTS), torch.Generator().manual_seed(2)))
         scorer = Scorer(roles, [], cfg.data.interpreter_window, "interpreter")
         with torch.no_grad():
             scores = scorer.score(CONTEXTS, TARGETS, thoughts)

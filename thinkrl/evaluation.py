@@ -19,6 +19,7 @@ from thinkrl.config import Config
 from thinkrl.learner import rewards_and_advantages
 from thinkrl.models.roles import RoleModels
 from thinkrl.rollout.base import RolloutActor
+from thinkrl.rollout.policy import position_seeds
 from thinkrl.scoring import Scorer
 
 EVAL_KEYS = ("reward_mean", "nll_thought", "nll_best", "nll_null", "nll_base", "null_rate", "thought_len_mean",
@@ -41,8 +42,7 @@ def evaluate(cfg: Config, roles: RoleModels, actor: RolloutActor, scorer: Scorer
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
-    device = roles.model("reasoner").device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     k = cfg.rollout.num_thoughts
     sums = _Sums()
     n_eval = min(len(pool), cfg.data.eval_positions)
@@ -51,7 +51,7 @@ def evaluate(cfg: Config, roles: RoleModels, actor: RolloutActor, scorer: Scorer
         for start in range(0, n_eval, step):
             positions = [pool[i] for i in range(start, min(n_eval, start + step))]
             contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
-            thoughts = actor.sample(contexts, k, generator=generator)
+            thoughts = actor.sample(contexts, k, position_seeds(len(contexts), generator))
             scores = scorer.score(contexts, targets, thoughts)
             _, rewards, _ = rewards_and_advantages(cfg, scores, thoughts)
             mask = scores.target_mask.float()

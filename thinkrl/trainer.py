@@ -31,6 +31,7 @@ from thinkrl.learner import build_optimizer, compute_loss
 from thinkrl.models.roles import build_roles, set_threads
 from thinkrl.prompts import load_template
 from thinkrl.rollout import make_actor
+from thinkrl.rollout.policy import position_seeds
 from thinkrl.run_files import append_jsonl, dump_rollouts, mean_or_nan, write_atomic, write_summary
 from thinkrl.scoring import Scorer
 from thinkrl.warmup import lm_warmup
@@ -69,6 +70,9 @@ class Trainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        log_with=None if tc.report_to == "none" else tc.report_to,
                                        project_dir=str(self.run_dir))
+        if self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise ConfigError(f"{self.accelerator.distributed_type.value} launches are not supported yet (thinkrl trains "
+                              "with plain data parallelism); use configs/accelerate/ddp.yaml or cpu-2proc.yaml")
         set_seed(tc.seed)
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
@@ -78,8 +82,12 @@ class Trainer:
         self.roles = build_roles(cfg)
         tok = self.roles.tokenizer
         self.train_pool, self.eval_pool = build_pools(cfg.data, tok, tc.seed)
-        # Each process draws its own positions (data parallel); gradients are averaged in _optimizer_step.
-        self.stream = PositionStream(self.train_pool, tc.seed + 100_003 * self.accelerator.process_index)
+        # Every process walks the same stream and takes its slice of each global batch (see _next_batch), so a run
+        # sees the same data and thoughts whatever the process count, and resumes across process counts.
+        self.stream = PositionStream(self.train_pool, tc.seed)
+        world = self.accelerator.num_processes
+        if tc.batch_positions % world:
+            raise ConfigError(f"trainer.batch_positions={tc.batch_positions} must be a multiple of the {world} processes")
         null_ids = tok.encode(load_template(cfg.rollout.null_thought, set()), add_special_tokens=False) \
             if cfg.rollout.null_thought else []
         self.scorer = Scorer(self.roles, null_ids, cfg.data.interpreter_window, cfg.reward.source)
@@ -162,11 +170,11 @@ class Trainer:
         cfg, lc = self.cfg, self.cfg.learner
         stats_sum: dict[str, float] = {}
         for _ in range(lc.grad_accum_steps):
-            positions = self.stream.next_batch(cfg.trainer.batch_positions)
+            positions, seeds = self._next_batch()
             contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
             with self._timed("rollout"):
                 try:
-                    thoughts = self.actor.sample(contexts, cfg.rollout.num_thoughts)
+                    thoughts = self.actor.sample(contexts, cfg.rollout.num_thoughts, seeds)
                 except NonFiniteLossError as exc:
                     self._non_finite(str(exc))
             for _update in range(lc.updates_per_rollout):
@@ -191,6 +199,7 @@ class Trainer:
         metrics = {
             **{f"train/{k_}": v for k_, v in stats_sum.items()},
             "train/grad_norm": grad_norm,
+            **self.group_norms,
             "train/null_rate": float((out.rewards.max(dim=1).values <= 0).float().mean()) if k else 1.0,
             "train/thought_len": mean_or_nan(thoughts.lengths),
             "train/unfinished_rate": mean_or_nan((~thoughts.finished).float()),
@@ -198,13 +207,34 @@ class Trainer:
             "train/staleness": thoughts.staleness,
             "train/lr": self.scheduler.get_last_lr()[0],
         }
+        if self.accelerator.num_processes > 1:  # report the global batch, not this process's share
+            keys = sorted(k_ for k_, v in metrics.items() if isinstance(v, float) and not k_.startswith("train/grad_norm"))
+            values = self.accelerator.reduce(torch.tensor([metrics[k_] for k_ in keys], device=self.accelerator.device),
+                                             reduction="mean")
+            metrics.update(zip(keys, values.tolist()))
         return metrics, positions, thoughts, out
 
+    def _next_batch(self) -> tuple[list, list[int]]:
+        """This process's share of the next global batch: (positions, their sampling seeds)."""
+        global_batch = self.cfg.trainer.batch_positions
+        positions = self.stream.next_batch(global_batch)
+        seeds = position_seeds(global_batch)  # same on every process: they share torch's RNG state
+        share = global_batch // self.accelerator.num_processes
+        lo = self.accelerator.process_index * share
+        return positions[lo : lo + share], seeds[lo : lo + share]
+
     def _optimizer_step(self) -> float:
+        """Average, clip and apply the gradients; records each parameter group's norm in ``self.group_norms``."""
         with self._timed("optimizer"):
             max_norm = self.cfg.learner.max_grad_norm
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             self._average_gradients(params)
+            self.group_norms = {
+                f"train/grad_norm/{g['name']}": float(torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad) for p in g["params"] if p.grad is not None] or
+                                [torch.zeros(())])))
+                for g in self.optimizer.param_groups
+            }
             norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
             norm = float(norm) if norm is not None else float("nan")
             if not math.isfinite(norm):

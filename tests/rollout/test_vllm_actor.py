@@ -12,7 +12,7 @@ import torch
 from thinkrl.config import load_config
 from thinkrl.models.roles import build_roles
 from thinkrl.rollout.hf_actor import HFRolloutActor
-from thinkrl.rollout.policy import thought_logps
+from thinkrl.rollout.policy import position_seeds, thought_logps
 from thinkrl.rollout.vllm_actor import VLLMRolloutActor, export_weights
 
 if os.environ.get("THINKRL_SKIP_VLLM") == "1":
@@ -45,7 +45,7 @@ def _hf_logps(cfg, roles, thoughts):
 
 def test_sampler_logps_equal_hf_and_flags_follow_the_tokens(engine):
     cfg, roles, actor = engine
-    thoughts = actor.sample(CONTEXTS, 6, generator=torch.Generator().manual_seed(3))
+    thoughts = actor.sample(CONTEXTS, 6, position_seeds(len(CONTEXTS), torch.Generator().manual_seed(3)))
     assert thoughts.thought_ids.shape[:2] == (3, 6)
     diff = (thoughts.sampler_logps - _hf_logps(cfg, roles, thoughts)).abs().max()
     assert float(diff) < 1e-4
@@ -64,13 +64,13 @@ def test_fixed_length_mode_and_same_batch_layout_as_hf(engine):
     fixed = dataclasses.replace(cfg.rollout, length_mode="fixed")
     actor.cfg = fixed
     try:
-        thoughts = actor.sample(CONTEXTS, 4, generator=torch.Generator().manual_seed(4))
+        thoughts = actor.sample(CONTEXTS, 4, position_seeds(len(CONTEXTS), torch.Generator().manual_seed(4)))
     finally:
         actor.cfg = cfg.rollout
     assert bool(thoughts.finished.all()) and bool((thoughts.lengths == fixed.max_thought_len).all())
     assert roles.eot_id not in thoughts.thought_ids[thoughts.thought_mask].tolist()
     hf = HFRolloutActor(fixed, roles.model("reasoner"), roles.sot_id, roles.eot_id, roles.tokenizer.pad_token_id)
-    reference = hf.sample(CONTEXTS, 4, generator=torch.Generator().manual_seed(4))
+    reference = hf.sample(CONTEXTS, 4, position_seeds(len(CONTEXTS), torch.Generator().manual_seed(4)))
     for name in ("thought_ids", "thought_mask", "sampler_logps", "finished", "lengths"):
         a, b = getattr(thoughts, name), getattr(reference, name)
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -83,7 +83,7 @@ def test_fixed_length_mode_and_same_batch_layout_as_hf(engine):
 def test_sync_after_a_learner_update(engine):
     cfg, roles, actor = engine
     model = roles.model("reasoner")
-    before = actor.sample(CONTEXTS, 4, generator=torch.Generator().manual_seed(5))
+    before = actor.sample(CONTEXTS, 4, position_seeds(len(CONTEXTS), torch.Generator().manual_seed(5)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     ids = torch.tensor([CONTEXTS[2]])
     for _ in range(3):  # a real update that moves the policy
@@ -93,7 +93,7 @@ def test_sync_after_a_learner_update(engine):
     stale = _hf_logps(cfg, roles, before)
     assert float((stale - before.sampler_logps).abs().max()) > 1e-2, "the update should change the policy"
     assert actor.after_update() > 0 and actor.staleness == 0  # sync_every=1: synced at once
-    after = actor.sample(CONTEXTS, 4, generator=torch.Generator().manual_seed(5))
+    after = actor.sample(CONTEXTS, 4, position_seeds(len(CONTEXTS), torch.Generator().manual_seed(5)))
     assert float((after.sampler_logps - _hf_logps(cfg, roles, after)).abs().max()) < 1e-4
 
 
@@ -137,3 +137,38 @@ def test_training_with_vllm_matches_hf(tmp_path):
     assert abs(vl["reward_mean"] - hf["reward_mean"]) < 1.0
     assert abs(vl["nll_thought"] - hf["nll_thought"]) < 0.5
     assert abs(vl["thought_len_mean"] - hf["thought_len_mean"]) < 1.0
+
+
+def test_missing_vllm_is_one_line_naming_the_fix(monkeypatch):
+    import sys
+
+    from thinkrl.errors import ConfigError
+    from thinkrl.rollout.vllm_actor import _import_vllm
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what an environment without vLLM looks like to `import`
+    with pytest.raises(ConfigError) as info:
+        _import_vllm()
+    assert "scripts/install.sh" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_engine_that_cannot_start_or_dies_gives_one_line_errors(tmp_path):
+    import psutil
+
+    from thinkrl.rollout.vllm_actor import VLLMEngineError
+
+    torch.manual_seed(0)
+    cfg = load_config(None, [*SIZES, "rollout.backend=vllm"])
+    roles = build_roles(cfg)
+    args = (cfg.rollout, roles.model("reasoner"), roles.tokenizer, roles.sot_id, roles.eot_id,
+            roles.tokenizer.pad_token_id, tmp_path)
+    with pytest.raises(VLLMEngineError) as info:  # longer than the model's 512 positions: the engine refuses
+        VLLMRolloutActor(*args, max_model_len=100_000)
+    assert "failed to start" in str(info.value) and "\n" not in str(info.value)
+
+    actor = VLLMRolloutActor(*args, max_model_len=64)
+    for child in psutil.Process().children(recursive=True):  # the engine core and its worker, as an OOM kill would
+        if "VLLM" in child.name():
+            child.kill()
+    with pytest.raises(VLLMEngineError) as info:
+        actor.sample(CONTEXTS, 2, position_seeds(3, torch.Generator().manual_seed(0)))
+    assert "died" in str(info.value) and "resume" in str(info.value) and "\n" not in str(info.value)

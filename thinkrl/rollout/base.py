@@ -55,8 +55,8 @@ class RolloutActor(abc.ABC):
         self.cfg, self.sot_id, self.eot_id, self.pad_id = cfg, sot_id, eot_id, pad_id
 
     @abc.abstractmethod
-    def sample(self, contexts: list[list[int]], num_thoughts: int, generator: torch.Generator | None = None) -> ThoughtBatch:
-        """K thoughts per context."""
+    def sample(self, contexts: list[list[int]], num_thoughts: int, seeds: list[int]) -> ThoughtBatch:
+        """K thoughts per context; ``seeds[i]`` alone decides position i's thoughts (any batch, any process)."""
 
     def after_update(self) -> float:
         """Called after each learner update; returns seconds spent syncing weights (0 when the sampler *is* the

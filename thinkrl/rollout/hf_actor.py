@@ -21,14 +21,14 @@ class HFRolloutActor(RolloutActor):
         self.model = model
 
     @torch.no_grad()
-    def sample(self, contexts, num_thoughts, generator=None) -> ThoughtBatch:
+    def sample(self, contexts, num_thoughts, seeds) -> ThoughtBatch:
         if num_thoughts == 0:
             return empty_thoughts(len(contexts), self.model.device)
         was_training = self.model.training
         self.model.eval()
         try:
             step = self.cfg.batch_positions
-            parts = [self._sample_chunk(contexts[i : i + step], num_thoughts, generator)
+            parts = [self._sample_chunk(contexts[i : i + step], num_thoughts, seeds[i : i + step])
                      for i in range(0, len(contexts), step)]
         finally:
             self.model.train(was_training)
@@ -42,7 +42,7 @@ class HFRolloutActor(RolloutActor):
             torch.cat([p.lengths for p in parts]),
         )
 
-    def _sample_chunk(self, contexts, k: int, generator) -> ThoughtBatch:
+    def _sample_chunk(self, contexts, k: int, seeds: list[int]) -> ThoughtBatch:
         fixed = self.cfg.length_mode == "fixed"
         max_len, temp = self.cfg.max_thought_len, self.cfg.temperature
         cache, mask, prefix_len, logits = prefill(self.model, [c + [self.sot_id] for c in contexts], self.pad_id)
@@ -54,8 +54,11 @@ class HFRolloutActor(RolloutActor):
         acted = torch.zeros((rows, max_len), dtype=torch.bool, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         for t in range(max_len):
-            tokens, token_logps = sample_tokens(policy_logits(logits, temp, self.sot_id, self.eot_id, fixed), self.cfg.top_p, generator)
+            noise = torch.cat([torch.rand((k, logits.shape[-1]), generator=g) for g in generators]).to(device)
+            tokens, token_logps = sample_tokens(policy_logits(logits, temp, self.sot_id, self.eot_id, fixed),
+                                                self.cfg.top_p, noise)
             active = ~done
             ids[active, t], logps[active, t], acted[active, t] = tokens[active], token_logps[active], True
             stopped = active & (tokens == self.eot_id)

@@ -28,21 +28,27 @@ def policy_logits(logits: torch.Tensor, temperature: float, sot_id: int, eot_id:
     return logits
 
 
-def sample_tokens(
-    logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row from policy logits (B, V). Returns (tokens (B,), their log-probs (B,))."""
+def sample_tokens(logits: torch.Tensor, top_p: float, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row from policy logits (B, V) with the caller's uniform noise (B, V) (Gumbel-max).
+
+    Taking the noise as an argument makes a thought a function of its position's seed alone, whatever else is in
+    the batch or on other processes. Returns (tokens (B,), their log-probs (B,) under the untruncated policy)."""
     logps = torch.log_softmax(logits, dim=-1)
-    probs = logps.exp()
-    if not torch.isfinite(probs).all():
+    if torch.isnan(logps).any() or not torch.isfinite(logps.max(dim=-1).values).all():
         raise NonFiniteLossError("the reasoner's next-token distribution is NaN/inf")
+    scores = logps
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p, order = logps.exp().sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens after the nucleus is full
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        scores = logps.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), float("-inf"))
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+    tokens = (scores + gumbel).argmax(dim=-1)
     return tokens, logps.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def position_seeds(n: int, generator: torch.Generator | None = None) -> list[int]:
+    """One sampling seed per position, drawn from ``generator`` (or torch's global RNG, saved in checkpoints)."""
+    return torch.randint(0, 2**62, (n,), generator=generator).tolist()
 
 
 def thought_logps(

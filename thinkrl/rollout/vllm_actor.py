@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -110,33 +111,57 @@ class VLLMRolloutActor(RolloutActor):
                 "lower rollout.vllm_kv_cache_gb / vllm_gpu_memory_utilization or max lengths, or set rollout.backend=hf"
             ) from None
         logger.info("vLLM engine started in %.1f s", time.perf_counter() - start)
+        import psutil  # a vLLM dependency
+
+        self._engine_procs = [p for p in psutil.Process().children(recursive=True) if "VLLM" in p.name()]
+
+    def _engine_alive(self) -> bool:
+        return all(p.is_running() and p.status() != "zombie" for p in self._engine_procs)
+
+    def _watched(self, what: str, fn, *args, **kwargs):
+        """Run an engine call, failing fast if the engine's processes die: the CPU build's client would otherwise
+        wait forever for a dead engine. The call runs in a daemon thread that is abandoned on failure."""
+        result: dict = {}
+
+        def target():
+            try:
+                result["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # re-raised in the caller's thread below
+                result["error"] = exc
+
+        thread = threading.Thread(target=target, daemon=True, name=f"vllm-{what}")
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            if thread.is_alive() and not self._engine_alive():
+                result["error"] = RuntimeError("engine process exited")
+                break
+        if "error" in result:
+            raise VLLMEngineError(
+                f"the vLLM engine died while {what} ({type(result['error']).__name__}); the last checkpoint is intact: "
+                "rerun the same command to resume (or set rollout.backend=hf)"
+            ) from None
+        return result["value"]
 
     # ------------------------------------------------------------------------------------------------------------
     def _sampling_params(self, k: int, seed: int):
         fixed = self.cfg.length_mode == "fixed"
         m = self.cfg.max_thought_len
         return self._params_cls(
-            n=k, max_tokens=m, min_tokens=m if fixed else 0, stop_token_ids=[self.eot_id],
+            n=k, max_tokens=m, min_tokens=m if fixed else 0, stop_token_ids=[self.eot_id], ignore_eos=True,  # only <eot> ends a thought
             temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=0, logprobs=0,
             logit_bias={self.sot_id: BANNED_BIAS}, seed=seed, detokenize=False, skip_special_tokens=False,
         )
 
     @torch.no_grad()
-    def sample(self, contexts, num_thoughts, generator=None) -> ThoughtBatch:
+    def sample(self, contexts, num_thoughts, seeds) -> ThoughtBatch:
         device = self.model.device
         if num_thoughts == 0:
             return empty_thoughts(len(contexts), device)
-        # One engine seed per call, drawn from torch's RNG (or the caller's generator): checkpoints that restore
-        # torch's RNG state therefore restore what vLLM samples next.
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        # One request seed per position: its thoughts do not depend on the batch or the process that samples it.
         prompts = [self._prompt_cls(prompt_token_ids=c + [self.sot_id]) for c in contexts]
-        try:
-            outputs = self._llm.generate(prompts, self._sampling_params(num_thoughts, seed), use_tqdm=False)
-        except Exception as exc:
-            raise VLLMEngineError(
-                f"the vLLM engine died while sampling ({type(exc).__name__}); the last checkpoint is intact: rerun the "
-                "same command to resume (or set rollout.backend=hf)"
-            ) from None
+        params = [self._sampling_params(num_thoughts, seed % (2**31 - 1)) for seed in seeds]
+        outputs = self._watched("sampling", self._llm.generate, prompts, params, use_tqdm=False)
         return self._to_batch(outputs, num_thoughts, device)
 
     def _to_batch(self, outputs, k: int, device) -> ThoughtBatch:
@@ -169,13 +194,8 @@ class VLLMRolloutActor(RolloutActor):
     def sync_weights(self) -> float:
         start = time.perf_counter()
         export_weights(self.model, self.tokenizer, self.weights_dir)
-        try:
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self.weights_dir)})
-        except Exception as exc:
-            raise VLLMEngineError(
-                f"weight sync into vLLM failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                "rerun to resume from the last checkpoint, or set rollout.backend=hf"
-            ) from None
-        self._llm.reset_prefix_cache()  # cached prefixes hold keys/values of the old weights
+        self._watched("syncing weights", self._llm.collective_rpc, "reload_weights",
+                      kwargs={"weights_path": str(self.weights_dir)})
+        self._watched("syncing weights", self._llm.reset_prefix_cache)  # cached prefixes hold old keys/values
         self.staleness = 0
         return time.perf_counter() - start
