@@ -42,6 +42,15 @@ def _add_train(sub) -> None:
 COMMANDS = [_add_train]
 
 
+def _add_coconut(sub) -> None:
+    from thinkrl.coconut.cli import add_parser
+
+    add_parser(sub)
+
+
+COMMANDS.append(_add_coconut)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thinkrl", description="Token-level thought RL for language models.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -26,7 +26,7 @@ TASK_FILES = {
 SYNTHETIC_TRAIN_DOCS = 20_000
 
 
-def _resolve(cfg: DataConfig, name: str) -> Path:
+def resolve_data_file(cfg: DataConfig, name: str) -> Path:
     """Absolute paths as given; otherwise the data folder's file, falling back to the working directory."""
     path = Path(name).expanduser()
     if path.is_absolute():
@@ -62,7 +62,7 @@ def read_jsonl(path: Path, limit: int = 0) -> list[dict]:
 def _load_task_rows(cfg: DataConfig, split: str) -> list[dict]:
     train_file, eval_file, hub_id, hub_cfg, hub_train, hub_eval = TASK_FILES[cfg.source]
     local = cfg.train_file or train_file if split == "train" else cfg.eval_file or eval_file
-    path = _resolve(cfg, local)
+    path = resolve_data_file(cfg, local)
     if path.is_file():
         rows = read_jsonl(path, cfg.max_docs)
     elif cfg.hub_id or cfg.data_dir == "auto":
@@ -135,12 +135,12 @@ def _task_pool(cfg: DataConfig, tokenizer, split: str) -> PositionPool:
 
 
 def _text_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, PositionPool]:
-    train_path = _resolve(cfg, cfg.train_file)
+    train_path = resolve_data_file(cfg, cfg.train_file)
     if not train_path.is_file():
         raise DataError(f"data file {train_path} does not exist; set data.train_file (or data.data_dir)")
     text = read_text(train_path)
     if cfg.eval_file:
-        eval_path = _resolve(cfg, cfg.eval_file)
+        eval_path = resolve_data_file(cfg, cfg.eval_file)
         if not eval_path.is_file():
             raise DataError(f"data file {eval_path} does not exist; set data.eval_file or leave it empty")
         eval_text = read_text(eval_path)

@@ -35,7 +35,7 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def _from_pretrained(loader, path: str, what: str, **kwargs):
+def from_pretrained_or_error(loader, path: str, what: str, **kwargs):
     resolved = resolve_model_path(path)
     try:
         return loader.from_pretrained(resolved, **kwargs)
@@ -66,14 +66,14 @@ def build_tokenizer(cfg: Config):
     else:
         if name == "auto":
             name = next(cfg.model.spec(g).path for g in cfg.model.weight_groups if cfg.model.spec(g).path != "scratch")
-        tok = _from_pretrained(AutoTokenizer, name, "tokenizer")
+        tok = from_pretrained_or_error(AutoTokenizer, name, "tokenizer")
     tok.add_tokens([SOT, EOT], special_tokens=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def _scratch_model(spec: ModelSpec, tokenizer, dtype: torch.dtype, attn: str) -> PreTrainedModel:
+def scratch_model(spec: ModelSpec, tokenizer, dtype: torch.dtype, attn: str) -> PreTrainedModel:
     s = spec.scratch
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -111,9 +111,9 @@ def _untie(model: PreTrainedModel) -> None:
 def build_model(spec: ModelSpec, tokenizer, cfg: Config) -> PreTrainedModel:
     dtype = DTYPES[cfg.model.dtype]
     if spec.path == "scratch":
-        model = _scratch_model(spec, tokenizer, dtype, cfg.model.attn_implementation)
+        model = scratch_model(spec, tokenizer, dtype, cfg.model.attn_implementation)
     else:
-        model = _from_pretrained(
+        model = from_pretrained_or_error(
             AutoModelForCausalLM, spec.path, "model", dtype=dtype, attn_implementation=cfg.model.attn_implementation
         )
         _untie(model)
