@@ -7,7 +7,8 @@ import torch
 
 from thinkrl.cli import main
 from thinkrl.errors import NonFiniteLossError
-from thinkrl.trainer import Trainer, find_checkpoints
+from thinkrl.run_state import find_checkpoints
+from thinkrl.trainer import Trainer
 
 
 def _snapshot(trainer):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING kept for recipe authors)
 from omegaconf.errors import OmegaConfBaseException

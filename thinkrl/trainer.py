@@ -8,11 +8,8 @@ A run restarted on the same folder resumes from its newest complete checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from thinkrl.config import Config, to_dict, to_yaml
+from thinkrl.config import Config, to_yaml
 from thinkrl.data.positions import PositionStream
 from thinkrl.data.sources import build_pools
 from thinkrl.errors import ConfigError, NonFiniteLossError
@@ -32,12 +29,12 @@ from thinkrl.models.roles import build_roles, set_threads
 from thinkrl.prompts import load_template
 from thinkrl.rollout import make_actor
 from thinkrl.rollout.policy import position_seeds
-from thinkrl.run_files import append_jsonl, dump_rollouts, mean_or_nan, write_atomic, write_summary
+from thinkrl.run_files import dump_rollouts, mean_or_nan, write_atomic, write_summary
+from thinkrl.run_state import find_checkpoints, init_tracker, log_metrics, resume, save_checkpoint
 from thinkrl.scoring import Scorer
 from thinkrl.warmup import lm_warmup
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class TrainerState:
@@ -53,12 +50,6 @@ class TrainerState:
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
-
-
-def find_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (those with trainer_state.json), oldest first."""
-    found = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]) if p.name[len(CHECKPOINT_PREFIX):].isdigit() else -1)
 
 
 class Trainer:
@@ -109,54 +100,9 @@ class Trainer:
         yield
         self.timings[f"timing/{phase}"] = self.timings.get(f"timing/{phase}", 0.0) + time.perf_counter() - start
 
-    def _init_tracker(self) -> None:
-        tc = self.cfg.trainer
-        if tc.report_to == "none":
-            return
-        kwargs = {}
-        if tc.report_to == "wandb":
-            os.environ.setdefault("WANDB_MODE", "offline")  # never ask for a key or a network by default
-            kwargs = {"wandb": {"dir": str(self.run_dir), "name": tc.run_name or self.run_dir.name}}
-        try:
-            self.accelerator.init_trackers(tc.project, config=to_dict(self.cfg), init_kwargs=kwargs)
-        except Exception as exc:
-            raise ConfigError(f"trainer.report_to={tc.report_to} failed to start ({type(exc).__name__}: {exc}); "
-                              "set trainer.report_to=none or install/configure the tracker") from None
-
-    def _resume(self) -> None:
-        how = self.cfg.trainer.resume
-        if how == "never":
-            return
-        path = Path(how) if how != "auto" else (find_checkpoints(self.run_dir) or [None])[-1]
-        if path is None:
-            return
-        if not (path / "trainer_state.json").is_file():
-            raise ConfigError(f"trainer.resume={how} is not a complete checkpoint folder; use auto, never or a checkpoint-<step> path")
-        self.accelerator.load_state(str(path))
-        logger.info("resumed from %s at step %d", path, self.state.step)
-        metrics = self.run_dir / "metrics.jsonl"
-        if self.is_main and metrics.is_file():  # steps logged after this checkpoint are about to be redone
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.state.step]
-            write_atomic(metrics, "".join(f"{line}\n" for line in kept))
-
     def _save(self) -> Path:
-        """Write checkpoint-<step>/ atomically: into a temp folder first, renamed when complete."""
-        final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.state.step}"
-        tmp = self.run_dir / f".tmp-{CHECKPOINT_PREFIX}{self.state.step}"
-        self.accelerator.wait_for_everyone()
-        if self.is_main and tmp.exists():
-            shutil.rmtree(tmp)
-        self.accelerator.save_state(str(tmp))
-        if self.is_main:
-            self.roles.tokenizer.save_pretrained(tmp / "tokenizer")
-            write_atomic(tmp / "trainer_state.json", json.dumps(self.state.state_dict(), indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in find_checkpoints(self.run_dir)[: -self.cfg.trainer.keep_checkpoints]:
-                shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
-        return final
+        return save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.roles.tokenizer,
+                               self.state.state_dict(), self.cfg.trainer.keep_checkpoints)
 
     def _evaluate(self) -> dict:
         with self._timed("eval"):
@@ -266,8 +212,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
         tc = self.cfg.trainer
-        self._resume()
-        self._init_tracker()
+        if resume(self.accelerator, self.run_dir, tc.resume) is not None:
+            logger.info("resumed at step %d", self.state.step)
+        init_tracker(self.accelerator, tc, self.run_dir, self.cfg)
         start_time = time.perf_counter()
         if self.state.initial_eval is None:
             if tc.lm_warmup_steps:
@@ -318,7 +265,4 @@ class Trainer:
         self._log({"warmup/lm_nll": nll, **self.timings}, step=0)
 
     def _log(self, metrics: dict, step: int) -> None:
-        if self.is_main:
-            append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **metrics})
-        if self.cfg.trainer.report_to != "none":
-            self.accelerator.log(metrics, step=step)
+        log_metrics(self.accelerator, self.run_dir, self.cfg.trainer.report_to, step, metrics)

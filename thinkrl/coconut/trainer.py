@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,11 +33,11 @@ from thinkrl.coconut.data import IGNORE, build_example, collate, load_split, tok
 from thinkrl.coconut.evaluation import evaluate
 from thinkrl.coconut.latent_forward import latent_forward
 from thinkrl.coconut.models import build_model, build_tokenizer, special_ids
-from thinkrl.config import to_dict, to_yaml
+from thinkrl.config import to_yaml
 from thinkrl.errors import ConfigError, NonFiniteLossError
 from thinkrl.models.roles import set_threads
-from thinkrl.run_files import append_jsonl, write_atomic
-from thinkrl.trainer import CHECKPOINT_PREFIX, find_checkpoints
+from thinkrl.run_files import write_atomic
+from thinkrl.run_state import find_checkpoints, init_tracker, log_metrics, resume, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +182,10 @@ class CoconutTrainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
-        self._resume()
-        self._init_tracker()
+        if resume(self.accelerator, self.run_dir, tc.resume) is not None:
+            logger.info("resumed: epoch %d, step %d of it, global step %d", self.state.epoch,
+                        self.state.step_in_epoch, self.state.global_step)
+        init_tracker(self.accelerator, tc, self.run_dir, self.cfg)
         per_epoch = self.steps_per_epoch()
         total = per_epoch * tc.num_epochs if not tc.max_steps else min(tc.max_steps, per_epoch * tc.num_epochs)
         bar = tqdm(total=total, initial=self.state.global_step, disable=not (self.is_main and tc.progress),
@@ -247,66 +247,19 @@ class CoconutTrainer:
             self._save()
 
     # ------------------------------------------------------------------------------------------------------------
-    def _init_tracker(self) -> None:
-        tc = self.cfg.trainer
-        if tc.report_to == "none":
-            return
-        kwargs = {}
-        if tc.report_to == "wandb":
-            os.environ.setdefault("WANDB_MODE", "offline")  # never ask for a key or a network by default
-            kwargs = {"wandb": {"dir": str(self.run_dir), "name": tc.run_name or self.run_dir.name}}
-        try:
-            self.accelerator.init_trackers(tc.project, config=to_dict(self.cfg), init_kwargs=kwargs)
-        except Exception as exc:  # noqa: BLE001  (any tracker failure becomes one line)
-            raise ConfigError(f"trainer.report_to={tc.report_to} failed to start ({type(exc).__name__}: {exc}); "
-                              "set trainer.report_to=none or install/configure the tracker") from None
-
     def load_checkpoint(self, path: Path) -> None:
-        if not (path / "trainer_state.json").is_file():
+        """Load a checkpoint's full state (used by ``thinkrl coconut eval``)."""
+        if resume(self.accelerator, self.run_dir, str(path), trim_metrics=False) is None:
             raise ConfigError(f"{path} is not a complete checkpoint folder; give a checkpoint-<step> path")
-        self.accelerator.load_state(str(path))
 
     def latest_checkpoint(self) -> Path | None:
         return (find_checkpoints(self.run_dir) or [None])[-1]
 
-    def _resume(self) -> None:
-        how = self.cfg.trainer.resume
-        if how == "never":
-            return
-        path = Path(how) if how != "auto" else self.latest_checkpoint()
-        if path is None:
-            return
-        self.load_checkpoint(path)
-        logger.info("resumed from %s: epoch %d, step %d of it, global step %d", path, self.state.epoch,
-                    self.state.step_in_epoch, self.state.global_step)
-        metrics = self.run_dir / "metrics.jsonl"
-        if self.is_main and metrics.is_file():  # steps logged after this checkpoint are about to be redone
-            kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= self.state.global_step]
-            write_atomic(metrics, "".join(f"{ln}\n" for ln in kept))
-
     def _save(self) -> Path:
-        """checkpoint-<global step>/ written into a temp folder and renamed when complete."""
-        final = self.run_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        tmp = self.run_dir / f".tmp-{CHECKPOINT_PREFIX}{self.state.global_step}"
-        self.accelerator.wait_for_everyone()
-        if self.is_main and tmp.exists():
-            shutil.rmtree(tmp)
-        self.accelerator.save_state(str(tmp))
-        if self.is_main:
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-            write_atomic(tmp / "trainer_state.json", json.dumps(self.state.state_dict(), indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in find_checkpoints(self.run_dir)[: -self.cfg.trainer.keep_checkpoints]:
-                shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
+        final = save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, self.tokenizer,
+                                self.state.state_dict(), self.cfg.trainer.keep_checkpoints)
         self._saved_step = self.state.global_step
         return final
 
     def _log(self, metrics: dict) -> None:
-        step = self.state.global_step
-        if self.is_main:
-            append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **metrics})
-        if self.cfg.trainer.report_to != "none":
-            self.accelerator.log(metrics, step=step)
+        log_metrics(self.accelerator, self.run_dir, self.cfg.trainer.report_to, self.state.global_step, metrics)

@@ -1,0 +1,97 @@
+"""Run-folder state shared by every trainer (thought RL, Coconut): tracker start, metrics, checkpoints, resume.
+
+Checkpoints are ``checkpoint-<step>/`` folders holding accelerate's full state (models, optimizers, schedulers,
+RNG, registered objects such as the data position) plus the tokenizer and ``trainer_state.json``. They are
+written into ``.tmp-checkpoint-<step>`` and renamed when complete, so a crash never leaves a folder that looks
+usable but is not; ``trainer_state.json`` marks a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from thinkrl.config import to_dict
+from thinkrl.errors import ConfigError
+from thinkrl.run_files import append_jsonl, write_atomic
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def find_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with trainer_state.json), oldest first."""
+    def step_of(p: Path) -> int:
+        tail = p.name[len(CHECKPOINT_PREFIX):]
+        return int(tail) if tail.isdigit() else -1
+
+    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=step_of)
+
+
+def init_tracker(accelerator, trainer_cfg, run_dir: Path, cfg) -> None:
+    """Start wandb/tensorboard through accelerate (main process only); wandb stays offline unless told otherwise."""
+    if trainer_cfg.report_to == "none":
+        return
+    kwargs = {}
+    if trainer_cfg.report_to == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")  # never ask for a key or a network by default
+        kwargs = {"wandb": {"dir": str(run_dir), "name": trainer_cfg.run_name or Path(run_dir).name}}
+    try:
+        accelerator.init_trackers(trainer_cfg.project, config=to_dict(cfg), init_kwargs=kwargs)
+    except Exception as exc:  # any tracker failure becomes one line
+        raise ConfigError(f"trainer.report_to={trainer_cfg.report_to} failed to start ({type(exc).__name__}: {exc}); "
+                          "set trainer.report_to=none or install/configure the tracker") from None
+
+
+def log_metrics(accelerator, run_dir: Path, report_to: str, step: int, metrics: dict) -> None:
+    if accelerator.is_main_process:
+        append_jsonl(Path(run_dir) / "metrics.jsonl", {"step": step, **metrics})
+    if report_to != "none":
+        accelerator.log(metrics, step=step)
+
+
+def resume(accelerator, run_dir: Path, how: str, trim_metrics: bool = True) -> Path | None:
+    """Load the checkpoint ``how`` names (auto = newest in run_dir, never, or a path); returns it or None.
+
+    With ``trim_metrics`` (training), metric lines logged after that checkpoint are dropped: those steps are
+    about to be redone. Evaluation loads without touching the run's history."""
+    if how == "never":
+        return None
+    path = Path(how) if how != "auto" else (find_checkpoints(run_dir) or [None])[-1]
+    if path is None:
+        return None
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"trainer.resume={how} is not a complete checkpoint folder; use auto, never or a "
+                          "checkpoint-<step> path")
+    accelerator.load_state(str(path))
+    state = json.loads((path / "trainer_state.json").read_text())
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if trim_metrics and accelerator.is_main_process and metrics.is_file():
+        step = int(path.name[len(CHECKPOINT_PREFIX):]) if path.name[len(CHECKPOINT_PREFIX):].isdigit() else None
+        step = state.get("global_step", state.get("step", step))
+        kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        write_atomic(metrics, "".join(f"{ln}\n" for ln in kept))
+    return path
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, tokenizer, trainer_state: dict, keep: int) -> Path:
+    """Write checkpoint-<step>/ atomically and keep only the newest ``keep`` checkpoints."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = run_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        write_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in find_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
