@@ -61,16 +61,27 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                      num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-                      intermediate_size=4 * args.hidden, max_position_embeddings=1024, pad_token_id=PAD)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=1024,
+        pad_token_id=PAD,
+    )
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"# scratch Llama {params:.1f}M params, batch {args.batch}, question ~{args.question} + answer {args.answer} "
-          f"tokens, {args.threads} thread(s), median of {args.repeats}")
-    print("| latents | passes | real tokens | fwd cached tok/s | fwd naive tok/s | speed-up | "
-          "fwd+bwd cached tok/s | fwd+bwd naive tok/s | speed-up | max logit diff |")
+    print(
+        f"# scratch Llama {params:.1f}M params, batch {args.batch}, question ~{args.question} + answer {args.answer} "
+        f"tokens, {args.threads} thread(s), median of {args.repeats}"
+    )
+    print(
+        "| latents | passes | real tokens | fwd cached tok/s | fwd naive tok/s | speed-up | "
+        "fwd+bwd cached tok/s | fwd+bwd naive tok/s | speed-up | max logit diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.latents:
         ids, mask, latents = make_batch(args.batch, args.question, args.answer, n, cfg.vocab_size)
@@ -84,18 +95,22 @@ def main() -> None:
             def run():
                 with torch.no_grad():
                     fn(model, *batch)
+
             return run
 
         def train(fn, batch=(ids, mask, latents)):
             def run():
                 fn(model, *batch).logits.float().logsumexp(-1).mean().backward()
                 model.zero_grad(set_to_none=True)
+
             return run
 
         f_c, f_n = timed(fwd(latent_forward), args.repeats), timed(fwd(naive_latent_forward), args.repeats)
         t_c, t_n = timed(train(latent_forward), args.repeats), timed(train(naive_latent_forward), args.repeats)
-        print(f"| {n} | {cached.num_passes} | {tokens} | {tokens / f_c:,.0f} | {tokens / f_n:,.0f} | {f_n / f_c:.2f}x | "
-              f"{tokens / t_c:,.0f} | {tokens / t_n:,.0f} | {t_n / t_c:.2f}x | {diff:.1e} |")
+        print(
+            f"| {n} | {cached.num_passes} | {tokens} | {tokens / f_c:,.0f} | {tokens / f_n:,.0f} | {f_n / f_c:.2f}x | "
+            f"{tokens / t_c:,.0f} | {tokens / t_n:,.0f} | {t_n / t_c:.2f}x | {diff:.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import transformers
 from thinkrl.config import load_config
 from thinkrl.models.roles import build_roles, set_threads
 from thinkrl.rollout.hf_actor import HFRolloutActor
-from thinkrl.rollout.policy import position_seeds, policy_logits
+from thinkrl.rollout.policy import policy_logits, position_seeds
 from thinkrl.scoring import Scorer
 
 FALLBACK_TEXT = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. "
@@ -61,10 +61,12 @@ TOLERANCE = 1e-4
 # Setup
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="scratch",
-                   help="'scratch' (random Llama, byte tokenizer) or 'smollm2-135m-instruct'")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", default="scratch", help="'scratch' (random Llama, byte tokenizer) or 'smollm2-135m-instruct'"
+    )
     p.add_argument("--hidden-size", type=int, default=256, help="scratch: width (MLP width is 4x)")
     p.add_argument("--layers", type=int, default=4, help="scratch: transformer blocks")
     p.add_argument("--heads", type=int, default=0, help="scratch: attention heads (0 = hidden_size // 64)")
@@ -174,8 +176,16 @@ def generate_thought(model, context, rc, sot, eot, pad, sample: bool) -> list[in
         kwargs = {"do_sample": True, "temperature": rc.temperature, "top_p": rc.top_p, "top_k": 0}  # top_k=0: off
     if rc.length_mode == "fixed":
         kwargs["min_new_tokens"] = rc.max_thought_len  # end token disabled until max length, like policy_logits
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=rc.max_thought_len,
-                         eos_token_id=eot, pad_token_id=pad, use_cache=True, suppress_tokens=[sot], **kwargs)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=rc.max_thought_len,
+        eos_token_id=eot,
+        pad_token_id=pad,
+        use_cache=True,
+        suppress_tokens=[sot],
+        **kwargs,
+    )
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -205,7 +215,9 @@ def check_greedy(model, contexts, rc, sot, eot, pad) -> tuple[int, int]:
     first difference: e.g. the new marker tokens start with the output row of ``thought_init_token``, so at
     initialisation they tie with it exactly, and argmax and sampling may break the tie differently."""
     cold = dataclasses.replace(rc, temperature=1e-6)
-    fast = HFRolloutActor(cold, model, sot, eot, pad).sample(contexts, 1, position_seeds(len(contexts), torch.Generator().manual_seed(0)))
+    fast = HFRolloutActor(cold, model, sot, eot, pad).sample(
+        contexts, 1, position_seeds(len(contexts), torch.Generator().manual_seed(0))
+    )
     same = ties = 0
     for i, ctx in enumerate(contexts):
         mine = fast.thought_ids[i, 0, : int(fast.thought_mask[i, 0].sum())].tolist()
@@ -227,8 +239,12 @@ def check_greedy(model, contexts, rc, sot, eot, pad) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 def _target_states(model, seq: list[int], start: int, n: int) -> torch.Tensor:
     """Uncached forward of one sequence; the last-layer states at start .. start+n-1 (they predict y)."""
-    out = model(input_ids=torch.tensor([seq], device=model.device), use_cache=False, output_hidden_states=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=torch.tensor([seq], device=model.device),
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
     return out.hidden_states[-1][0, start : start + n]
 
 
@@ -295,31 +311,43 @@ def main(argv=None) -> None:
     arch = model.config
     name = "scratch Llama" if args.model == "scratch" else args.model
     desc = f"{name} (hidden {arch.hidden_size}, {arch.num_hidden_layers} layers, {arch.num_attention_heads} heads)"
-    print(f"settings  model={desc}  params={params / 1e6:.1f}M  vocab={len(tok)}  dtype={cfg.model.dtype}  "
-          f"built in {build_s:.1f} s")
-    print(f"settings  N={n} positions  K={k} thoughts  context={args.context_len} tokens ({origin})  "
-          f"thought<={m} tokens ({rc.length_mode} length)  n_ahead={args.n_ahead}  "
-          f"window={args.window or 'all'}  head={cfg.head.form}  temperature={rc.temperature}")
+    print(
+        f"settings  model={desc}  params={params / 1e6:.1f}M  vocab={len(tok)}  dtype={cfg.model.dtype}  "
+        f"built in {build_s:.1f} s"
+    )
+    print(
+        f"settings  N={n} positions  K={k} thoughts  context={args.context_len} tokens ({origin})  "
+        f"thought<={m} tokens ({rc.length_mode} length)  n_ahead={args.n_ahead}  "
+        f"window={args.window or 'all'}  head={cfg.head.form}  temperature={rc.temperature}"
+    )
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"settings  threads={torch.get_num_threads()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  "
-          f"load average {load} on {os.cpu_count()} cores  repeats={args.repeats} (+1 warm-up, median)  "
-          f"torch {torch.__version__}  transformers {transformers.__version__}  device={model.device}")
+    print(
+        f"settings  threads={torch.get_num_threads()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  "
+        f"load average {load} on {os.cpu_count()} cores  repeats={args.repeats} (+1 warm-up, median)  "
+        f"torch {torch.__version__}  transformers {transformers.__version__}  device={model.device}"
+    )
 
     with torch.no_grad():
         g = torch.Generator(device=model.device).manual_seed(args.seed)
-        thoughts = actor.sample(contexts, k, position_seeds(len(contexts), g))  # these thoughts are scored by both scorer paths
+        thoughts = actor.sample(
+            contexts, k, position_seeds(len(contexts), g)
+        )  # these thoughts are scored by both scorer paths
 
         # ---- checks ----------------------------------------------------------------------------------------
         ok = True
         d_sampler = check_sampler_logps(model, contexts, thoughts, rc, sot, eot)
         ok &= d_sampler <= TOLERANCE
-        print(f"check     rollout  fast sampler log-probs vs uncached recompute ({n * k} thoughts): "
-              f"max|diff|={d_sampler:.2e}  {'OK' if d_sampler <= TOLERANCE else 'FAIL'}")
+        print(
+            f"check     rollout  fast sampler log-probs vs uncached recompute ({n * k} thoughts): "
+            f"max|diff|={d_sampler:.2e}  {'OK' if d_sampler <= TOLERANCE else 'FAIL'}"
+        )
         same, ties = check_greedy(model, contexts, rc, sot, eot, pad)
         ok &= same + ties == n
         tie_note = f", {ties} diverged only at an exact logit tie" if ties else ""
-        print(f"check     rollout  greedy thoughts, trainer path vs generate: {same}/{n} identical{tie_note}  "
-              f"{'OK' if same + ties == n else 'FAIL'}")
+        print(
+            f"check     rollout  greedy thoughts, trainer path vs generate: {same}/{n} identical{tie_note}  "
+            f"{'OK' if same + ties == n else 'FAIL'}"
+        )
         fast_scores = scorer.score(contexts, targets, thoughts)
         slow_logp, slow_base = naive_score(roles, scorer, contexts, targets, thoughts, cfg.data.interpreter_window)
         mask = fast_scores.target_mask.cpu()
@@ -328,44 +356,71 @@ def main(argv=None) -> None:
         spread = float((fast_scores.logp[:, :-1] - fast_scores.logp[:, -1:]).abs()[:, :, mask[0]].mean())
         good = max(d_logp, d_base) <= TOLERANCE
         ok &= good
-        print(f"check     scorer   fast vs naive log-probs: max|diff| thoughts+null={d_logp:.2e}  base={d_base:.2e}  "
-              f"(mean |logq(y|z) - logq(y|null)| = {spread:.2e}: thoughts change the scores)  "
-              f"{'OK' if good else 'FAIL'}")
+        print(
+            f"check     scorer   fast vs naive log-probs: max|diff| thoughts+null={d_logp:.2e}  base={d_base:.2e}  "
+            f"(mean |logq(y|z) - logq(y|null)| = {spread:.2e}: thoughts change the scores)  "
+            f"{'OK' if good else 'FAIL'}"
+        )
 
         # ---- timings ---------------------------------------------------------------------------------------
-        fast_roll = measure(lambda: int(actor.sample(contexts, k, position_seeds(len(contexts), g)).thought_mask.sum()), args.repeats)
+        fast_roll = measure(
+            lambda: int(actor.sample(contexts, k, position_seeds(len(contexts), g)).thought_mask.sum()), args.repeats
+        )
         naive_roll = measure(lambda: naive_rollout(model, contexts, k, rc, sot, eot, pad), args.repeats)
         window = cfg.data.interpreter_window
         scored, naive_tok, fast_tok = scorer_token_counts(contexts, targets, thoughts, scorer, window)
         fast_sc = measure(lambda: (scorer.score(contexts, targets, thoughts), scored)[1], args.repeats)
-        naive_sc = measure(lambda: (naive_score(roles, scorer, contexts, targets, thoughts,
-                                                cfg.data.interpreter_window), scored)[1], args.repeats)
+        naive_sc = measure(
+            lambda: (naive_score(roles, scorer, contexts, targets, thoughts, cfg.data.interpreter_window), scored)[1],
+            args.repeats,
+        )
 
     def row(what, unit, fast, naive, note):
         ratio = fast[0] / naive[0]
-        print(f"{what:<8} {unit:<22} {fast[0]:>11.1f} ({fast[1]:6.3f} s)  {naive[0]:>9.1f} ({naive[1]:6.3f} s)"
-              f"  {ratio:>7.1f}x   {note}")
+        print(
+            f"{what:<8} {unit:<22} {fast[0]:>11.1f} ({fast[1]:6.3f} s)  {naive[0]:>9.1f} ({naive[1]:6.3f} s)"
+            f"  {ratio:>7.1f}x   {note}"
+        )
 
     print()
     print(f"{'':<8} {'tok/s counts':<22} {'trainer-path':>22}  {'naive':>20}  {'speed-up':>8}")
     roll_tokens = [t for t, _ in fast_roll[2]], [t for t, _ in naive_roll[2]]
-    row("rollout", "thought tokens (acts)", fast_roll, naive_roll,
-        f"tokens per run: trainer {roll_tokens[0]}, naive {roll_tokens[1]} (N*K*max_thought_len = {n * k * m})")
-    row("scorer", "scored target tokens", fast_sc, naive_sc,
-        f"{scored} = N*(K+1)*n_ahead per run; forwarded tokens: trainer {fast_tok} (padded), naive {naive_tok}")
+    row(
+        "rollout",
+        "thought tokens (acts)",
+        fast_roll,
+        naive_roll,
+        f"tokens per run: trainer {roll_tokens[0]}, naive {roll_tokens[1]} (N*K*max_thought_len = {n * k * m})",
+    )
+    row(
+        "scorer",
+        "scored target tokens",
+        fast_sc,
+        naive_sc,
+        f"{scored} = N*(K+1)*n_ahead per run; forwarded tokens: trainer {fast_tok} (padded), naive {naive_tok}",
+    )
+
     def fmt(runs):
         return "[" + ", ".join(f"{s:.3f}" for _, s in runs) + "]"
 
-    print(f"runs (s)  rollout trainer-path {fmt(fast_roll[2])}  naive {fmt(naive_roll[2])}   "
-          f"scorer trainer-path {fmt(fast_sc[2])}  naive {fmt(naive_sc[2])}")
+    print(
+        f"runs (s)  rollout trainer-path {fmt(fast_roll[2])}  naive {fmt(naive_roll[2])}   "
+        f"scorer trainer-path {fmt(fast_sc[2])}  naive {fmt(naive_sc[2])}"
+    )
     print()
-    print("rollout   trainer path: HFRolloutActor.sample, context prefilled once per position, cache repeated K "
-          "times, N*K thoughts decoded together")
-    print("rollout   naive: one model.generate(do_sample, use_cache) per thought"
-          + (", min_new_tokens=max_thought_len (fixed length)" if rc.length_mode == "fixed" else ""))
+    print(
+        "rollout   trainer path: HFRolloutActor.sample, context prefilled once per position, cache repeated K "
+        "times, N*K thoughts decoded together"
+    )
+    print(
+        "rollout   naive: one model.generate(do_sample, use_cache) per thought"
+        + (", min_new_tokens=max_thought_len (fixed length)" if rc.length_mode == "fixed" else "")
+    )
     print("scorer    trainer path: Scorer.score, window once per position, K thoughts + null + base row batched")
-    print("scorer    naive: one uncached forward per (position, thought) window+thought+y, one base forward per "
-          "position, same mixing head")
+    print(
+        "scorer    naive: one uncached forward per (position, thought) window+thought+y, one base forward per "
+        "position, same mixing head"
+    )
     if not ok:
         print("WARNING: a check failed; the two paths did not compute the same thing", file=sys.stderr)
         sys.exit(1)

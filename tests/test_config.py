@@ -11,8 +11,14 @@ from thinkrl.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
-                                          if not {"accelerate", "coconut"} & set(p.parts)))
+@pytest.mark.parametrize(
+    "recipe",
+    sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "configs").rglob("*.yaml")
+        if not {"accelerate", "coconut"} & set(p.parts)
+    ),
+)
 def test_every_recipe_loads(recipe):
     cfg = load_config(ROOT / recipe)
     assert load_config(None, []).__class__ is cfg.__class__
@@ -20,7 +26,9 @@ def test_every_recipe_loads(recipe):
 
 
 def test_overrides_win_and_types_convert():
-    cfg = load_config(ROOT / "configs/default.yaml", ["rollout.num_thoughts=3", "learner.lr=0.5", "model.freeze=[head]"])
+    cfg = load_config(
+        ROOT / "configs/default.yaml", ["rollout.num_thoughts=3", "learner.lr=0.5", "model.freeze=[head]"]
+    )
     assert cfg.rollout.num_thoughts == 3 and cfg.learner.lr == 0.5 and cfg.model.freeze == ["head"]
 
 
@@ -56,13 +64,40 @@ def test_cli_errors_have_no_traceback(capsys, tmp_path):
     assert "does not exist" in _cli_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml")])
     assert "unknown config key" in _cli_error(capsys, ["train", "bogus.key=1", out])
     # a missing data file, an empty dataset, a model path that does not exist
-    missing = _cli_error(capsys, ["train", "data.source=gsm8k", f"data.data_dir={tmp_path}", out,
-                                  "model.default.path=scratch", "model.tokenizer=byte"])
+    missing = _cli_error(
+        capsys,
+        [
+            "train",
+            "data.source=gsm8k",
+            f"data.data_dir={tmp_path}",
+            out,
+            "model.default.path=scratch",
+            "model.tokenizer=byte",
+        ],
+    )
     assert "gsm8k/train.jsonl does not exist" in missing
     (tmp_path / "empty.txt").write_text("")
-    empty = _cli_error(capsys, ["train", "data.source=text", "data.positions=every_k", f"data.train_file={tmp_path / 'empty.txt'}",
-                                f"data.eval_file={tmp_path / 'empty.txt'}", out])
+    empty = _cli_error(
+        capsys,
+        [
+            "train",
+            "data.source=text",
+            "data.positions=every_k",
+            f"data.train_file={tmp_path / 'empty.txt'}",
+            f"data.eval_file={tmp_path / 'empty.txt'}",
+            out,
+        ],
+    )
     assert "empty" in empty
-    nomodel = _cli_error(capsys, ["train", "model.default.path=./no/such/model", out, "data.source=text",
-                                  "data.positions=every_k", "data.train_file=x.txt"])
+    nomodel = _cli_error(
+        capsys,
+        [
+            "train",
+            "model.default.path=./no/such/model",
+            out,
+            "data.source=text",
+            "data.positions=every_k",
+            "data.train_file=x.txt",
+        ],
+    )
     assert "'./no/such/model' does not exist" in nomodel

@@ -51,7 +51,9 @@ def test_mean_baseline_positive_only_normalize_none():
     assert torch.allclose(ca.compute_advantages(r, "mean", positive_only=True), torch.tensor([[0.0, 1.0]]))
     assert torch.allclose(ca.compute_advantages(r, "none"), r)
     # std of {1, 3} is 1 (population): normalised advantages are unchanged here; of {2, 6} it is 2
-    assert torch.allclose(ca.compute_advantages(r * 2, "mean", normalize="std"), torch.tensor([[-1.0, 1.0]]), atol=1e-5)
+    assert torch.allclose(
+        ca.compute_advantages(r * 2, "mean", normalize="std"), torch.tensor([[-1.0, 1.0]]), atol=1e-5
+    )
     with pytest.raises(ValueError):
         ca.compute_advantages(torch.ones(2, 1), "leave_one_out")
 

@@ -4,7 +4,7 @@ import torch
 
 from thinkrl.models.roles import build_roles
 from thinkrl.rollout.hf_actor import HFRolloutActor
-from thinkrl.rollout.policy import position_seeds, policy_logits
+from thinkrl.rollout.policy import policy_logits, position_seeds
 from thinkrl.scoring import Scorer
 
 # Contexts of different lengths so left padding and position ids are exercised.
@@ -26,8 +26,9 @@ def _roles(tiny_config, *overrides):
 
 def test_cached_sampling_logps_equal_uncached(tiny_config):
     for mode in ("variable", "fixed"):
-        cfg, roles = _roles(tiny_config, f"rollout.length_mode={mode}", "rollout.temperature=0.7",
-                            "rollout.batch_positions=2")
+        cfg, roles = _roles(
+            tiny_config, f"rollout.length_mode={mode}", "rollout.temperature=0.7", "rollout.batch_positions=2"
+        )
         model = roles.model("reasoner")
         actor = HFRolloutActor(cfg.rollout, model, roles.sot_id, roles.eot_id, roles.tokenizer.pad_token_id)
         thoughts = actor.sample(CONTEXTS, 3, position_seeds(len(CONTEXTS), torch.Generator().manual_seed(1)))
@@ -36,8 +37,13 @@ def test_cached_sampling_logps_equal_uncached(tiny_config):
             for k in range(3):
                 n_act = int(thoughts.thought_mask[i, k].sum())
                 actions = thoughts.thought_ids[i, k, :n_act].tolist()
-                logp = policy_logits(_full_logprobs(model, ctx + [roles.sot_id] + actions), 0.7, roles.sot_id, roles.eot_id,
-                                     mode == "fixed").log_softmax(-1)
+                logp = policy_logits(
+                    _full_logprobs(model, ctx + [roles.sot_id] + actions),
+                    0.7,
+                    roles.sot_id,
+                    roles.eot_id,
+                    mode == "fixed",
+                ).log_softmax(-1)
                 start = len(ctx)  # logits at the sot position predict the first action
                 expected = logp[start : start + n_act].gather(-1, torch.tensor(actions)[:, None]).squeeze(-1)
                 assert torch.allclose(thoughts.sampler_logps[i, k, :n_act], expected, atol=1e-5)
@@ -52,8 +58,9 @@ def test_cached_sampling_logps_equal_uncached(tiny_config):
 def test_cached_scoring_equals_uncached(tiny_config):
     for groups in ("[A,A,A]", "[A,B,C]"):
         cfg, roles = _roles(tiny_config, f"model.weight_groups={groups}", "head.form=none")
-        actor = HFRolloutActor(cfg.rollout, roles.model("reasoner"), roles.sot_id, roles.eot_id,
-                               roles.tokenizer.pad_token_id)
+        actor = HFRolloutActor(
+            cfg.rollout, roles.model("reasoner"), roles.sot_id, roles.eot_id, roles.tokenizer.pad_token_id
+        )
         thoughts = actor.sample(CONTEXTS, 2, position_seeds(len(CONTEXTS), torch.Generator().manual_seed(2)))
         scorer = Scorer(roles, [], cfg.data.interpreter_window, "interpreter")
         with torch.no_grad():
@@ -70,7 +77,7 @@ def test_cached_scoring_equals_uncached(tiny_config):
             base = _full_logprobs(roles.model("base"), w + y)
             expected = base[len(w) - 1 : len(w) - 1 + len(y)].gather(-1, torch.tensor(y)[:, None]).squeeze(-1)
             assert torch.allclose(scores.logp_base[i, : len(y)], expected, atol=1e-5)
-            assert not scores.target_mask[i, len(y):].any()
+            assert not scores.target_mask[i, len(y) :].any()
 
 
 def test_null_thought_among_sampled_has_reward_zero(tiny_config):
@@ -82,8 +89,9 @@ def test_null_thought_among_sampled_has_reward_zero(tiny_config):
     eot, pad = roles.eot_id, roles.tokenizer.pad_token_id
     ids = torch.tensor([[[eot, pad], [7, eot]]] * 2)  # thought 0 = <sot><eot> (the null), thought 1 = "x"
     mask = ids != pad
-    thoughts = ThoughtBatch(ids, mask, torch.zeros(2, 2, 2), torch.ones(2, 2, dtype=torch.bool),
-                            torch.tensor([[0, 1]] * 2))
+    thoughts = ThoughtBatch(
+        ids, mask, torch.zeros(2, 2, 2), torch.ones(2, 2, dtype=torch.bool), torch.tensor([[0, 1]] * 2)
+    )
     scorer = Scorer(roles, [], cfg.data.interpreter_window, "mixed")
     with torch.no_grad():
         scores = scorer.score(CONTEXTS[:2], TARGETS[:2], thoughts)

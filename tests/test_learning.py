@@ -17,11 +17,19 @@ MAX_REWARD = 2 * math.log(8)  # two key symbols out of eight
 
 
 def _train(tmp_path, name):
-    cfg = load_config(ROOT / "configs/default.yaml", [
-        f"trainer.output_dir={tmp_path / name}", "trainer.max_steps=120", "trainer.eval_every=0",
-        "trainer.save_every=0", "trainer.report_to=none", "trainer.progress=false", "trainer.dump_rollouts=false",
-        "data.eval_positions=64",
-    ])
+    cfg = load_config(
+        ROOT / "configs/default.yaml",
+        [
+            f"trainer.output_dir={tmp_path / name}",
+            "trainer.max_steps=120",
+            "trainer.eval_every=0",
+            "trainer.save_every=0",
+            "trainer.report_to=none",
+            "trainer.progress=false",
+            "trainer.dump_rollouts=false",
+            "data.eval_positions=64",
+        ],
+    )
     return Trainer(cfg).train()
 
 

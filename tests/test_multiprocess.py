@@ -10,9 +10,18 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--config", "configs/default.yaml", "trainer.lm_warmup_steps=0", "trainer.batch_positions=8",
-          "trainer.report_to=none", "trainer.progress=false", "trainer.eval_every=0", "trainer.save_every=1",
-          "data.eval_positions=8", "trainer.num_threads=1"]
+COMMON = [
+    "--config",
+    "configs/default.yaml",
+    "trainer.lm_warmup_steps=0",
+    "trainer.batch_positions=8",
+    "trainer.report_to=none",
+    "trainer.progress=false",
+    "trainer.eval_every=0",
+    "trainer.save_every=1",
+    "data.eval_positions=8",
+    "trainer.num_threads=1",
+]
 
 
 def _run(launcher: list[str], out: Path, *extra: str) -> None:
@@ -34,16 +43,27 @@ def _weights(out: Path, step: int) -> dict:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_and_resume_across_counts(tmp_path):
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(ROOT / "configs/accelerate/cpu-2proc.yaml")]
+    accelerate = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs/accelerate/cpu-2proc.yaml"),
+    ]
     single, double = tmp_path / "one", tmp_path / "two"
     _run([sys.executable], single, "trainer.max_steps=2")
     _run(accelerate, double, "trainer.max_steps=1")
     a, b = _step(single, 1), _step(double, 1)
     grad_keys = [k for k in a if k.startswith("train/grad_norm/")]
     assert len(grad_keys) == 3  # model A, model B, head: gradients compared per parameter group
-    for key in ("train/loss", "train/reward", "train/grad_norm", "train/interpreter_nll", "train/policy_loss",
-                *grad_keys):
+    for key in (
+        "train/loss",
+        "train/reward",
+        "train/grad_norm",
+        "train/interpreter_nll",
+        "train/policy_loss",
+        *grad_keys,
+    ):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     # After one AdamW step (update ~ lr * g / |g|) weights agree to float noise except where a gradient is ~0,
     # where Adam's normalisation amplifies 1e-7 differences up to lr: compare the mean, bound the max by lr.

@@ -8,8 +8,16 @@ from thinkrl.config import DataConfig, load_config
 from thinkrl.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ["trainer.max_steps=2", "trainer.lm_warmup_steps=2", "data.eval_positions=4", "trainer.report_to=none",
-         "trainer.progress=false", "trainer.eval_every=0", "trainer.save_every=0", "data.max_docs=50"]
+SHORT = [
+    "trainer.max_steps=2",
+    "trainer.lm_warmup_steps=2",
+    "data.eval_positions=4",
+    "trainer.report_to=none",
+    "trainer.progress=false",
+    "trainer.eval_every=0",
+    "trainer.save_every=0",
+    "data.max_docs=50",
+]
 
 
 @pytest.mark.slow

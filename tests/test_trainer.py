@@ -12,19 +12,34 @@ from thinkrl.trainer import Trainer
 
 
 def _snapshot(trainer):
-    return {f"{name}.{p_name}": p.detach().clone()
-            for name, module in trainer.roles.modules().items() for p_name, p in module.named_parameters()}
+    return {
+        f"{name}.{p_name}": p.detach().clone()
+        for name, module in trainer.roles.modules().items()
+        for p_name, p in module.named_parameters()
+    }
 
 
-@pytest.mark.parametrize("groups, freeze, form", [("[A,B,C]", "[base]", "gate"), ("[A,A,A]", "[]", "mlp"),
-                                                 ("[A,B,A]", "[reasoner]", "concat")])
+@pytest.mark.parametrize(
+    "groups, freeze, form",
+    [("[A,B,C]", "[base]", "gate"), ("[A,A,A]", "[]", "mlp"), ("[A,B,A]", "[reasoner]", "concat")],
+)
 def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(tiny_config, groups, freeze, form):
-    cfg = tiny_config(f"model.weight_groups={groups}", f"model.freeze={freeze}", f"head.form={form}",
-                      "learner.lr=1e-2", "learner.base_weight=0.5", "trainer.dump_rollouts=false")
+    cfg = tiny_config(
+        f"model.weight_groups={groups}",
+        f"model.freeze={freeze}",
+        f"head.form={form}",
+        "learner.lr=1e-2",
+        "learner.base_weight=0.5",
+        "trainer.dump_rollouts=false",
+    )
     trainer = Trainer(cfg)
     before = _snapshot(trainer)
-    trainable = {f"{name}.{p_name}" for name, module in trainer.roles.modules().items()
-                 for p_name, p in module.named_parameters() if p.requires_grad}
+    trainable = {
+        f"{name}.{p_name}"
+        for name, module in trainer.roles.modules().items()
+        for p_name, p in module.named_parameters()
+        if p.requires_grad
+    }
     trainer.step()
     trainer.step()
     after = _snapshot(trainer)
@@ -63,8 +78,13 @@ def test_resume_gives_the_same_next_step(tiny_config, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_config, tmp_path, capsys):
     run = tmp_path / "nan"
-    cfg = tiny_config("learner.lr=1e30", "learner.max_grad_norm=0", "trainer.save_every=1", "trainer.max_steps=5",
-                      f"trainer.output_dir={run}")
+    cfg = tiny_config(
+        "learner.lr=1e30",
+        "learner.max_grad_norm=0",
+        "trainer.save_every=1",
+        "trainer.max_steps=5",
+        f"trainer.output_dir={run}",
+    )
     trainer = Trainer(cfg)
     with pytest.raises(NonFiniteLossError) as info:
         trainer.train()
@@ -98,21 +118,38 @@ def test_run_folder_contents_and_wandb_offline(tiny_config, tmp_path):
 
 
 def test_cli_train_prints_the_gain(tmp_path, capsys):
-    code = main(["train", "--config", "configs/default.yaml", f"trainer.output_dir={tmp_path / 'cli'}",
-                 "trainer.max_steps=1", "trainer.lm_warmup_steps=1", "trainer.report_to=none", "data.eval_positions=4",
-                 "trainer.progress=false"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "configs/default.yaml",
+            f"trainer.output_dir={tmp_path / 'cli'}",
+            "trainer.max_steps=1",
+            "trainer.lm_warmup_steps=1",
+            "trainer.report_to=none",
+            "data.eval_positions=4",
+            "trainer.progress=false",
+        ]
+    )
     assert code == 0
     assert "reward_mean" in capsys.readouterr().out
 
 
 def test_lora_roles_train_adapters_and_marker_embeddings_only(tiny_config):
-    cfg = tiny_config("model.default.lora.r=4", "model.weight_groups=[A,A,A]", "head.form=gate", "learner.lr=1e-2",
-                      "trainer.dump_rollouts=false")
+    cfg = tiny_config(
+        "model.default.lora.r=4",
+        "model.weight_groups=[A,A,A]",
+        "head.form=gate",
+        "learner.lr=1e-2",
+        "trainer.dump_rollouts=false",
+    )
     trainer = Trainer(cfg)
     model = trainer.roles.model("reasoner")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or "token_adapter" in n or "trainable_tokens" in n for n in trainable), trainable
+    assert trainable and all("lora_" in n or "token_adapter" in n or "trainable_tokens" in n for n in trainable), (
+        trainable
+    )
     trainer.step()
     trainer.step()
     for name, param in model.named_parameters():

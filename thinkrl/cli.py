@@ -20,9 +20,12 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = Trainer(cfg).train()
     init, final = result["initial_eval"], result["final_eval"]
-    print(f"reward_mean {init['reward_mean']:.4f} -> {final['reward_mean']:.4f}; "
-          f"nll_null - nll_thought {init['nll_null'] - init['nll_thought']:.4f} -> {final['nll_null'] - final['nll_thought']:.4f}; "
-          f"results in {cfg.trainer.output_dir}")
+    print(
+        f"reward_mean {init['reward_mean']:.4f} -> {final['reward_mean']:.4f}; "
+        f"nll_null - nll_thought {init['nll_null'] - init['nll_thought']:.4f} -> "
+        f"{final['nll_null'] - final['nll_thought']:.4f}; "
+        f"results in {cfg.trainer.output_dir}"
+    )
     return 0
 
 

@@ -66,7 +66,9 @@ class ScratchModelConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
             check_positive(f"scratch.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"scratch.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+            raise ConfigError(
+                f"scratch.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
 
 
 @dataclass
@@ -76,7 +78,9 @@ class LoraSettings:
     r: int = described("LoRA rank; 0 disables LoRA", 0)
     alpha: int = described("LoRA scaling numerator", 16)
     dropout: float = described("LoRA dropout", 0.0)
-    target_modules: List[str] = described("module names that get adapters", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: List[str] = described(
+        "module names that get adapters", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
 
 
 @dataclass
@@ -84,7 +88,8 @@ class ModelSpec:
     """Where one weight group's model comes from."""
 
     path: str = described(
-        "'scratch' (random Llama from `scratch`), 'smollm2-135m-instruct' (offline package), a local HF folder, or a hub id",
+        "'scratch' (random Llama from `scratch`), 'smollm2-135m-instruct' (offline package), a local HF "
+        "folder, or a hub id",
         "scratch",
     )
     scratch: ScratchModelConfig = described("sizes when path=scratch", factory=ScratchModelConfig)
@@ -103,17 +108,21 @@ class ModelConfig:
     )
     freeze: List[str] = described("roles whose weights stay fixed: base, reasoner, interpreter, head", factory=list)
     tokenizer: str = described(
-        "'auto' (the first pretrained model's; synthetic/byte for scratch ones), 'synthetic' (the synthetic task's words), 'byte' (ByT5 bytes), or a path/hub id",
+        "'auto' (the first pretrained model's; synthetic/byte for scratch ones), 'synthetic' (the "
+        "synthetic task's words), 'byte' (ByT5 bytes), or a path/hub id",
         "auto",
     )
-    thought_init_token: str = described("text whose embedding initialises the thought tokens (Quiet-STaR: '---')", "---")
+    thought_init_token: str = described(
+        "text whose embedding initialises the thought tokens (Quiet-STaR: '---')", "---"
+    )
     dtype: str = described("float32 | bfloat16 | float16 (bf16 is slower than fp32 on CPU)", "float32")
     attn_implementation: str = described("sdpa | eager", "sdpa")
 
     def __post_init__(self):
         if len(self.weight_groups) != len(ROLES):
             raise ConfigError(
-                f"model.weight_groups needs {len(ROLES)} letters (base, reasoner, interpreter), got {list(self.weight_groups)}"
+                f"model.weight_groups needs {len(ROLES)} letters (base, reasoner, interpreter), got "
+                f"{list(self.weight_groups)}"
             )
         for role in self.freeze:
             check_choice("model.freeze entry", role, FREEZABLE)
@@ -121,7 +130,10 @@ class ModelConfig:
         check_choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
         unknown = set(self.groups) - set(self.weight_groups)
         if unknown:
-            raise ConfigError(f"model.groups has {sorted(unknown)} but model.weight_groups only uses {sorted(set(self.weight_groups))}")
+            raise ConfigError(
+                f"model.groups has {sorted(unknown)} but model.weight_groups only uses "
+                f"{sorted(set(self.weight_groups))}"
+            )
         # A shared model cannot be frozen for one role and trained for another.
         for group in set(self.weight_groups):
             roles = [r for r, g in zip(ROLES, self.weight_groups) if g == group]
@@ -183,7 +195,9 @@ class DataConfig:
 
     source: str = described("synthetic | text | gsm8k | csqa", "synthetic")
     data_dir: str = described("folder with gsm8k/, csqa/, ... ('auto' = ../shared/data when it exists)", "auto")
-    train_file: str = described("file for source=text (path, or relative to data_dir); task sources pick their own", "")
+    train_file: str = described(
+        "file for source=text (path, or relative to data_dir); task sources pick their own", ""
+    )
     eval_file: str = described("held-out file; '' = the task's held-out split, or the tail of train_file for text", "")
     hub_id: str = described("datasets hub id used when the local file is absent (users with internet)", "")
     positions: str = described("task (task-defined, e.g. before an answer) | every_k | random", "task")
@@ -205,8 +219,10 @@ class DataConfig:
         for name in ("every_k", "positions_per_doc", "context_len", "n_ahead", "eval_positions"):
             check_positive(f"data.{name}", getattr(self, name))
         if self.interpreter_window == 1 or self.context_len < 2:
-            raise ConfigError("data.interpreter_window must be 0 (all) or >= 2 and data.context_len >= 2 "
-                              "(one token is the shared prefix, one starts the thought)")
+            raise ConfigError(
+                "data.interpreter_window must be 0 (all) or >= 2 and data.context_len >= 2 "
+                "(one token is the shared prefix, one starts the thought)"
+            )
         check_positive("data.interpreter_window", self.interpreter_window, allow_zero=True)
         check_positive("data.max_docs", self.max_docs, allow_zero=True)
         if self.source == "text" and self.positions == "task":
@@ -233,15 +249,23 @@ class DataConfig:
 class RolloutConfig:
     """How thoughts are sampled."""
 
-    backend: str = described("hf (transformers, KV-cached, samples with the learner's own weights) | vllm (colocated engine)", "hf")
-    num_thoughts: int = described("K thoughts sampled per position (TRICE samples); 0 = control run, null thought only", 8)
+    backend: str = described(
+        "hf (transformers, KV-cached, samples with the learner's own weights) | vllm (colocated engine)", "hf"
+    )
+    num_thoughts: int = described(
+        "K thoughts sampled per position (TRICE samples); 0 = control run, null thought only", 8
+    )
     max_thought_len: int = described("most thought tokens between the start/end markers", 8)
-    length_mode: str = described("variable (stop at the end-of-thought token) | fixed (always max_thought_len)", "variable")
+    length_mode: str = described(
+        "variable (stop at the end-of-thought token) | fixed (always max_thought_len)", "variable"
+    )
     temperature: float = described("sampling temperature; the learner scores with the same one", 1.0)
     top_p: float = described("nucleus sampling mass", 1.0)
     null_thought: str = described("'' = empty thought <sot><eot>, or a prompts/ name holding a phrase", "")
     batch_positions: int = described("positions sampled together in one batch (memory knob)", 32)
-    sync_every: int = described("vllm: push the learner's weights into the engine every N updates (staleness <= N-1)", 1)
+    sync_every: int = described(
+        "vllm: push the learner's weights into the engine every N updates (staleness <= N-1)", 1
+    )
     vllm_kv_cache_gb: int = described("vllm on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", 1)
     vllm_gpu_memory_utilization: float = described("vllm on GPU: share of GPU memory the engine may take", 0.3)
 
@@ -280,7 +304,9 @@ class RewardConfig:
 class LearnerConfig:
     """TRICE-style policy gradient for the reasoner, NLL for the interpreter, optimisation."""
 
-    baseline: str = described("leave_one_out (TRICE) | mean (Quiet-STaR: group mean incl. self) | none", "leave_one_out")
+    baseline: str = described(
+        "leave_one_out (TRICE) | mean (Quiet-STaR: group mean incl. self) | none", "leave_one_out"
+    )
     include_null: bool = described("the null thought (reward 0) joins the baseline group", False)
     positive_only: bool = described("keep only positive advantages (Quiet-STaR's 1[r>0])", False)
     normalize: str = described("none | std (divide a position's advantages by their std)", "none")
@@ -288,19 +314,27 @@ class LearnerConfig:
     entropy_coef: float = described("entropy bonus on thought tokens (keeps thoughts from collapsing)", 0.01)
     interpreter_weight: float = described("weight of NLL(y | x, thought) through the mixing head", 1.0)
     interpreter_null: bool = described(
-        "the interpreter also learns from the null thought, keeping the baseline of r(z) a calibrated no-thought guess", True
+        "the interpreter also learns from the null thought, keeping the baseline of r(z) a calibrated "
+        "no-thought guess",
+        True,
     )
-    interpreter_only_helpful: bool = described("interpreter learns only from thoughts that beat the null thought", False)
+    interpreter_only_helpful: bool = described(
+        "interpreter learns only from thoughts that beat the null thought", False
+    )
     base_weight: float = described("weight of NLL(y | x) with no thought (keeps plain language modelling)", 0.0)
     ratio_clip: float = described("PPO-style clip of the importance ratio learner/sampler", 0.2)
     updates_per_rollout: int = described("optimizer steps on one batch of rollouts (>1 makes the sampler stale)", 1)
     lr: float = described("learning rate of every role not in role_lr", 1e-3)
-    role_lr: Dict[str, float] = described("per-role learning rates {reasoner: .., interpreter: .., base: .., head: ..}", factory=dict)
+    role_lr: Dict[str, float] = described(
+        "per-role learning rates {reasoner: .., interpreter: .., base: .., head: ..}", factory=dict
+    )
     weight_decay: float = described("AdamW weight decay", 0.0)
     adam_betas: List[float] = described("AdamW betas", factory=lambda: [0.9, 0.999])
     max_grad_norm: float = described("clip the global gradient norm; 0 = off", 1.0)
     grad_accum_steps: int = described("rollout micro-batches per optimizer step", 1)
-    scheduler: str = described("transformers scheduler name: constant | constant_with_warmup | linear | cosine", "constant")
+    scheduler: str = described(
+        "transformers scheduler name: constant | constant_with_warmup | linear | cosine", "constant"
+    )
     warmup_steps: int = described("scheduler warm-up steps", 0)
 
     def __post_init__(self):
@@ -310,7 +344,14 @@ class LearnerConfig:
         for role in self.role_lr:
             check_choice("learner.role_lr key", role, FREEZABLE)
         check_positive("learner.lr", self.lr)
-        for name in ("policy_weight", "entropy_coef", "interpreter_weight", "base_weight", "max_grad_norm", "ratio_clip"):
+        for name in (
+            "policy_weight",
+            "entropy_coef",
+            "interpreter_weight",
+            "base_weight",
+            "max_grad_norm",
+            "ratio_clip",
+        ):
             check_positive(f"learner.{name}", getattr(self, name), allow_zero=True)
         check_positive("learner.grad_accum_steps", self.grad_accum_steps)
         check_positive("learner.updates_per_rollout", self.updates_per_rollout)
@@ -325,7 +366,9 @@ class LearnerConfig:
 class TrainerConfig:
     """Loop length, evaluation, checkpoints, logging."""
 
-    output_dir: str = described("run folder: config, metrics.jsonl, rollouts/, checkpoint-*/, summary.json", "runs/default")
+    output_dir: str = described(
+        "run folder: config, metrics.jsonl, rollouts/, checkpoint-*/, summary.json", "runs/default"
+    )
     max_steps: int = described("optimizer steps", 100)
     batch_positions: int = described("thought positions per micro-batch", 8)
     seed: int = described("seed of data order, sampling and initialisation", 0)
@@ -368,14 +411,19 @@ class Config:
         k = self.rollout.num_thoughts
         if self.learner.baseline == "leave_one_out" and k == 1 and not self.learner.include_null:
             raise ConfigError(
-                "leave-one-out needs at least 2 thoughts per group: set rollout.num_thoughts>=2 or learner.include_null=true"
+                "leave-one-out needs at least 2 thoughts per group: set rollout.num_thoughts>=2 or "
+                "learner.include_null=true"
             )
         if k == 0 and self.learner.policy_weight > 0 and "reasoner" not in self.model.freeze:
-            raise ConfigError("rollout.num_thoughts=0 (control run) has no policy to train: set learner.policy_weight=0")
+            raise ConfigError(
+                "rollout.num_thoughts=0 (control run) has no policy to train: set learner.policy_weight=0"
+            )
         if self.head.form == "none" and self.reward.source == "mixed":
             self.reward.source = "interpreter"  # nothing to mix: both names mean the interpreter's prediction
         if self.model.tokenizer == "synthetic" and self.data.source != "synthetic":
-            raise ConfigError("model.tokenizer=synthetic only knows the synthetic task's words; use auto, byte or a path")
+            raise ConfigError(
+                "model.tokenizer=synthetic only knows the synthetic task's words; use auto, byte or a path"
+            )
         if self.model.tokenizer == "auto" and self.all_scratch():
             # Random models have no tokenizer of their own: the task's words, or bytes for natural text.
             self.model.tokenizer = "synthetic" if self.data.source == "synthetic" else "byte"
@@ -413,7 +461,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                     parsed = OmegaConf.from_dotlist([override])
                 except Exception as exc:
                     raise ConfigError(
-                        f"cannot parse override {override!r} ({_one_line(exc)}); quote YAML-special values: key='\"value\"'"
+                        f"cannot parse override {override!r} ({_one_line(exc)}); quote YAML-special "
+                        f"values: key='\"value\"'"
                     ) from None
                 merged = OmegaConf.merge(merged, parsed)
         return OmegaConf.to_object(merged)

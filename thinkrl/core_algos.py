@@ -28,8 +28,12 @@ def sequence_rewards(per_token: torch.Tensor, target_mask: torch.Tensor, discoun
 
 
 def shape_rewards(
-    rewards: torch.Tensor, lengths: torch.Tensor, finished: torch.Tensor,
-    length_penalty: float = 0.0, unfinished_penalty: float = 0.0, clip: float = 0.0,
+    rewards: torch.Tensor,
+    lengths: torch.Tensor,
+    finished: torch.Tensor,
+    length_penalty: float = 0.0,
+    unfinished_penalty: float = 0.0,
+    clip: float = 0.0,
 ) -> torch.Tensor:
     """Rewards the advantages see: clipped, minus length and unfinished penalties. All (N, K)."""
     if clip > 0:
@@ -38,8 +42,12 @@ def shape_rewards(
 
 
 def compute_advantages(
-    rewards: torch.Tensor, baseline: str = "leave_one_out", include_null: bool = False,
-    positive_only: bool = False, normalize: str = "none", eps: float = 1e-6,
+    rewards: torch.Tensor,
+    baseline: str = "leave_one_out",
+    include_null: bool = False,
+    positive_only: bool = False,
+    normalize: str = "none",
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """Advantages of the K sampled thoughts of each position. (N, K) → (N, K).
 
@@ -67,7 +75,10 @@ def compute_advantages(
 
 
 def policy_loss(
-    logps: torch.Tensor, sampler_logps: torch.Tensor, action_mask: torch.Tensor, advantages: torch.Tensor,
+    logps: torch.Tensor,
+    sampler_logps: torch.Tensor,
+    action_mask: torch.Tensor,
+    advantages: torch.Tensor,
     ratio_clip: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-ratio policy gradient, summed over a thought's actions, averaged over thoughts.
@@ -97,7 +108,9 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
-def nll_loss(logp_targets: torch.Tensor, target_mask: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+def nll_loss(
+    logp_targets: torch.Tensor, target_mask: torch.Tensor, row_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean NLL per target token. logp_targets (N, R, n), target_mask (N, n), row_weights (N, R) or None."""
     mask = target_mask[:, None, :].expand_as(logp_targets).to(logp_targets.dtype)
     if row_weights is not None:

@@ -22,8 +22,17 @@ from thinkrl.rollout.base import RolloutActor
 from thinkrl.rollout.policy import position_seeds
 from thinkrl.scoring import Scorer
 
-EVAL_KEYS = ("reward_mean", "nll_thought", "nll_best", "nll_null", "nll_base", "null_rate", "thought_len_mean",
-             "unfinished_rate", "mix_weight")
+EVAL_KEYS = (
+    "reward_mean",
+    "nll_thought",
+    "nll_best",
+    "nll_null",
+    "nll_base",
+    "null_rate",
+    "thought_len_mean",
+    "unfinished_rate",
+    "mix_weight",
+)
 
 
 class _Sums(dict):
@@ -69,9 +78,14 @@ def evaluate(cfg: Config, roles: RoleModels, actor: RolloutActor, scorer: Scorer
                 sums.add("mix_weight", (scores.weight[:, :-1] * mask[:, None]).sum(), tokens * k)
             else:  # control run: the null thought is the only thought
                 nll_null = -(scores.logp[:, -1] * mask).sum()
-                for key, value, count in (("reward_mean", 0.0, len(positions)), ("nll_thought", nll_null, tokens),
-                                          ("nll_best", nll_null, tokens), ("null_rate", len(positions), len(positions)),
-                                          ("thought_len_mean", 0.0, 1), ("unfinished_rate", 0.0, 1)):
+                for key, value, count in (
+                    ("reward_mean", 0.0, len(positions)),
+                    ("nll_thought", nll_null, tokens),
+                    ("nll_best", nll_null, tokens),
+                    ("null_rate", len(positions), len(positions)),
+                    ("thought_len_mean", 0.0, 1),
+                    ("unfinished_rate", 0.0, 1),
+                ):
                     sums.add(key, value, count)
                 sums.add("mix_weight", (scores.weight[:, -1] * mask).sum(), tokens)
     finally:

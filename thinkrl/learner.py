@@ -32,7 +32,9 @@ def build_optimizer(cfg: Config, roles: RoleModels):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             continue
-        lr = next((lcfg.role_lr[r] for r in LR_ROLE_ORDER if roles.role_group[r] == group and r in lcfg.role_lr), lcfg.lr)
+        lr = next(
+            (lcfg.role_lr[r] for r in LR_ROLE_ORDER if roles.role_group[r] == group and r in lcfg.role_lr), lcfg.lr
+        )
         groups.append({"params": params, "lr": lr, "name": group})
     head_params = [p for p in roles.head.parameters() if p.requires_grad]
     if head_params:
@@ -40,8 +42,9 @@ def build_optimizer(cfg: Config, roles: RoleModels):
     if not groups:
         raise ValueError("every role is frozen: nothing to train")
     optimizer = torch.optim.AdamW(groups, lr=lcfg.lr, betas=tuple(lcfg.adam_betas), weight_decay=lcfg.weight_decay)
-    scheduler = get_scheduler(lcfg.scheduler, optimizer, num_warmup_steps=lcfg.warmup_steps,
-                              num_training_steps=max(1, cfg.trainer.max_steps))
+    scheduler = get_scheduler(
+        lcfg.scheduler, optimizer, num_warmup_steps=lcfg.warmup_steps, num_training_steps=max(1, cfg.trainer.max_steps)
+    )
     return optimizer, scheduler
 
 
@@ -63,16 +66,26 @@ def rewards_and_advantages(cfg: Config, scores: Scores, thoughts: ThoughtBatch):
         if thoughts.num_thoughts == 0:
             return per_token, rewards, rewards.clone()
         shaped = core_algos.shape_rewards(
-            rewards, thoughts.lengths.to(rewards.device), thoughts.finished.to(rewards.device),
-            cfg.reward.length_penalty, cfg.reward.unfinished_penalty, cfg.reward.clip,
+            rewards,
+            thoughts.lengths.to(rewards.device),
+            thoughts.finished.to(rewards.device),
+            cfg.reward.length_penalty,
+            cfg.reward.unfinished_penalty,
+            cfg.reward.clip,
         )
         lc = cfg.learner
-        advantages = core_algos.compute_advantages(shaped, lc.baseline, lc.include_null, lc.positive_only, lc.normalize)
+        advantages = core_algos.compute_advantages(
+            shaped, lc.baseline, lc.include_null, lc.positive_only, lc.normalize
+        )
     return per_token, rewards, advantages
 
 
 def compute_loss(
-    cfg: Config, roles: RoleModels, scorer: Scorer, contexts: list[list[int]], targets: list[list[int]],
+    cfg: Config,
+    roles: RoleModels,
+    scorer: Scorer,
+    contexts: list[list[int]],
+    targets: list[list[int]],
     thoughts: ThoughtBatch,
 ) -> LossOutput:
     lc = cfg.learner
@@ -84,12 +97,19 @@ def compute_loss(
 
     if thoughts.num_thoughts and (lc.policy_weight > 0 or lc.entropy_coef > 0):
         logps, entropy = thought_logps(
-            roles.model("reasoner"), contexts, thoughts, roles.sot_id, roles.eot_id, scorer.pad_id,
-            cfg.rollout.temperature, cfg.rollout.length_mode == "fixed",
+            roles.model("reasoner"),
+            contexts,
+            thoughts,
+            roles.sot_id,
+            roles.eot_id,
+            scorer.pad_id,
+            cfg.rollout.temperature,
+            cfg.rollout.length_mode == "fixed",
         )
         action_mask = thoughts.thought_mask.to(logps.device)
-        pg, pg_stats = core_algos.policy_loss(logps, thoughts.sampler_logps.to(logps.device), action_mask,
-                                              advantages, lc.ratio_clip)
+        pg, pg_stats = core_algos.policy_loss(
+            logps, thoughts.sampler_logps.to(logps.device), action_mask, advantages, lc.ratio_clip
+        )
         ent = core_algos.masked_mean(entropy, action_mask)
         loss = loss + lc.policy_weight * pg - lc.entropy_coef * ent
         stats.update(policy_loss=float(pg.detach()), entropy=float(ent.detach()), **pg_stats)

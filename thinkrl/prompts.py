@@ -23,7 +23,9 @@ def placeholders(name: str, text: str) -> set[str]:
     try:
         return {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
     except ValueError as exc:
-        raise ConfigError(f"prompt template {name!r} has a brace error ({exc}); write literal braces as {{{{ }}}}") from None
+        raise ConfigError(
+            f"prompt template {name!r} has a brace error ({exc}); write literal braces as {{{{ }}}}"
+        ) from None
 
 
 def load_template(name: str, allowed: set[str] | None = None) -> str:
@@ -33,11 +35,15 @@ def load_template(name: str, allowed: set[str] | None = None) -> str:
         return text
     unknown = placeholders(name, text) - allowed
     if unknown:
-        raise ConfigError(f"prompt template {name!r} uses unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise ConfigError(
+            f"prompt template {name!r} uses unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+        )
     try:  # a trial fill catches what parsing alone lets through (nested fields in a spec, bad conversions)
         text.format(**dict.fromkeys(allowed, ""))
     except (KeyError, ValueError, IndexError) as exc:
-        raise ConfigError(f"prompt template {name!r} cannot be filled ({type(exc).__name__}: {exc}); fix its braces") from None
+        raise ConfigError(
+            f"prompt template {name!r} cannot be filled ({type(exc).__name__}: {exc}); fix its braces"
+        ) from None
     return text
 
 

@@ -22,8 +22,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 def find_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints (those with trainer_state.json), oldest first."""
+
     def step_of(p: Path) -> int:
-        tail = p.name[len(CHECKPOINT_PREFIX):]
+        tail = p.name[len(CHECKPOINT_PREFIX) :]
         return int(tail) if tail.isdigit() else -1
 
     found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()]
@@ -41,8 +42,10 @@ def init_tracker(accelerator, trainer_cfg, run_dir: Path, cfg) -> None:
     try:
         accelerator.init_trackers(trainer_cfg.project, config=to_dict(cfg), init_kwargs=kwargs)
     except Exception as exc:  # any tracker failure becomes one line
-        raise ConfigError(f"trainer.report_to={trainer_cfg.report_to} failed to start ({type(exc).__name__}: {exc}); "
-                          "set trainer.report_to=none or install/configure the tracker") from None
+        raise ConfigError(
+            f"trainer.report_to={trainer_cfg.report_to} failed to start ({type(exc).__name__}: {exc}); "
+            "set trainer.report_to=none or install/configure the tracker"
+        ) from None
 
 
 def log_metrics(accelerator, run_dir: Path, report_to: str, step: int, metrics: dict) -> None:
@@ -63,13 +66,14 @@ def resume(accelerator, run_dir: Path, how: str, trim_metrics: bool = True) -> P
     if path is None:
         return None
     if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"trainer.resume={how} is not a complete checkpoint folder; use auto, never or a "
-                          "checkpoint-<step> path")
+        raise ConfigError(
+            f"trainer.resume={how} is not a complete checkpoint folder; use auto, never or a checkpoint-<step> path"
+        )
     accelerator.load_state(str(path))
     state = json.loads((path / "trainer_state.json").read_text())
     metrics = Path(run_dir) / "metrics.jsonl"
     if trim_metrics and accelerator.is_main_process and metrics.is_file():
-        step = int(path.name[len(CHECKPOINT_PREFIX):]) if path.name[len(CHECKPOINT_PREFIX):].isdigit() else None
+        step = int(path.name[len(CHECKPOINT_PREFIX) :]) if path.name[len(CHECKPOINT_PREFIX) :].isdigit() else None
         step = state.get("global_step", state.get("step", step))
         kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step]
         write_atomic(metrics, "".join(f"{ln}\n" for ln in kept))

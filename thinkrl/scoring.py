@@ -73,15 +73,21 @@ class Scorer:
         # Suffix = [last window token] + thought + y[:-1]; the state at len(thought) + j predicts y_j.
         suffixes = [[w[-1], *z, *y[:-1]] for w, row, y in zip(windows, rows, targets) for z in row]
         starts = torch.tensor([len(z) for row in rows for z in row], device=device)
-        _, hidden, _ = forward_shared_prefix(roles.model("interpreter"), [w[:-1] for w in windows], suffixes, pad,
-                                             need_logits=False)
+        _, hidden, _ = forward_shared_prefix(
+            roles.model("interpreter"), [w[:-1] for w in windows], suffixes, pad, need_logits=False
+        )
         h = _gather_targets(hidden, starts, n).reshape(n_pos, r, n, -1)
         if base_in_batch:
             h_interp, h_base = h[:, :-1], h[:, -1:]
         else:
             h_interp = h
-            _, hb, _ = forward_shared_prefix(roles.model("base"), [w[:-1] for w in windows],
-                                             [[w[-1], *y[:-1]] for w, y in zip(windows, targets)], pad, need_logits=False)
+            _, hb, _ = forward_shared_prefix(
+                roles.model("base"),
+                [w[:-1] for w in windows],
+                [[w[-1], *y[:-1]] for w, y in zip(windows, targets)],
+                pad,
+                need_logits=False,
+            )
             h_base = _gather_targets(hb, torch.zeros(n_pos, dtype=torch.long, device=device), n)[:, None]
 
         lm_base = roles.model("base").get_output_embeddings()

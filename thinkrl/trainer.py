@@ -58,12 +58,16 @@ class Trainer:
         tc = cfg.trainer
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                                       log_with=None if tc.report_to == "none" else tc.report_to,
-                                       project_dir=str(self.run_dir))
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            log_with=None if tc.report_to == "none" else tc.report_to,
+            project_dir=str(self.run_dir),
+        )
         if self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            raise ConfigError(f"{self.accelerator.distributed_type.value} launches are not supported yet (thinkrl trains "
-                              "with plain data parallelism); use configs/accelerate/ddp.yaml or cpu-2proc.yaml")
+            raise ConfigError(
+                f"{self.accelerator.distributed_type.value} launches are not supported yet (thinkrl trains "
+                "with plain data parallelism); use configs/accelerate/ddp.yaml or cpu-2proc.yaml"
+            )
         set_seed(tc.seed)
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
@@ -78,17 +82,26 @@ class Trainer:
         self.stream = PositionStream(self.train_pool, tc.seed)
         world = self.accelerator.num_processes
         if tc.batch_positions % world:
-            raise ConfigError(f"trainer.batch_positions={tc.batch_positions} must be a multiple of the {world} processes")
-        null_ids = tok.encode(load_template(cfg.rollout.null_thought, set()), add_special_tokens=False) \
-            if cfg.rollout.null_thought else []
+            raise ConfigError(
+                f"trainer.batch_positions={tc.batch_positions} must be a multiple of the {world} processes"
+            )
+        null_ids = (
+            tok.encode(load_template(cfg.rollout.null_thought, set()), add_special_tokens=False)
+            if cfg.rollout.null_thought
+            else []
+        )
         self.scorer = Scorer(self.roles, null_ids, cfg.data.interpreter_window, cfg.reward.source)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.roles)
-        prepared = self.accelerator.prepare(*self.roles.models.values(), self.roles.head, self.optimizer, self.scheduler)
+        prepared = self.accelerator.prepare(
+            *self.roles.models.values(), self.roles.head, self.optimizer, self.scheduler
+        )
         self.optimizer, self.scheduler = prepared[-2], prepared[-1]
         for group, model in zip(list(self.roles.models), prepared):
             self.roles.models[group] = self.accelerator.unwrap_model(model)
         longest = cfg.data.context_len + cfg.rollout.max_thought_len + 2
-        self.actor = make_actor(cfg.rollout, self.roles, self.run_dir / f"rank{self.accelerator.process_index}", longest)
+        self.actor = make_actor(
+            cfg.rollout, self.roles, self.run_dir / f"rank{self.accelerator.process_index}", longest
+        )
         self.state = TrainerState()
         self.accelerator.register_for_checkpointing(self.stream, self.state)
         self.timings: dict[str, float] = {}
@@ -101,12 +114,20 @@ class Trainer:
         self.timings[f"timing/{phase}"] = self.timings.get(f"timing/{phase}", 0.0) + time.perf_counter() - start
 
     def _save(self) -> Path:
-        return save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.roles.tokenizer,
-                               self.state.state_dict(), self.cfg.trainer.keep_checkpoints)
+        return save_checkpoint(
+            self.accelerator,
+            self.run_dir,
+            self.state.step,
+            self.roles.tokenizer,
+            self.state.state_dict(),
+            self.cfg.trainer.keep_checkpoints,
+        )
 
     def _evaluate(self) -> dict:
         with self._timed("eval"):
-            return evaluate(self.cfg, self.roles, self.actor, self.scorer, self.eval_pool, seed=self.cfg.trainer.seed + 12345)
+            return evaluate(
+                self.cfg, self.roles, self.actor, self.scorer, self.eval_pool, seed=self.cfg.trainer.seed + 12345
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     def step(self) -> tuple[dict, list, object, object]:
@@ -154,9 +175,12 @@ class Trainer:
             "train/lr": self.scheduler.get_last_lr()[0],
         }
         if self.accelerator.num_processes > 1:  # report the global batch, not this process's share
-            keys = sorted(k_ for k_, v in metrics.items() if isinstance(v, float) and not k_.startswith("train/grad_norm"))
-            values = self.accelerator.reduce(torch.tensor([metrics[k_] for k_ in keys], device=self.accelerator.device),
-                                             reduction="mean")
+            keys = sorted(
+                k_ for k_, v in metrics.items() if isinstance(v, float) and not k_.startswith("train/grad_norm")
+            )
+            values = self.accelerator.reduce(
+                torch.tensor([metrics[k_] for k_ in keys], device=self.accelerator.device), reduction="mean"
+            )
             metrics.update(zip(keys, values.tolist()))
         return metrics, positions, thoughts, out
 
@@ -176,9 +200,14 @@ class Trainer:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             self._average_gradients(params)
             self.group_norms = {
-                f"train/grad_norm/{g['name']}": float(torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(p.grad) for p in g["params"] if p.grad is not None] or
-                                [torch.zeros(())])))
+                f"train/grad_norm/{g['name']}": float(
+                    torch.linalg.vector_norm(
+                        torch.stack(
+                            [torch.linalg.vector_norm(p.grad) for p in g["params"] if p.grad is not None]
+                            or [torch.zeros(())]
+                        )
+                    )
+                )
                 for g in self.optimizer.param_groups
             }
             norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -221,24 +250,38 @@ class Trainer:
                 self._lm_warmup()
             self.state.initial_eval = self._evaluate()
             self._log({f"eval/{k}": v for k, v in self.state.initial_eval.items()}, step=0)
-        bar = tqdm(total=tc.max_steps, initial=self.state.step, disable=not (self.is_main and tc.progress),
-                   desc="thinkrl", dynamic_ncols=True)
+        bar = tqdm(
+            total=tc.max_steps,
+            initial=self.state.step,
+            disable=not (self.is_main and tc.progress),
+            desc="thinkrl",
+            dynamic_ncols=True,
+        )
         saved_step = None
         while self.state.step < tc.max_steps:
             self.timings = {}
             metrics, positions, thoughts, out = self.step()
             step = self.state.step
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", null=f"{metrics['train/null_rate']:.2f}",
-                            len=f"{metrics['train/thought_len']:.1f}")
+            bar.set_postfix(
+                reward=f"{metrics['train/reward']:.3f}",
+                null=f"{metrics['train/null_rate']:.2f}",
+                len=f"{metrics['train/thought_len']:.1f}",
+            )
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
                 self.state.last_eval = self._evaluate()
                 metrics.update({f"eval/{k}": v for k, v in self.state.last_eval.items()})
             if step % tc.log_every == 0 or step == tc.max_steps:
                 self._log({**metrics, **self.timings}, step=step)
                 if tc.dump_rollouts and self.is_main:
-                    dump_rollouts(self.run_dir / "rollouts" / f"step-{step:06d}.jsonl", step, self.roles.tokenizer,
-                                  positions, thoughts, out)
+                    dump_rollouts(
+                        self.run_dir / "rollouts" / f"step-{step:06d}.jsonl",
+                        step,
+                        self.roles.tokenizer,
+                        positions,
+                        thoughts,
+                        out,
+                    )
             if tc.save_every and step % tc.save_every == 0:
                 with self._timed("save"):
                     self._save()
@@ -250,8 +293,12 @@ class Trainer:
             self._save()
         self._log({f"eval/{k}": v for k, v in final.items()}, step=self.state.step)
         if self.is_main:
-            write_summary(self.run_dir, self.state.initial_eval, final,
-                          {"steps": self.state.step, "train_seconds_this_session": round(time.perf_counter() - start_time, 2)})
+            write_summary(
+                self.run_dir,
+                self.state.initial_eval,
+                final,
+                {"steps": self.state.step, "train_seconds_this_session": round(time.perf_counter() - start_time, 2)},
+            )
         self.accelerator.end_training()
         return {"initial_eval": self.state.initial_eval, "final_eval": final}
 
@@ -259,9 +306,16 @@ class Trainer:
         tc = self.cfg.trainer
         trainable = [m for m in self.roles.models.values() if any(p.requires_grad for p in m.parameters())]
         with self._timed("lm_warmup"):
-            nll = lm_warmup(trainable, self.stream, tc.lm_warmup_steps, tc.batch_positions, self.cfg.learner.lr,
-                            self.roles.tokenizer.pad_token_id, show_progress=self.is_main and tc.progress,
-                            average_gradients=self._average_gradients)
+            nll = lm_warmup(
+                trainable,
+                self.stream,
+                tc.lm_warmup_steps,
+                tc.batch_positions,
+                self.cfg.learner.lr,
+                self.roles.tokenizer.pad_token_id,
+                show_progress=self.is_main and tc.progress,
+                average_gradients=self._average_gradients,
+            )
         self._log({"warmup/lm_nll": nll, **self.timings}, step=0)
 
     def _log(self, metrics: dict, step: int) -> None:

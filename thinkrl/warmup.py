@@ -16,8 +16,16 @@ from thinkrl.data.positions import PositionStream
 from thinkrl.models.shared_prefix import right_pad
 
 
-def lm_warmup(models: list, stream: PositionStream, steps: int, batch_size: int, lr: float, pad_id: int,
-              show_progress: bool = True, average_gradients=None) -> float:
+def lm_warmup(
+    models: list,
+    stream: PositionStream,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    pad_id: int,
+    show_progress: bool = True,
+    average_gradients=None,
+) -> float:
     """Train ``models`` as plain LMs on context+target of stream positions. Returns the last mean NLL."""
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     if not params or steps == 0:

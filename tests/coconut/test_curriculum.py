@@ -21,8 +21,17 @@ def test_stage_per_epoch():
 
 # (stage, steps in the problem) → (latents, steps skipped)   with c_thought=2, max_latent_stage=3
 TABLE = {
-    (0, 4): (0, 0), (1, 4): (2, 1), (2, 4): (4, 2), (3, 4): (6, 3), (4, 4): (6, 4), (9, 4): (6, 4),
-    (0, 2): (0, 0), (1, 2): (2, 1), (2, 2): (4, 2), (3, 2): (6, 3), (4, 2): (4, 2),  # k groups up to the max stage
+    (0, 4): (0, 0),
+    (1, 4): (2, 1),
+    (2, 4): (4, 2),
+    (3, 4): (6, 3),
+    (4, 4): (6, 4),
+    (9, 4): (6, 4),
+    (0, 2): (0, 0),
+    (1, 2): (2, 1),
+    (2, 2): (4, 2),
+    (3, 2): (6, 3),
+    (4, 2): (4, 2),  # k groups up to the max stage
     (4, 5): (6, 5),  # past the max stage: no text step left even though 5 > max_latent_stage
 }
 
@@ -33,7 +42,9 @@ def test_latents_and_replaced_steps(stage, steps):
 
 
 def test_pad_latent_to_max():
-    padded = CurriculumConfig(mode="coconut", c_thought=2, epochs_per_stage=2, max_latent_stage=3, pad_latent_to_max=True)
+    padded = CurriculumConfig(
+        mode="coconut", c_thought=2, epochs_per_stage=2, max_latent_stage=3, pad_latent_to_max=True
+    )
     assert plan(4, 2, padded) == StagePlan(6, 2, True)  # unpadded: 4 latents
     assert plan(2, 2, padded) == StagePlan(4, 2, True)  # before the last stage padding changes nothing
 

@@ -23,8 +23,11 @@ from thinkrl.errors import ConfigError, DataError
 
 # Lines in the iCoT format (README §3 of the shared data); the second has no steps, as 6 valid lines do.
 ICOT = [
-    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips "
-     "did Natalia sell altogether in April and May?||<<48/2=24>> <<48+24=72>> #### 72"),
+    (
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+        "How many clips "
+        "did Natalia sell altogether in April and May?||<<48/2=24>> <<48+24=72>> #### 72"
+    ),
     "A shirt costs 1,000 dollars. How much do two cost?|| #### 2,000",
 ]
 PROBLEMS = [
@@ -81,8 +84,9 @@ def test_training_text_is_the_published_format_token_for_token():
         assert ex["input_ids"] == [b + 3 for b in text.encode("utf-8")] + [tok.eos_token_id]  # ByT5: id = byte + 3
         n_question = len((problem["question"] + "\n").encode())
         assert ex["labels"] == [IGNORE] * n_question + ex["input_ids"][n_question:]
-    no_cot = build_example(tokenize_problem(PROBLEMS[0], tok, tok.eos_token_id),
-                           plan(0, 2, CurriculumConfig(mode="no_cot")), None)
+    no_cot = build_example(
+        tokenize_problem(PROBLEMS[0], tok, tok.eos_token_id), plan(0, 2, CurriculumConfig(mode="no_cot")), None
+    )
     assert tok.decode(no_cot["input_ids"]) == PROBLEMS[0]["question"] + "\n### 72</s>"
 
 
@@ -100,7 +104,9 @@ def test_stage_example_replaces_steps_with_latents():
     problem = {"question": "3 + 4 * 7 - 2", "steps": ["3 + 4 = 7", "7 * 7 = 9", "9 - 2 = 7"], "answer": "7"}
     t = tokenize_problem(problem, tok, ids.eos)
     ex = build_example(t, plan(2, 3, CurriculumConfig(mode="coconut", c_thought=2, max_latent_stage=3)), ids)
-    expected = "<bos> 3 + 4 * 7 - 2 \n <|start-latent|> " + "<|latent|> " * 4 + "<|end-latent|> 9 - 2 = 7 \n ### 7 <eos>"
+    expected = (
+        "<bos> 3 + 4 * 7 - 2 \n <|start-latent|> " + "<|latent|> " * 4 + "<|end-latent|> 9 - 2 = 7 \n ### 7 <eos>"
+    )
     assert tok.convert_ids_to_tokens(ex["input_ids"]) == expected.split(" ")
     n_masked = 1 + 7 + 1 + 6  # bos, question, newline, markers and latents
     assert ex["labels"][:n_masked] == [IGNORE] * n_masked and ex["labels"][n_masked:] == ex["input_ids"][n_masked:]

@@ -12,8 +12,17 @@ LATENT, PAD, EOS = 3, 0, 2
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                      intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=EOS)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+    )
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg).eval()
 
@@ -101,7 +110,7 @@ def test_batched_greedy_generation_equals_one_at_a_time(model, batch_size):
         single = [generate_with_latents(model, [p], LATENT, PAD, EOS, 6)[0] for p in prompts]
         batched = []
         for i in range(0, len(prompts), batch_size):
-            batched += generate_with_latents(model, prompts[i:i + batch_size], LATENT, PAD, EOS, 6)
+            batched += generate_with_latents(model, prompts[i : i + batch_size], LATENT, PAD, EOS, 6)
     assert batched == single
     for p, new in zip(prompts, single):  # and the first greedy token agrees with the uncached forward
         ref = _unbatched_reference(model, p)

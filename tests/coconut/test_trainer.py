@@ -14,14 +14,28 @@ from thinkrl.run_state import find_checkpoints
 
 # 64 problems / batch 8 = 8 steps an epoch; stages 0, 1, 2 over 3 epochs; a 32-wide 2-layer Llama.
 TINY = [
-    "model.scratch.hidden_size=32", "model.scratch.num_layers=2", "model.scratch.num_heads=2",
-    "model.scratch.intermediate_size=64", 'model.latent_init_token="="',
-    "data.synthetic.num_ops=3", "data.synthetic.train_size=64", "data.synthetic.eval_size=4",
+    "model.scratch.hidden_size=32",
+    "model.scratch.num_layers=2",
+    "model.scratch.num_heads=2",
+    "model.scratch.intermediate_size=64",
+    'model.latent_init_token="="',
+    "data.synthetic.num_ops=3",
+    "data.synthetic.train_size=64",
+    "data.synthetic.eval_size=4",
     "data.synthetic.test_size=6",
-    "curriculum.mode=coconut", "curriculum.c_thought=2", "curriculum.epochs_per_stage=1",
-    "curriculum.max_latent_stage=2", "curriculum.uniform_prob=0.3",
-    "optim.lr=3e-3", "trainer.num_epochs=3", "trainer.batch_size=8", "trainer.eval_batch_size=3",
-    "trainer.max_new_tokens=24", "trainer.report_to=none", "trainer.progress=false", "trainer.num_threads=1",
+    "curriculum.mode=coconut",
+    "curriculum.c_thought=2",
+    "curriculum.epochs_per_stage=1",
+    "curriculum.max_latent_stage=2",
+    "curriculum.uniform_prob=0.3",
+    "optim.lr=3e-3",
+    "trainer.num_epochs=3",
+    "trainer.batch_size=8",
+    "trainer.eval_batch_size=3",
+    "trainer.max_new_tokens=24",
+    "trainer.report_to=none",
+    "trainer.progress=false",
+    "trainer.num_threads=1",
 ]
 
 
@@ -99,8 +113,12 @@ def test_cli_train_then_eval(tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["coconut", "train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert main(["coconut", "eval", *TINY, f"trainer.output_dir={tmp_path}"]) == 2
-    assert main(["coconut", "train", *TINY, "data.source=file", "data.train_file=x.txt",
-                 f"trainer.output_dir={tmp_path}"]) == 2
+    assert (
+        main(
+            ["coconut", "train", *TINY, "data.source=file", "data.train_file=x.txt", f"trainer.output_dir={tmp_path}"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("thinkrl: error: ") for line in err)
     assert "does not exist" in err[0] and "no checkpoint" in err[1] and "x.txt does not exist" in err[2]

@@ -509,8 +509,9 @@ def _check_text_pool(pool, context_len: int, n_ahead: int, every_k: int, sample:
 def test_text_source_small_file(tmp_path, elsewhere, byt5):
     text = "".join(chr(97 + (i * 7) % 26) for i in range(400))
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    cfg = DataConfig(source="text", train_file=str(tmp_path / "t.txt"), positions="every_k", every_k=4,
-                     context_len=16, n_ahead=3)
+    cfg = DataConfig(
+        source="text", train_file=str(tmp_path / "t.txt"), positions="every_k", every_k=4, context_len=16, n_ahead=3
+    )
     train, held = build_pools(cfg, byt5, seed=0)
     assert _doc_bytes(train.docs, 16) == text[:360].encode()
     assert _doc_bytes(held.docs, 16) == text[360:].encode()
@@ -522,8 +523,15 @@ def test_text_source_small_file(tmp_path, elsewhere, byt5):
 def test_text_source_eval_file_and_random_positions(tmp_path, elsewhere, byt5):
     (tmp_path / "a.txt").write_text("a" * 300, encoding="utf-8")
     (tmp_path / "b.txt").write_text("b" * 100, encoding="utf-8")
-    cfg = DataConfig(source="text", train_file=str(tmp_path / "a.txt"), eval_file=str(tmp_path / "b.txt"),
-                     positions="random", positions_per_doc=2, context_len=32, n_ahead=2)
+    cfg = DataConfig(
+        source="text",
+        train_file=str(tmp_path / "a.txt"),
+        eval_file=str(tmp_path / "b.txt"),
+        positions="random",
+        positions_per_doc=2,
+        context_len=32,
+        n_ahead=2,
+    )
     train, held = build_pools(cfg, byt5, seed=1)
     assert _doc_bytes(train.docs, 32) == b"a" * 300
     assert _doc_bytes(held.docs, 32) == b"b" * 100
@@ -547,8 +555,15 @@ def test_text_source_errors(tmp_path, elsewhere, byt5):
 
 def test_text_source_tinyshakespeare(byt5):
     path = shared_file("tinyshakespeare/input.txt")
-    cfg = DataConfig(source="text", data_dir=str(path.parents[1]), train_file="tinyshakespeare/input.txt",
-                     positions="every_k", every_k=16, context_len=64, n_ahead=4)
+    cfg = DataConfig(
+        source="text",
+        data_dir=str(path.parents[1]),
+        train_file="tinyshakespeare/input.txt",
+        positions="every_k",
+        every_k=16,
+        context_len=64,
+        n_ahead=4,
+    )
     train, held = build_pools(cfg, byt5, seed=0)
     text = path.read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)

@@ -20,8 +20,13 @@ if os.environ.get("THINKRL_SKIP_VLLM") == "1":
 
 pytestmark = pytest.mark.slow
 CONTEXTS = [[1, 4, 5, 14, 13, 6, 20, 18, 7, 5], [1, 4, 9, 9, 6, 7, 5], [1, 4, 5, 12, 13, 6, 20, 18, 18, 16, 7, 5]]
-SIZES = ["model.default.scratch.hidden_size=64", "model.default.scratch.num_heads=2",
-         "model.default.scratch.intermediate_size=128", "rollout.max_thought_len=5", "rollout.temperature=0.8"]
+SIZES = [
+    "model.default.scratch.hidden_size=64",
+    "model.default.scratch.num_heads=2",
+    "model.default.scratch.intermediate_size=128",
+    "rollout.max_thought_len=5",
+    "rollout.temperature=0.8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +35,31 @@ def engine(tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm")
     cfg = load_config(None, [*SIZES, "rollout.backend=vllm", f"trainer.output_dir={work}"])
     roles = build_roles(cfg)
-    actor = VLLMRolloutActor(cfg.rollout, roles.model("reasoner"), roles.tokenizer, roles.sot_id, roles.eot_id,
-                             roles.tokenizer.pad_token_id, work, max_model_len=64)
+    actor = VLLMRolloutActor(
+        cfg.rollout,
+        roles.model("reasoner"),
+        roles.tokenizer,
+        roles.sot_id,
+        roles.eot_id,
+        roles.tokenizer.pad_token_id,
+        work,
+        max_model_len=64,
+    )
     return cfg, roles, actor
 
 
 def _hf_logps(cfg, roles, thoughts):
     with torch.no_grad():
-        logps, _ = thought_logps(roles.model("reasoner"), CONTEXTS, thoughts, roles.sot_id, roles.eot_id,
-                                 roles.tokenizer.pad_token_id, cfg.rollout.temperature,
-                                 cfg.rollout.length_mode == "fixed")
+        logps, _ = thought_logps(
+            roles.model("reasoner"),
+            CONTEXTS,
+            thoughts,
+            roles.sot_id,
+            roles.eot_id,
+            roles.tokenizer.pad_token_id,
+            cfg.rollout.temperature,
+            cfg.rollout.length_mode == "fixed",
+        )
     return logps
 
 
@@ -76,8 +96,11 @@ def test_fixed_length_mode_and_same_batch_layout_as_hf(engine):
         assert a.shape == b.shape and a.dtype == b.dtype, name
     # the interpreter reads both the same way: <sot> z <eot>, the null thought being added by the scorer
     seqs = thoughts.interpreter_sequences(roles.sot_id, roles.eot_id)
-    assert all(s[0] == roles.sot_id and s[-1] == roles.eot_id and len(s) == fixed.max_thought_len + 2
-               for row in seqs for s in row)
+    assert all(
+        s[0] == roles.sot_id and s[-1] == roles.eot_id and len(s) == fixed.max_thought_len + 2
+        for row in seqs
+        for s in row
+    )
 
 
 def test_sync_after_a_learner_update(engine):
@@ -125,9 +148,19 @@ def test_training_with_vllm_matches_hf(tmp_path):
     recipe = Path(__file__).resolve().parents[2] / "configs/default.yaml"
     finals = {}
     for backend in ("hf", "vllm"):
-        cfg = load_config(recipe, [f"rollout.backend={backend}", f"trainer.output_dir={tmp_path / backend}",
-                                   "trainer.max_steps=120", "trainer.eval_every=0", "trainer.save_every=0",
-                                   "trainer.report_to=none", "trainer.progress=false", "data.eval_positions=64"])
+        cfg = load_config(
+            recipe,
+            [
+                f"rollout.backend={backend}",
+                f"trainer.output_dir={tmp_path / backend}",
+                "trainer.max_steps=120",
+                "trainer.eval_every=0",
+                "trainer.save_every=0",
+                "trainer.report_to=none",
+                "trainer.progress=false",
+                "data.eval_positions=64",
+            ],
+        )
         result = Trainer(cfg).train()
         finals[backend] = result["final_eval"]
         if backend == "vllm":
@@ -159,8 +192,15 @@ def test_engine_that_cannot_start_or_dies_gives_one_line_errors(tmp_path):
     torch.manual_seed(0)
     cfg = load_config(None, [*SIZES, "rollout.backend=vllm"])
     roles = build_roles(cfg)
-    args = (cfg.rollout, roles.model("reasoner"), roles.tokenizer, roles.sot_id, roles.eot_id,
-            roles.tokenizer.pad_token_id, tmp_path)
+    args = (
+        cfg.rollout,
+        roles.model("reasoner"),
+        roles.tokenizer,
+        roles.sot_id,
+        roles.eot_id,
+        roles.tokenizer.pad_token_id,
+        tmp_path,
+    )
     with pytest.raises(VLLMEngineError) as info:  # longer than the model's 512 positions: the engine refuses
         VLLMRolloutActor(*args, max_model_len=100_000)
     assert "failed to start" in str(info.value) and "\n" not in str(info.value)

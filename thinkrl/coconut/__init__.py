@@ -1,6 +1,6 @@
 """Coconut (continuous latent thoughts, Hao et al. 2024) as a baseline inside thinkrl.
 
-    thinkrl coconut train --config configs/coconut/synthetic_cpu.yaml curriculum.mode=coconut   # or cot | no_cot | pause
+    thinkrl coconut train --config configs/coconut/synthetic_cpu.yaml curriculum.mode=coconut  # cot|no_cot|pause
     thinkrl coconut eval  --config configs/coconut/synthetic_cpu.yaml eval.split=test
 
 Modules: ``config`` (dataclasses), ``curriculum`` (pure stage schedule), ``data`` (readers, published text format,

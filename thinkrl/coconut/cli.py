@@ -14,8 +14,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_coconut_config(args.config, args.overrides)
     result = CoconutTrainer(cfg).train()
     for stage, r in sorted(result["stage_results"].items(), key=lambda kv: int(kv[0])):
-        print(f"stage {stage}: accuracy {r['accuracy']:.3f}  cot_match {r['cot_match']:.3f}  "
-              f"new_tokens {r['new_tokens']:.1f}  (valid, n={r['n']})")
+        print(
+            f"stage {stage}: accuracy {r['accuracy']:.3f}  cot_match {r['cot_match']:.3f}  "
+            f"new_tokens {r['new_tokens']:.1f}  (valid, n={r['n']})"
+        )
     print(f"results in {cfg.trainer.output_dir}")
     return 0
 
@@ -39,8 +41,11 @@ def _eval(args: argparse.Namespace) -> int:
     result["checkpoint"] = str(path)
     out = Path(cfg.trainer.output_dir) / f"eval-{cfg.eval.split}-stage{stage}.json"
     write_atomic(out, json.dumps(result, indent=2))
-    print(f"{cfg.curriculum.mode} stage {stage} on {cfg.eval.split} (n={result['n']}): accuracy {result['accuracy']:.3f}  "
-          f"cot_match {result['cot_match']:.3f}  new_tokens {result['new_tokens']:.1f}  → {out}")
+    print(
+        f"{cfg.curriculum.mode} stage {stage} on {cfg.eval.split} (n={result['n']}): accuracy "
+        f"{result['accuracy']:.3f}  "
+        f"cot_match {result['cot_match']:.3f}  new_tokens {result['new_tokens']:.1f}  → {out}"
+    )
     return 0
 
 

@@ -1,10 +1,12 @@
-"""Coconut's configuration: typed dataclasses loaded with ``thinkrl.config.load_config(..., schema_class=CoconutConfig)``.
+"""Coconut's configuration: typed dataclasses, loaded by ``load_config(..., schema_class=CoconutConfig)``.
 
 Original Coconut YAML names → thinkrl names:
   coconut / cot / no_cot / no_thoughts (booleans) → curriculum.mode (coconut | cot | no_cot | pause)
   c_thought, epochs_per_stage, max_latent_stage, pad_latent_to_max, uniform_prob, reset_optimizer → curriculum.*
-  model_id → model.path     load_model_path → model.init_from     resume (an epoch number) → trainer.resume (a checkpoint)
-  num_epochs, batch_size_training, gradient_accumulation_steps → trainer.num_epochs, trainer.batch_size, optim.grad_accum_steps
+  model_id → model.path     load_model_path → model.init_from
+  resume (an epoch number) → trainer.resume (a checkpoint)
+  num_epochs, batch_size_training → trainer.num_epochs, trainer.batch_size
+  gradient_accumulation_steps → optim.grad_accum_steps
   lr, weight_decay → optim.lr, optim.weight_decay       train_path / val_path → data.train_file / data.eval_file
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from thinkrl.config import ScratchModelConfig, check_choice, described, check_positive
+from thinkrl.config import ScratchModelConfig, check_choice, check_positive, described
 from thinkrl.errors import ConfigError
 
 MODES = ("coconut", "cot", "no_cot", "pause")
@@ -23,13 +25,20 @@ SOURCES = ("synthetic", "gsm8k", "prosqa", "file")
 class CoconutModelConfig:
     """The one model Coconut trains, and the tokens it adds."""
 
-    path: str = described("'scratch', 'smollm2-135m-instruct' (offline package), a local HF folder or a hub id", "scratch")
+    path: str = described(
+        "'scratch', 'smollm2-135m-instruct' (offline package), a local HF folder or a hub id", "scratch"
+    )
     scratch: ScratchModelConfig = described("sizes when path=scratch", factory=ScratchModelConfig)
     tokenizer: str = described(
-        "'auto' (the model's own; 'synthetic' words or 'byte' for scratch models), 'synthetic', 'byte' or a path", "auto"
+        "'auto' (the model's own; 'synthetic' words or 'byte' for scratch models), 'synthetic', 'byte' or a path",
+        "auto",
     )
-    latent_init_token: str = described("text whose embedding initialises <|start-latent|>, <|end-latent|>, <|latent|>", "<<")
-    init_from: str = described("checkpoint folder whose model weights start this run (e.g. the cot stage-0 run); '' = none", "")
+    latent_init_token: str = described(
+        "text whose embedding initialises <|start-latent|>, <|end-latent|>, <|latent|>", "<<"
+    )
+    init_from: str = described(
+        "checkpoint folder whose model weights start this run (e.g. the cot stage-0 run); '' = none", ""
+    )
     dtype: str = described("float32 | bfloat16 | float16 (bf16 is slower than fp32 on CPU)", "float32")
     attn_implementation: str = described("sdpa | eager", "sdpa")
 
@@ -56,7 +65,9 @@ class SyntheticChainConfig:
 class CoconutDataConfig:
     """Problems with a question, reasoning steps and an answer."""
 
-    source: str = described("synthetic (generated) | gsm8k (iCoT) | prosqa | file (iCoT .txt or Coconut .json)", "synthetic")
+    source: str = described(
+        "synthetic (generated) | gsm8k (iCoT) | prosqa | file (iCoT .txt or Coconut .json)", "synthetic"
+    )
     data_dir: str = described("folder with icot_gsm8k/, prosqa/ ('auto' = ../shared/data when it exists)", "auto")
     train_file: str = described("training file (path, or relative to data_dir); '' = the source's default", "")
     eval_file: str = described("validation file evaluated during training; '' = the source's default", "")
@@ -97,8 +108,12 @@ class CurriculumConfig:
         -1,
     )
     max_latent_stage: int = described("most steps replaced; beyond it all remaining text steps are dropped", 3)
-    pad_latent_to_max: bool = described("always use max_latent_stage*c_thought latents, even for problems with fewer steps", False)
-    uniform_prob: float = described("chance that a training problem uses a uniformly drawn stage instead of the current one", 0.0)
+    pad_latent_to_max: bool = described(
+        "always use max_latent_stage*c_thought latents, even for problems with fewer steps", False
+    )
+    uniform_prob: float = described(
+        "chance that a training problem uses a uniformly drawn stage instead of the current one", 0.0
+    )
     reset_optimizer: bool = described("start the optimizer afresh at every stage boundary", True)
 
     def __post_init__(self):
@@ -107,7 +122,9 @@ class CurriculumConfig:
         check_positive("curriculum.epochs_per_stage", self.epochs_per_stage)
         check_positive("curriculum.max_latent_stage", self.max_latent_stage, allow_zero=True)
         if self.stage0_epochs < -1:
-            raise ConfigError(f"curriculum.stage0_epochs must be -1 (= epochs_per_stage), 0 or more, got {self.stage0_epochs}")
+            raise ConfigError(
+                f"curriculum.stage0_epochs must be -1 (= epochs_per_stage), 0 or more, got {self.stage0_epochs}"
+            )
         if not 0.0 <= self.uniform_prob <= 1.0:
             raise ConfigError(f"curriculum.uniform_prob must be in [0, 1], got {self.uniform_prob}")
 
@@ -133,9 +150,13 @@ class OptimConfig:
 class CoconutTrainerConfig:
     """Loop length, evaluation, checkpoints, logging."""
 
-    output_dir: str = described("run folder: config.yaml, metrics.jsonl, stage_results.json, checkpoint-*/", "runs/coconut")
+    output_dir: str = described(
+        "run folder: config.yaml, metrics.jsonl, stage_results.json, checkpoint-*/", "runs/coconut"
+    )
     num_epochs: int = described("training epochs (the curriculum's clock)", 6)
-    max_steps: int = described("stop after this many optimizer steps even mid-epoch (time budgets, tests); 0 = none", 0)
+    max_steps: int = described(
+        "stop after this many optimizer steps even mid-epoch (time budgets, tests); 0 = none", 0
+    )
     batch_size: int = described("problems per micro-batch", 32)
     eval_batch_size: int = described("problems per generation batch", 64)
     max_new_tokens: int = described("longest generated continuation at evaluation", 64)
@@ -185,7 +206,9 @@ class CoconutConfig:
 
     def __post_init__(self):
         if self.model.tokenizer == "synthetic" and self.data.source != "synthetic":
-            raise ConfigError("model.tokenizer=synthetic only knows the synthetic task's words; use auto, byte or a path")
+            raise ConfigError(
+                "model.tokenizer=synthetic only knows the synthetic task's words; use auto, byte or a path"
+            )
         if self.model.tokenizer == "auto" and self.model.path == "scratch":
             self.model.tokenizer = "synthetic" if self.data.source == "synthetic" else "byte"
 

@@ -7,8 +7,9 @@ annotations are the iCoT steps).
 
 Training text follows the published format: ``question\\n`` + each step + ``\\n`` + ``### answer`` + eos, each
 piece tokenized on its own (as Coconut does, so a stage can drop whole steps); the question gets the tokenizer's
-leading bos if the tokenizer uses one, or with ``data.chat_template`` is wrapped as a user turn so that steps and answer are the
-assistant's reply. Labels cover the remaining steps and the answer; question, markers and latents are masked.
+leading bos if the tokenizer uses one, or with ``data.chat_template`` is wrapped as a user turn so that steps
+and answer are the assistant's reply. Labels cover the remaining steps and the answer; question, markers and
+latents are masked.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ import torch
 
 from thinkrl.coconut.config import CoconutDataConfig
 from thinkrl.coconut.curriculum import StagePlan
-from thinkrl.data.sources import resolve_data_file, bos_prefix, read_text
+from thinkrl.data.sources import bos_prefix, read_text, resolve_data_file
 from thinkrl.errors import DataError
 
 IGNORE = -100
 # source → default (train, valid, test) files under data_dir, hub (id, config, train split, eval split)
 SOURCE_FILES = {
-    "gsm8k": (("icot_gsm8k/train_noaug_derived.txt", "icot_gsm8k/valid.txt", "icot_gsm8k/test.txt"),
-              ("openai/gsm8k", "main", "train", "test")),
+    "gsm8k": (
+        ("icot_gsm8k/train_noaug_derived.txt", "icot_gsm8k/valid.txt", "icot_gsm8k/test.txt"),
+        ("openai/gsm8k", "main", "train", "test"),
+    ),
     "prosqa": (("prosqa/prosqa_train.json", "prosqa/prosqa_valid.json", "prosqa/prosqa_test.json"), None),
     "file": (("", "", ""), None),
 }
@@ -45,7 +48,11 @@ def parse_icot_line(line: str) -> dict:
     if "||" not in line or "##" not in line:
         raise ValueError("expected 'question||steps #### answer'")
     question, rest = line.split("||", 1)
-    return {"question": question, "steps": rest.split("##")[0].strip().split(" "), "answer": line.split("##")[-1].strip()}
+    return {
+        "question": question,
+        "steps": rest.split("##")[0].strip().split(" "),
+        "answer": line.split("##")[-1].strip(),
+    }
 
 
 def _check(row, where: str) -> dict:
@@ -92,8 +99,11 @@ def from_hub_row(row: dict) -> dict:
     solution = row["answer"]
     if "####" not in solution:
         raise ValueError("no '#### answer' line")
-    return {"question": row["question"], "steps": re.findall(r"<<[^>]*>>", solution) or [""],
-            "answer": solution.split("####")[-1].strip()}
+    return {
+        "question": row["question"],
+        "steps": re.findall(r"<<[^>]*>>", solution) or [""],
+        "answer": solution.split("####")[-1].strip(),
+    }
 
 
 def _hub_problems(cfg: CoconutDataConfig, split: str, path: Path) -> list[dict]:
@@ -104,8 +114,10 @@ def _hub_problems(cfg: CoconutDataConfig, split: str, path: Path) -> list[dict]:
     try:
         ds = datasets.load_dataset(hub_id, hub_cfg, split=train_split if split == "train" else eval_split)
     except Exception as exc:  # noqa: BLE001  (offline, wrong id, ...: one line for the user)
-        raise DataError(f"{path} does not exist and hub dataset {hub_id} could not be loaded ({type(exc).__name__}); "
-                        "set data.data_dir or the data.*_file paths") from None
+        raise DataError(
+            f"{path} does not exist and hub dataset {hub_id} could not be loaded ({type(exc).__name__}); "
+            "set data.data_dir or the data.*_file paths"
+        ) from None
     limit = cfg.max_train if split == "train" else cfg.max_eval
     try:
         return [from_hub_row(dict(r)) for r in (ds.select(range(min(limit, len(ds)))) if limit else ds)]
@@ -153,8 +165,9 @@ class TokenizedProblem:
 
 def tokenize_problem(problem: dict, tokenizer, eos_id: int, chat_template: bool = False) -> TokenizedProblem:
     if chat_template:
-        question = tokenizer.apply_chat_template([{"role": "user", "content": problem["question"]}],
-                                                 add_generation_prompt=True, tokenize=True)
+        question = tokenizer.apply_chat_template(
+            [{"role": "user", "content": problem["question"]}], add_generation_prompt=True, tokenize=True
+        )
         question = list(question["input_ids"] if hasattr(question, "keys") else question)
     else:
         # Coconut encodes the question with add_special_tokens=True: a leading bos for Llama-style tokenizers, nothing
@@ -175,7 +188,7 @@ def build_example(p: TokenizedProblem, plan: StagePlan, ids: SpecialIds) -> dict
     """Training sequence at ``plan``: input_ids, labels (-100 on question/markers/latents), anchor (index where the
     thought, or the first text step, begins; the collator aligns it across the batch)."""
     prompt = prompt_ids(p, plan, ids)
-    target = list(itertools.chain.from_iterable(p.steps[plan.steps_skipped:])) + p.answer
+    target = list(itertools.chain.from_iterable(p.steps[plan.steps_skipped :])) + p.answer
     return {"input_ids": prompt + target, "labels": [IGNORE] * len(prompt) + target, "anchor": len(p.question)}
 
 
@@ -190,8 +203,10 @@ def collate(examples: list[dict], ids: SpecialIds, latent_feedback: bool = True)
     mask = torch.zeros((batch, width), dtype=torch.long)
     for i, e in enumerate(examples):
         left, n = shift - e["anchor"], len(e["input_ids"])
-        input_ids[i, left:left + n] = torch.tensor(e["input_ids"])
-        labels[i, left:left + n] = torch.tensor(e["labels"])
-        mask[i, left:left + n] = 1
-    latent_mask = (input_ids == ids.latent) & mask.bool() if latent_feedback else torch.zeros_like(mask, dtype=torch.bool)
+        input_ids[i, left : left + n] = torch.tensor(e["input_ids"])
+        labels[i, left : left + n] = torch.tensor(e["labels"])
+        mask[i, left : left + n] = 1
+    latent_mask = (
+        (input_ids == ids.latent) & mask.bool() if latent_feedback else torch.zeros_like(mask, dtype=torch.bool)
+    )
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "latent_mask": latent_mask}

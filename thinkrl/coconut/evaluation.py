@@ -25,28 +25,43 @@ def _squash(text: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems: list[TokenizedProblem], stage: int, curriculum: CurriculumConfig,
-             ids: SpecialIds, batch_size: int, max_new_tokens: int) -> tuple[dict, list[dict]]:
+def evaluate(
+    model,
+    tokenizer,
+    problems: list[TokenizedProblem],
+    stage: int,
+    curriculum: CurriculumConfig,
+    ids: SpecialIds,
+    batch_size: int,
+    max_new_tokens: int,
+) -> tuple[dict, list[dict]]:
     """Returns (metrics {accuracy, cot_match, new_tokens, n, stage}, one record per problem)."""
     was_training = model.training
     model.eval()
     records = []
     for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
+        chunk = problems[start : start + batch_size]
         plans = [plan(stage, len(p.steps), curriculum) for p in chunk]
         prompts = [prompt_ids(p, pl, ids) for p, pl in zip(chunk, plans)]
-        outputs = generate_with_latents(model, prompts, ids.latent, ids.pad, ids.eos, max_new_tokens,
-                                        feed_latents=curriculum.mode == "coconut")
+        outputs = generate_with_latents(
+            model, prompts, ids.latent, ids.pad, ids.eos, max_new_tokens, feed_latents=curriculum.mode == "coconut"
+        )
         for p, pl, new in zip(chunk, plans, outputs):
             text = tokenizer.decode(new, skip_special_tokens=True)
             gold = p.raw["answer"].replace(",", "").strip()
-            steps = "\n".join(p.raw["steps"][pl.steps_skipped:])
-            records.append({
-                "question": p.raw["question"], "output": text, "answer": gold, "prediction": extract_answer(text),
-                "correct": extract_answer(text) == gold,
-                "cot_match": _squash(text.split("#")[0]) == _squash(steps),
-                "new_tokens": len(new), "latents": pl.n_latents,
-            })
+            steps = "\n".join(p.raw["steps"][pl.steps_skipped :])
+            records.append(
+                {
+                    "question": p.raw["question"],
+                    "output": text,
+                    "answer": gold,
+                    "prediction": extract_answer(text),
+                    "correct": extract_answer(text) == gold,
+                    "cot_match": _squash(text.split("#")[0]) == _squash(steps),
+                    "new_tokens": len(new),
+                    "latents": pl.n_latents,
+                }
+            )
     model.train(was_training)
     n = max(len(records), 1)
     metrics = {

@@ -99,8 +99,13 @@ def naive_latent_forward(
     positions = position_ids(attention_mask)
     cols = latent_columns(latent_mask)
     for col in cols:
-        out = model(inputs_embeds=embeds[:, :col], attention_mask=attention_mask[:, :col],
-                    position_ids=positions[:, :col], use_cache=False, output_hidden_states=True)
+        out = model(
+            inputs_embeds=embeds[:, :col],
+            attention_mask=attention_mask[:, :col],
+            position_ids=positions[:, :col],
+            use_cache=False,
+            output_hidden_states=True,
+        )
         embeds = _fill(embeds, latent_mask, col, out.hidden_states[-1][:, -1])
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     return LatentOutput(out.logits, None, embeds, len(cols) + 1)
@@ -113,8 +118,8 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -148,8 +153,13 @@ def generate_with_latents(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_out = model(input_ids=token[:, None], attention_mask=mask, position_ids=(next_pos + step)[:, None],
-                         past_key_values=cache, use_cache=True)
+        step_out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=(next_pos + step)[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache, logits = step_out.past_key_values, step_out.logits[:, -1]
     rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
     result = []

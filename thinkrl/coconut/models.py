@@ -64,8 +64,9 @@ def build_model(cfg: CoconutConfig, tokenizer) -> PreTrainedModel:
     if mc.path == "scratch":
         model = scratch_model(ModelSpec(path="scratch", scratch=mc.scratch), tokenizer, dtype, mc.attn_implementation)
     else:
-        model = from_pretrained_or_error(AutoModelForCausalLM, mc.path, "model", dtype=dtype,
-                                 attn_implementation=mc.attn_implementation)
+        model = from_pretrained_or_error(
+            AutoModelForCausalLM, mc.path, "model", dtype=dtype, attn_implementation=mc.attn_implementation
+        )
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     _init_new_tokens(model, tokenizer, mc.latent_init_token)
@@ -84,6 +85,8 @@ def load_weights(model: PreTrainedModel, checkpoint: Path) -> None:
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:  # a tied lm_head is not stored separately
-        raise ModelLoadError(f"model.init_from={checkpoint} does not fit this model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}); use the same model and tokenizer settings")
+        raise ModelLoadError(
+            f"model.init_from={checkpoint} does not fit this model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); use the same model and tokenizer settings"
+        )
     logger.info("initialised weights from %s", checkpoint)

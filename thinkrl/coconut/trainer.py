@@ -70,17 +70,23 @@ class CoconutTrainer:
         tc = cfg.trainer
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                                       log_with=None if tc.report_to == "none" else tc.report_to,
-                                       project_dir=str(self.run_dir))
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            log_with=None if tc.report_to == "none" else tc.report_to,
+            project_dir=str(self.run_dir),
+        )
         set_seed(tc.seed)
         self.is_main = self.accelerator.is_main_process
         self.tokenizer = build_tokenizer(cfg)
         self.ids = special_ids(self.tokenizer)
         self.model = build_model(cfg, self.tokenizer)
         self.model.to(self.accelerator.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                           betas=tuple(cfg.optim.adam_betas))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            betas=tuple(cfg.optim.adam_betas),
+        )
         # prepared so that save_state writes model.safetensors + optimizer; the latent forward uses the unwrapped model
         prepared_model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.model = self.accelerator.unwrap_model(prepared_model)
@@ -94,8 +100,9 @@ class CoconutTrainer:
     def problems(self, split: str) -> list:
         if split not in self._problems:
             raw = load_split(self.cfg.data, split)
-            self._problems[split] = [tokenize_problem(p, self.tokenizer, self.ids.eos, self.cfg.data.chat_template)
-                                     for p in raw]
+            self._problems[split] = [
+                tokenize_problem(p, self.tokenizer, self.ids.eos, self.cfg.data.chat_template) for p in raw
+            ]
         return self._problems[split]
 
     def batches(self, epoch: int) -> list[list[int]]:
@@ -106,8 +113,8 @@ class CoconutTrainer:
         per_step = tc.batch_size * self.cfg.optim.grad_accum_steps * n_proc
         usable = max(len(order) // per_step, 1) * per_step  # drop the ragged tail so every step is full
         order = order[:usable].tolist()
-        mine = order[self.accelerator.process_index::n_proc]
-        return [mine[i:i + tc.batch_size] for i in range(0, len(mine), tc.batch_size)]
+        mine = order[self.accelerator.process_index :: n_proc]
+        return [mine[i : i + tc.batch_size] for i in range(0, len(mine), tc.batch_size)]
 
     def steps_per_epoch(self) -> int:
         return len(self.batches(0)) // self.cfg.optim.grad_accum_steps
@@ -142,8 +149,10 @@ class CoconutTrainer:
                 loss = sequence_loss(out.logits, batch["labels"])
             if not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(f"loss is {float(loss)} at step {self.state.global_step + 1}; lower optim.lr "
-                                         "or set optim.max_grad_norm, then rerun to resume from the last checkpoint")
+                raise NonFiniteLossError(
+                    f"loss is {float(loss)} at step {self.state.global_step + 1}; lower optim.lr "
+                    "or set optim.max_grad_norm, then rerun to resume from the last checkpoint"
+                )
             with self._timed("backward"):
                 self.accelerator.backward(loss / len(micro_batches))
             loss_sum += float(loss.detach()) / len(micro_batches)
@@ -161,8 +170,12 @@ class CoconutTrainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         rows = sum(len(b) for b in micro_batches)
-        return {"train/loss": loss_sum, "train/grad_norm": float(norm), "train/latents_per_problem": latents / rows,
-                "train/tokens": tokens}
+        return {
+            "train/loss": loss_sum,
+            "train/grad_norm": float(norm),
+            "train/latents_per_problem": latents / rows,
+            "train/tokens": tokens,
+        }
 
     def reset_optimizer(self) -> None:
         """A fresh AdamW (moments and step counts dropped) at a stage boundary, as Coconut's reset_optimizer."""
@@ -173,8 +186,16 @@ class CoconutTrainer:
         tc = self.cfg.trainer
         stage = scheduled_stage(self.state.epoch, self.cfg.curriculum) if stage is None else stage
         with self._timed("eval"):
-            metrics, records = evaluate(self.model, self.tokenizer, self.problems(split), stage, self.cfg.curriculum,
-                                        self.ids, tc.eval_batch_size, tc.max_new_tokens)
+            metrics, records = evaluate(
+                self.model,
+                self.tokenizer,
+                self.problems(split),
+                stage,
+                self.cfg.curriculum,
+                self.ids,
+                tc.eval_batch_size,
+                tc.max_new_tokens,
+            )
         return {**metrics, "examples": records[:5]}
 
     def train(self) -> dict:
@@ -183,13 +204,18 @@ class CoconutTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
         if resume(self.accelerator, self.run_dir, tc.resume) is not None:
-            logger.info("resumed: epoch %d, step %d of it, global step %d", self.state.epoch,
-                        self.state.step_in_epoch, self.state.global_step)
+            logger.info(
+                "resumed: epoch %d, step %d of it, global step %d",
+                self.state.epoch,
+                self.state.step_in_epoch,
+                self.state.global_step,
+            )
         init_tracker(self.accelerator, tc, self.run_dir, self.cfg)
         per_epoch = self.steps_per_epoch()
         total = per_epoch * tc.num_epochs if not tc.max_steps else min(tc.max_steps, per_epoch * tc.num_epochs)
-        bar = tqdm(total=total, initial=self.state.global_step, disable=not (self.is_main and tc.progress),
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=total, initial=self.state.global_step, disable=not (self.is_main and tc.progress), dynamic_ncols=True
+        )
         start_time = time.perf_counter()
         stopped = False
         while self.state.epoch < tc.num_epochs and not stopped:
@@ -205,7 +231,7 @@ class CoconutTrainer:
             while self.state.step_in_epoch < per_epoch:
                 self.timings = {}
                 s = self.state.step_in_epoch
-                metrics = self.step(micro[s * accum:(s + 1) * accum], epoch)
+                metrics = self.step(micro[s * accum : (s + 1) * accum], epoch)
                 self.state.step_in_epoch += 1
                 self.state.global_step += 1
                 bar.update(1)
@@ -224,8 +250,12 @@ class CoconutTrainer:
             self._save()
         self._log({"train/seconds_this_session": time.perf_counter() - start_time})
         self.accelerator.end_training()
-        return {"stage_results": self.state.stage_results, "last_eval": self.state.last_eval,
-                "global_step": self.state.global_step, "epoch": self.state.epoch}
+        return {
+            "stage_results": self.state.stage_results,
+            "last_eval": self.state.last_eval,
+            "global_step": self.state.global_step,
+            "epoch": self.state.epoch,
+        }
 
     def _end_epoch(self, epoch: int) -> None:
         tc, cur = self.cfg.trainer, self.cfg.curriculum
@@ -237,8 +267,14 @@ class CoconutTrainer:
             result = self.evaluate("valid", stage)
             self.state.last_eval = {k: v for k, v in result.items() if k != "examples"}
             self._log({f"eval/{k}": v for k, v in self.state.last_eval.items()} | {"eval/epoch": epoch})
-            logger.info("epoch %d stage %d: valid accuracy %.3f, cot_match %.3f, new tokens %.1f", epoch, stage,
-                        result["accuracy"], result["cot_match"], result["new_tokens"])
+            logger.info(
+                "epoch %d stage %d: valid accuracy %.3f, cot_match %.3f, new tokens %.1f",
+                epoch,
+                stage,
+                result["accuracy"],
+                result["cot_match"],
+                result["new_tokens"],
+            )
             if last_of_stage:
                 self.state.stage_results[str(stage)] = {**self.state.last_eval, "epoch": epoch}
                 if self.is_main:
@@ -256,8 +292,14 @@ class CoconutTrainer:
         return (find_checkpoints(self.run_dir) or [None])[-1]
 
     def _save(self) -> Path:
-        final = save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, self.tokenizer,
-                                self.state.state_dict(), self.cfg.trainer.keep_checkpoints)
+        final = save_checkpoint(
+            self.accelerator,
+            self.run_dir,
+            self.state.global_step,
+            self.tokenizer,
+            self.state.state_dict(),
+            self.cfg.trainer.keep_checkpoints,
+        )
         self._saved_step = self.state.global_step
         return final
 

@@ -52,8 +52,13 @@ def task_pool(contexts: list[list[int]], targets: list[list[int]], context_len: 
 
 
 def text_pool(
-    docs: list[np.ndarray], mode: str, n_ahead: int, context_len: int, every_k: int = 16,
-    per_doc: int = 4, seed: int = 0,
+    docs: list[np.ndarray],
+    mode: str,
+    n_ahead: int,
+    context_len: int,
+    every_k: int = 16,
+    per_doc: int = 4,
+    seed: int = 0,
 ) -> PositionPool:
     """Positions inside plain text: every k-th token or ``per_doc`` random ones per context window.
 
@@ -73,7 +78,9 @@ def text_pool(
             raise DataError(f"text positions must be every_k or random, got {mode}")
         spots.extend((d, int(t), n_ahead) for t in chosen)
     if not spots:
-        raise DataError(f"no thought positions: every document is shorter than {n_ahead + 2} tokens; lower data.n_ahead")
+        raise DataError(
+            f"no thought positions: every document is shorter than {n_ahead + 2} tokens; lower data.n_ahead"
+        )
     return PositionPool(docs, np.asarray(spots), context_len)
 
 
@@ -82,7 +89,9 @@ class PositionStream:
 
     def __init__(self, pool: PositionPool, seed: int):
         if len(pool) == 0:
-            raise DataError("the training set has no thought positions; check data.source/train_file and data.max_docs")
+            raise DataError(
+                "the training set has no thought positions; check data.source/train_file and data.max_docs"
+            )
         self.pool, self.seed = pool, seed
         self.epoch, self.index = 0, 0
         self._order = self._permutation()

@@ -21,7 +21,14 @@ from thinkrl.prompts import load_template
 # task → (local train file, local held-out file, hub id, hub config, hub train split, hub held-out split)
 TASK_FILES = {
     "gsm8k": ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "openai/gsm8k", "main", "train", "test"),
-    "csqa": ("csqa/train_rand_split.jsonl", "csqa/dev_rand_split.jsonl", "tau/commonsense_qa", None, "train", "validation"),
+    "csqa": (
+        "csqa/train_rand_split.jsonl",
+        "csqa/dev_rand_split.jsonl",
+        "tau/commonsense_qa",
+        None,
+        "train",
+        "validation",
+    ),
 }
 SYNTHETIC_TRAIN_DOCS = 20_000
 
@@ -69,7 +76,9 @@ def _load_task_rows(cfg: DataConfig, split: str) -> list[dict]:
         import datasets  # only users with internet reach this
 
         try:
-            ds = datasets.load_dataset(cfg.hub_id or hub_id, hub_cfg, split=hub_train if split == "train" else hub_eval)
+            ds = datasets.load_dataset(
+                cfg.hub_id or hub_id, hub_cfg, split=hub_train if split == "train" else hub_eval
+            )
         except Exception as exc:  # offline, wrong id...
             raise DataError(
                 f"{path} does not exist and the hub copy could not be loaded ({type(exc).__name__}); "
@@ -127,7 +136,9 @@ def _task_pool(cfg: DataConfig, tokenizer, split: str) -> PositionPool:
         try:
             context, target, meta = make_item(row, template)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise DataError(f"{cfg.source} {split} row {i + 1} is malformed ({type(exc).__name__}: {exc}); fix or drop it") from None
+            raise DataError(
+                f"{cfg.source} {split} row {i + 1} is malformed ({type(exc).__name__}: {exc}); fix or drop it"
+            ) from None
         contexts.append(bos + tokenizer.encode(context, add_special_tokens=False))
         targets.append(tokenizer.encode(target, add_special_tokens=False)[: cfg.n_ahead])
         metas.append(meta)
@@ -157,7 +168,9 @@ def _text_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, Po
         docs = [ids[i : i + span] for i in range(0, max(1, len(ids) - cfg.n_ahead), cfg.context_len)]
         if cfg.max_docs:
             docs = docs[: cfg.max_docs]
-        return text_pool(docs, cfg.positions, cfg.n_ahead, cfg.context_len, cfg.every_k, cfg.positions_per_doc, pool_seed)
+        return text_pool(
+            docs, cfg.positions, cfg.n_ahead, cfg.context_len, cfg.every_k, cfg.positions_per_doc, pool_seed
+        )
 
     return pool(text, seed), pool(eval_text, seed + 1)
 

@@ -47,7 +47,8 @@ def from_pretrained_or_error(loader, path: str, what: str, **kwargs):
                 f"{what} {path!r} {reason}; give an existing HF folder, a hub id, 'scratch' or 'smollm2-135m-instruct'"
             ) from None
         raise ModelLoadError(
-            f"{what} {path!r} is not a local folder and the hub could not be reached; download it first or use a local path"
+            f"{what} {path!r} is not a local folder and the hub could not be reached; download it first "
+            f"or use a local path"
         ) from None
 
 
@@ -126,8 +127,11 @@ def build_model(spec: ModelSpec, tokenizer, cfg: Config) -> PreTrainedModel:
 
         sot, eot = tokenizer.convert_tokens_to_ids([SOT, EOT])
         lora = LoraConfig(
-            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-            target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM",
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=list(spec.lora.target_modules),
+            task_type="CAUSAL_LM",
             trainable_token_indices=[sot, eot],  # the markers are new: their embeddings must learn too
         )
         model = get_peft_model(model, lora)
@@ -167,10 +171,14 @@ def build_roles(cfg: Config, tokenizer=None) -> RoleModels:
     models = {g: build_model(cfg.model.spec(g), tokenizer, cfg) for g in groups}
     role_group = dict(zip(ROLES, cfg.model.weight_groups))
     if len({len(tokenizer)} | {m.get_input_embeddings().weight.shape[0] for m in models.values()}) > 1:
-        raise ModelLoadError("the role models have different vocabularies; every weight group must share one tokenizer")
+        raise ModelLoadError(
+            "the role models have different vocabularies; every weight group must share one tokenizer"
+        )
     base, interp = models[role_group["base"]], models[role_group["interpreter"]]
     if cfg.head.form in ("mlp", "concat", "gate") and hidden_size(base) != hidden_size(interp):
-        raise ModelLoadError("head.form mixes hidden states: base and interpreter need the same hidden size (or head.form=none)")
+        raise ModelLoadError(
+            "head.form mixes hidden states: base and interpreter need the same hidden size (or head.form=none)"
+        )
     head = MixingHead(cfg.head.form, hidden_size(interp), cfg.head.init_weight, cfg.head.hidden_size)
     head.to(next(base.parameters()).dtype)
     sot, eot = tokenizer.convert_tokens_to_ids([SOT, EOT])

@@ -39,8 +39,14 @@ def prefill(model: PreTrainedModel, prefixes: list[list[int]], pad_id: int):
     ids, mask = left_pad(prefixes, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return out.past_key_values, mask, mask.sum(-1), out.logits[:, -1]
 
 
@@ -48,8 +54,14 @@ def decode_step(model: PreTrainedModel, cache, mask: torch.Tensor, positions: to
     """Append ``ids`` (B, S) to each row's cache; ``mask`` covers everything so far incl. ``ids``.
 
     Returns the output (logits of every new position, last-layer hidden states)."""
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                 output_hidden_states=True)
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=True,
+    )
 
 
 def forward_shared_prefix(
@@ -67,6 +79,13 @@ def forward_shared_prefix(
     ids, lengths = right_pad(suffixes, pad_id, model.device)
     mask = torch.cat([prefix_mask.repeat_interleave(reps, 0), torch.ones_like(ids)], dim=1)
     positions = prefix_len.repeat_interleave(reps)[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                output_hidden_states=True, logits_to_keep=0 if need_logits else 1)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=True,
+        logits_to_keep=0 if need_logits else 1,
+    )
     return (out.logits if need_logits else None), out.hidden_states[-1], lengths

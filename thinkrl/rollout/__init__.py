@@ -16,8 +16,16 @@ def _hf(cfg: RolloutConfig, roles, run_dir, max_model_len: int) -> RolloutActor:
 def _vllm(cfg: RolloutConfig, roles, run_dir, max_model_len: int) -> RolloutActor:
     from thinkrl.rollout.vllm_actor import VLLMRolloutActor
 
-    return VLLMRolloutActor(cfg, roles.model("reasoner"), roles.tokenizer, roles.sot_id, roles.eot_id,
-                            roles.tokenizer.pad_token_id, run_dir, max_model_len)
+    return VLLMRolloutActor(
+        cfg,
+        roles.model("reasoner"),
+        roles.tokenizer,
+        roles.sot_id,
+        roles.eot_id,
+        roles.tokenizer.pad_token_id,
+        run_dir,
+        max_model_len,
+    )
 
 
 ACTORS = {"hf": _hf, "vllm": _vllm}

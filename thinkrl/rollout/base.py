@@ -71,5 +71,10 @@ class RolloutActor(abc.ABC):
 def empty_thoughts(n: int, device) -> ThoughtBatch:
     """K = 0 (the control run): no sampled thought, only the null thought is scored."""
     z = torch.zeros((n, 0, 0), dtype=torch.long, device=device)
-    return ThoughtBatch(z, z.bool(), z.float(), torch.zeros((n, 0), dtype=torch.bool, device=device),
-                        torch.zeros((n, 0), dtype=torch.long, device=device))
+    return ThoughtBatch(
+        z,
+        z.bool(),
+        z.float(),
+        torch.zeros((n, 0), dtype=torch.bool, device=device),
+        torch.zeros((n, 0), dtype=torch.long, device=device),
+    )

@@ -28,8 +28,10 @@ class HFRolloutActor(RolloutActor):
         self.model.eval()
         try:
             step = self.cfg.batch_positions
-            parts = [self._sample_chunk(contexts[i : i + step], num_thoughts, seeds[i : i + step])
-                     for i in range(0, len(contexts), step)]
+            parts = [
+                self._sample_chunk(contexts[i : i + step], num_thoughts, seeds[i : i + step])
+                for i in range(0, len(contexts), step)
+            ]
         finally:
             self.model.train(was_training)
         width = max(p.thought_ids.shape[-1] for p in parts)
@@ -57,8 +59,9 @@ class HFRolloutActor(RolloutActor):
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         for t in range(max_len):
             noise = torch.cat([torch.rand((k, logits.shape[-1]), generator=g) for g in generators]).to(device)
-            tokens, token_logps = sample_tokens(policy_logits(logits, temp, self.sot_id, self.eot_id, fixed),
-                                                self.cfg.top_p, noise)
+            tokens, token_logps = sample_tokens(
+                policy_logits(logits, temp, self.sot_id, self.eot_id, fixed), self.cfg.top_p, noise
+            )
             active = ~done
             ids[active, t], logps[active, t], acted[active, t] = tokens[active], token_logps[active], True
             stopped = active & (tokens == self.eot_id)
@@ -72,6 +75,10 @@ class HFRolloutActor(RolloutActor):
         finished = done if not fixed else torch.ones_like(done)
         width = int(acted.sum(-1).max())
         shape = (len(contexts), k, -1)
-        return ThoughtBatch(ids[:, :width].reshape(shape), acted[:, :width].reshape(shape),
-                            logps[:, :width].reshape(shape), finished.reshape(len(contexts), k),
-                            lengths.reshape(len(contexts), k))
+        return ThoughtBatch(
+            ids[:, :width].reshape(shape),
+            acted[:, :width].reshape(shape),
+            logps[:, :width].reshape(shape),
+            finished.reshape(len(contexts), k),
+            lengths.reshape(len(contexts), k),
+        )

@@ -16,7 +16,9 @@ from thinkrl.models.shared_prefix import forward_shared_prefix
 from thinkrl.rollout.base import ThoughtBatch
 
 
-def policy_logits(logits: torch.Tensor, temperature: float, sot_id: int, eot_id: int, fixed_length: bool) -> torch.Tensor:
+def policy_logits(
+    logits: torch.Tensor, temperature: float, sot_id: int, eot_id: int, fixed_length: bool
+) -> torch.Tensor:
     """Tempered logits with the impossible actions removed: a thought never opens another thought, and in
     fixed-length mode it never stops early."""
     logits = logits.float() / temperature  # a new tensor: safe to edit in place
@@ -52,8 +54,14 @@ def position_seeds(n: int, generator: torch.Generator | None = None) -> list[int
 
 
 def thought_logps(
-    model, contexts: list[list[int]], thoughts: ThoughtBatch, sot_id: int, eot_id: int, pad_id: int,
-    temperature: float, fixed_length: bool,
+    model,
+    contexts: list[list[int]],
+    thoughts: ThoughtBatch,
+    sot_id: int,
+    eot_id: int,
+    pad_id: int,
+    temperature: float,
+    fixed_length: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Learner-side log-probs and entropies of the sampled actions, differentiable.
 
@@ -65,7 +73,8 @@ def thought_logps(
     # Suffix = [last context token, sot, actions...]: the logits at index 1 + j predict action j.
     suffixes = [
         [contexts[i][-1], sot_id, *actions[i, j, : int(action_mask[i, j].sum())].tolist()]
-        for i in range(n) for j in range(k)
+        for i in range(n)
+        for j in range(k)
     ]
     logits, _, _ = forward_shared_prefix(model, [c[:-1] for c in contexts], suffixes, pad_id)
     logits = policy_logits(logits[:, 1 : 1 + m], temperature, sot_id, eot_id, fixed_length)  # (N*K, <=M, V)

@@ -59,8 +59,11 @@ def export_weights(model, tokenizer, path: Path) -> None:
         model.merge_adapter()
         try:
             base = model.get_base_model()
-            state = {k.replace(".token_adapter", "").replace(".base_layer", ""): v for k, v in base.state_dict().items()
-                     if "lora_" not in k and "trainable_tokens" not in k}
+            state = {
+                k.replace(".token_adapter", "").replace(".base_layer", ""): v
+                for k, v in base.state_dict().items()
+                if "lora_" not in k and "trainable_tokens" not in k
+            }
             base.save_pretrained(tmp, state_dict=state)
         finally:
             model.unmerge_adapter()
@@ -72,8 +75,9 @@ def export_weights(model, tokenizer, path: Path) -> None:
 
 
 class VLLMRolloutActor(RolloutActor):
-    def __init__(self, cfg, model, tokenizer, sot_id: int, eot_id: int, pad_id: int, work_dir: Path,
-                 max_model_len: int):
+    def __init__(
+        self, cfg, model, tokenizer, sot_id: int, eot_id: int, pad_id: int, work_dir: Path, max_model_len: int
+    ):
         super().__init__(cfg, sot_id, eot_id, pad_id)
         self.model, self.tokenizer = model, tokenizer
         self.weights_dir = Path(work_dir) / "vllm-weights"
@@ -101,14 +105,21 @@ class VLLMRolloutActor(RolloutActor):
         start = time.perf_counter()
         try:
             self._llm = llm_cls(
-                model=str(self.weights_dir), dtype=str(self.model.dtype).replace("torch.", ""),
-                max_model_len=max_model_len, enforce_eager=True, enable_prefix_caching=True,
-                skip_tokenizer_init=True, logprobs_mode="processed_logprobs", seed=0, **kwargs,
+                model=str(self.weights_dir),
+                dtype=str(self.model.dtype).replace("torch.", ""),
+                max_model_len=max_model_len,
+                enforce_eager=True,
+                enable_prefix_caching=True,
+                skip_tokenizer_init=True,
+                logprobs_mode="processed_logprobs",
+                seed=0,
+                **kwargs,
             )
         except Exception as exc:
             raise VLLMEngineError(
                 f"the vLLM engine failed to start ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                "lower rollout.vllm_kv_cache_gb / vllm_gpu_memory_utilization or max lengths, or set rollout.backend=hf"
+                "lower rollout.vllm_kv_cache_gb / vllm_gpu_memory_utilization or max lengths, or set "
+                "rollout.backend=hf"
             ) from None
         logger.info("vLLM engine started in %.1f s", time.perf_counter() - start)
         import psutil  # a vLLM dependency
@@ -138,7 +149,8 @@ class VLLMRolloutActor(RolloutActor):
                 break
         if "error" in result:
             raise VLLMEngineError(
-                f"the vLLM engine died while {what} ({type(result['error']).__name__}); the last checkpoint is intact: "
+                f"the vLLM engine died while {what} ({type(result['error']).__name__}); the last "
+                f"checkpoint is intact: "
                 "rerun the same command to resume (or set rollout.backend=hf)"
             ) from None
         return result["value"]
@@ -148,9 +160,19 @@ class VLLMRolloutActor(RolloutActor):
         fixed = self.cfg.length_mode == "fixed"
         m = self.cfg.max_thought_len
         return self._params_cls(
-            n=k, max_tokens=m, min_tokens=m if fixed else 0, stop_token_ids=[self.eot_id], ignore_eos=True,  # only <eot> ends a thought
-            temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=0, logprobs=0,
-            logit_bias={self.sot_id: BANNED_BIAS}, seed=seed, detokenize=False, skip_special_tokens=False,
+            n=k,
+            max_tokens=m,
+            min_tokens=m if fixed else 0,
+            stop_token_ids=[self.eot_id],
+            ignore_eos=True,  # only <eot> ends a thought
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            top_k=0,
+            logprobs=0,
+            logit_bias={self.sot_id: BANNED_BIAS},
+            seed=seed,
+            detokenize=False,
+            skip_special_tokens=False,
         )
 
     @torch.no_grad()
@@ -182,8 +204,14 @@ class VLLMRolloutActor(RolloutActor):
                 finished[i, j] = stopped or fixed
                 lengths[i, j] = len(tokens) - int(stopped)
         width = max(1, int(acted.sum(-1).max()))
-        return ThoughtBatch(ids[..., :width].to(device), acted[..., :width].to(device), logps[..., :width].to(device),
-                            finished.to(device), lengths.to(device), staleness=self.staleness)
+        return ThoughtBatch(
+            ids[..., :width].to(device),
+            acted[..., :width].to(device),
+            logps[..., :width].to(device),
+            finished.to(device),
+            lengths.to(device),
+            staleness=self.staleness,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     def after_update(self) -> float:
@@ -194,8 +222,12 @@ class VLLMRolloutActor(RolloutActor):
     def sync_weights(self) -> float:
         start = time.perf_counter()
         export_weights(self.model, self.tokenizer, self.weights_dir)
-        self._watched("syncing weights", self._llm.collective_rpc, "reload_weights",
-                      kwargs={"weights_path": str(self.weights_dir)})
+        self._watched(
+            "syncing weights",
+            self._llm.collective_rpc,
+            "reload_weights",
+            kwargs={"weights_path": str(self.weights_dir)},
+        )
         self._watched("syncing weights", self._llm.reset_prefix_cache)  # cached prefixes hold old keys/values
         self.staleness = 0
         return time.perf_counter() - start
