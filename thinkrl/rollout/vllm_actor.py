@@ -113,6 +113,10 @@ class VLLMRolloutActor(RolloutActor):
                 skip_tokenizer_init=True,
                 logprobs_mode="processed_logprobs",
                 seed=0,
+                # Per-request seeds break on CPU when a prompt's prefill is split across steps (the runner rewinds
+                # a CPU torch.Generator, which cannot): schedule whole prompts only.
+                enable_chunked_prefill=False,
+                max_num_batched_tokens=max(max_model_len, 16384),
                 **kwargs,
             )
         except Exception as exc:
