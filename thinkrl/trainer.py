@@ -245,9 +245,12 @@ class Trainer:
             logger.info("resumed at step %d", self.state.step)
         init_tracker(self.accelerator, tc, self.run_dir, self.cfg)
         start_time = time.perf_counter()
+        if self.state.initial_eval is None and tc.lm_warmup_steps:
+            self._lm_warmup()
+        # The sampler started with the freshly built weights: a resume or a warm-up has changed them since.
+        with self._timed("sync"):
+            self.actor.sync_weights()
         if self.state.initial_eval is None:
-            if tc.lm_warmup_steps:
-                self._lm_warmup()
             self.state.initial_eval = self._evaluate()
             self._log({f"eval/{k}": v for k, v in self.state.initial_eval.items()}, step=0)
         bar = tqdm(

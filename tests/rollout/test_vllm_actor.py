@@ -212,3 +212,40 @@ def test_engine_that_cannot_start_or_dies_gives_one_line_errors(tmp_path):
     with pytest.raises(VLLMEngineError) as info:
         actor.sample(CONTEXTS, 2, position_seeds(3, torch.Generator().manual_seed(0)))
     assert "died" in str(info.value) and "resume" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_engine_serves_the_resumed_weights(tmp_path):
+    """After a resume the engine must sample from the checkpoint's weights, not from the fresh initialisation."""
+    from pathlib import Path
+
+    from thinkrl.trainer import Trainer
+
+    recipe = Path(__file__).resolve().parents[2] / "configs/default.yaml"
+    common = [
+        "rollout.backend=vllm",
+        f"trainer.output_dir={tmp_path}",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "trainer.report_to=none",
+        "trainer.progress=false",
+        "data.eval_positions=8",
+        "trainer.lm_warmup_steps=20",
+    ]
+    Trainer(load_config(recipe, [*common, "trainer.max_steps=2"])).train()
+    trainer = Trainer(load_config(recipe, [*common, "trainer.max_steps=2"]))
+    trainer.train()  # resumes at step 2 and only evaluates: no update would sync the engine for us
+    roles, actor = trainer.roles, trainer.actor
+    contexts = [trainer.eval_pool[i].context_ids for i in range(3)]
+    thoughts = actor.sample(contexts, 4, position_seeds(3, torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        logps, _ = thought_logps(
+            roles.model("reasoner"),
+            contexts,
+            thoughts,
+            roles.sot_id,
+            roles.eot_id,
+            roles.tokenizer.pad_token_id,
+            trainer.cfg.rollout.temperature,
+            False,
+        )
+    assert float((logps - thoughts.sampler_logps).abs().max()) < 1e-4
