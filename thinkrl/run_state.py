@@ -31,6 +31,18 @@ def find_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def make_accelerator(trainer_cfg, run_dir: Path):
+    """The Accelerator every trainer runs under: CPU when no GPU, trackers per ``trainer.report_to``."""
+    import torch
+    from accelerate import Accelerator
+
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        log_with=None if trainer_cfg.report_to == "none" else trainer_cfg.report_to,
+        project_dir=str(run_dir),
+    )
+
+
 def init_tracker(accelerator, trainer_cfg, run_dir: Path, cfg) -> None:
     """Start wandb/tensorboard through accelerate (main process only); wandb stays offline unless told otherwise."""
     if trainer_cfg.report_to == "none":

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -30,7 +29,14 @@ from thinkrl.prompts import load_template
 from thinkrl.rollout import make_actor
 from thinkrl.rollout.policy import position_seeds
 from thinkrl.run_files import dump_rollouts, mean_or_nan, write_atomic, write_summary
-from thinkrl.run_state import find_checkpoints, init_tracker, log_metrics, resume, save_checkpoint
+from thinkrl.run_state import (
+    find_checkpoints,
+    init_tracker,
+    log_metrics,
+    make_accelerator,
+    resume,
+    save_checkpoint,
+)
 from thinkrl.scoring import Scorer
 from thinkrl.warmup import lm_warmup
 
@@ -58,11 +64,7 @@ class Trainer:
         tc = cfg.trainer
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            log_with=None if tc.report_to == "none" else tc.report_to,
-            project_dir=str(self.run_dir),
-        )
+        self.accelerator = make_accelerator(tc, self.run_dir)
         if self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
             raise ConfigError(
                 f"{self.accelerator.distributed_type.value} launches are not supported yet (thinkrl trains "

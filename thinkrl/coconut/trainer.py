@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -37,7 +36,14 @@ from thinkrl.config import to_yaml
 from thinkrl.errors import ConfigError, NonFiniteLossError
 from thinkrl.models.roles import set_threads
 from thinkrl.run_files import write_atomic
-from thinkrl.run_state import find_checkpoints, init_tracker, log_metrics, resume, save_checkpoint
+from thinkrl.run_state import (
+    find_checkpoints,
+    init_tracker,
+    log_metrics,
+    make_accelerator,
+    resume,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +76,7 @@ class CoconutTrainer:
         tc = cfg.trainer
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            log_with=None if tc.report_to == "none" else tc.report_to,
-            project_dir=str(self.run_dir),
-        )
+        self.accelerator = make_accelerator(tc, self.run_dir)
         set_seed(tc.seed)
         self.is_main = self.accelerator.is_main_process
         self.tokenizer = build_tokenizer(cfg)

@@ -50,10 +50,17 @@ def prefill(model: PreTrainedModel, prefixes: list[list[int]], pad_id: int):
     return out.past_key_values, mask, mask.sum(-1), out.logits[:, -1]
 
 
-def decode_step(model: PreTrainedModel, cache, mask: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor):
+def decode_step(
+    model: PreTrainedModel,
+    cache,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    ids: torch.Tensor,
+    logits_to_keep: int = 0,
+):
     """Append ``ids`` (B, S) to each row's cache; ``mask`` covers everything so far incl. ``ids``.
 
-    Returns the output (logits of every new position, last-layer hidden states)."""
+    Returns the output (logits of the last ``logits_to_keep`` new positions, 0 = all; last-layer hidden states)."""
     return model(
         input_ids=ids,
         attention_mask=mask,
@@ -61,6 +68,7 @@ def decode_step(model: PreTrainedModel, cache, mask: torch.Tensor, positions: to
         past_key_values=cache,
         use_cache=True,
         output_hidden_states=True,
+        logits_to_keep=logits_to_keep,
     )
 
 
@@ -79,13 +87,5 @@ def forward_shared_prefix(
     ids, lengths = right_pad(suffixes, pad_id, model.device)
     mask = torch.cat([prefix_mask.repeat_interleave(reps, 0), torch.ones_like(ids)], dim=1)
     positions = prefix_len.repeat_interleave(reps)[:, None] + torch.arange(ids.shape[1], device=ids.device)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        output_hidden_states=True,
-        logits_to_keep=0 if need_logits else 1,
-    )
+    out = decode_step(model, cache, mask, positions, ids, logits_to_keep=0 if need_logits else 1)
     return (out.logits if need_logits else None), out.hidden_states[-1], lengths
