@@ -10,13 +10,12 @@ Run: OMP_WAIT_POLICY=PASSIVE python scripts/bench_coconut.py --threads 1
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from thinkrl.coconut.latent_forward import latent_forward, naive_latent_forward
+from thinkrl.timing import median_seconds
 
 LATENT, START, END, PAD = 5, 6, 7, 0
 
@@ -36,16 +35,6 @@ def make_batch(batch: int, question: int, answer: int, n_latents: int, vocab: in
     ids = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
     mask = torch.tensor([[int(t != PAD) for t in r] + [0] * (width - len(r)) for r in rows])
     return ids, mask, (ids == LATENT) & mask.bool()
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -105,8 +94,14 @@ def main() -> None:
 
             return run
 
-        f_c, f_n = timed(fwd(latent_forward), args.repeats), timed(fwd(naive_latent_forward), args.repeats)
-        t_c, t_n = timed(train(latent_forward), args.repeats), timed(train(naive_latent_forward), args.repeats)
+        f_c, f_n = (
+            median_seconds(fwd(latent_forward), args.repeats),
+            median_seconds(fwd(naive_latent_forward), args.repeats),
+        )
+        t_c, t_n = (
+            median_seconds(train(latent_forward), args.repeats),
+            median_seconds(train(naive_latent_forward), args.repeats),
+        )
         print(
             f"| {n} | {cached.num_passes} | {tokens} | {tokens / f_c:,.0f} | {tokens / f_n:,.0f} | {f_n / f_c:.2f}x | "
             f"{tokens / t_c:,.0f} | {tokens / t_n:,.0f} | {t_n / t_c:.2f}x | {diff:.1e} |"

@@ -52,6 +52,7 @@ from thinkrl.models.roles import build_roles, set_threads
 from thinkrl.rollout.hf_actor import HFRolloutActor
 from thinkrl.rollout.policy import policy_logits, position_seeds
 from thinkrl.scoring import Scorer
+from thinkrl.timing import timed_runs
 
 FALLBACK_TEXT = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. "
 TOLERANCE = 1e-4
@@ -155,13 +156,8 @@ def randomize_head(head, seed: int) -> None:
 
 
 def measure(fn, repeats: int):
-    """One warm-up call, then ``repeats`` timed calls. fn returns a token count. -> (median tok/s, median s, runs)."""
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tokens = fn()
-        runs.append((tokens, time.perf_counter() - start))
+    """fn returns a token count. -> (median tok/s, median s, runs) over ``repeats`` runs after a warm-up."""
+    runs = timed_runs(fn, repeats)
     return statistics.median(t / s for t, s in runs), statistics.median(s for _, s in runs), runs
 
 

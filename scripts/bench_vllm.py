@@ -27,16 +27,7 @@ from thinkrl.config import load_config  # noqa: E402
 from thinkrl.models.roles import build_roles  # noqa: E402
 from thinkrl.rollout import make_actor  # noqa: E402
 from thinkrl.rollout.policy import position_seeds  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (engine graphs, allocator)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from thinkrl.timing import median_seconds  # noqa: E402
 
 
 def main() -> None:

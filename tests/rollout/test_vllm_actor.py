@@ -11,9 +11,10 @@ import torch
 
 from thinkrl.config import load_config
 from thinkrl.models.roles import build_roles
+from thinkrl.rollout import make_actor
 from thinkrl.rollout.hf_actor import HFRolloutActor
 from thinkrl.rollout.policy import position_seeds, thought_logps
-from thinkrl.rollout.vllm_actor import VLLMRolloutActor, export_weights
+from thinkrl.rollout.vllm_actor import export_weights
 
 if os.environ.get("THINKRL_SKIP_VLLM") == "1":
     pytest.skip("THINKRL_SKIP_VLLM=1", allow_module_level=True)
@@ -35,16 +36,7 @@ def engine(tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm")
     cfg = load_config(None, [*SIZES, "rollout.backend=vllm", f"trainer.output_dir={work}"])
     roles = build_roles(cfg)
-    actor = VLLMRolloutActor(
-        cfg.rollout,
-        roles.model("reasoner"),
-        roles.tokenizer,
-        roles.sot_id,
-        roles.eot_id,
-        roles.tokenizer.pad_token_id,
-        work,
-        max_model_len=64,
-    )
+    actor = make_actor(cfg.rollout, roles, work, max_model_len=64)
     return cfg, roles, actor
 
 
@@ -192,20 +184,11 @@ def test_engine_that_cannot_start_or_dies_gives_one_line_errors(tmp_path):
     torch.manual_seed(0)
     cfg = load_config(None, [*SIZES, "rollout.backend=vllm"])
     roles = build_roles(cfg)
-    args = (
-        cfg.rollout,
-        roles.model("reasoner"),
-        roles.tokenizer,
-        roles.sot_id,
-        roles.eot_id,
-        roles.tokenizer.pad_token_id,
-        tmp_path,
-    )
     with pytest.raises(VLLMEngineError) as info:  # longer than the model's 512 positions: the engine refuses
-        VLLMRolloutActor(*args, max_model_len=100_000)
+        make_actor(cfg.rollout, roles, tmp_path, max_model_len=100_000)
     assert "failed to start" in str(info.value) and "\n" not in str(info.value)
 
-    actor = VLLMRolloutActor(*args, max_model_len=64)
+    actor = make_actor(cfg.rollout, roles, tmp_path, max_model_len=64)
     for child in psutil.Process().children(recursive=True):  # the engine core and its worker, as an OOM kill would
         if "VLLM" in child.name():
             child.kill()
