@@ -1,4 +1,4 @@
-"""Command line: ``thinkrl train --config PATH [key=value ...]``.
+"""Command line: ``thinkrl train|eval|prompts|coconut ...`` (``thinkrl <command> --help``).
 
 User errors (config, data, model paths, NaN loss) print one line ``thinkrl: error: ...`` and exit 2.
 """
@@ -41,17 +41,19 @@ def _add_train(sub) -> None:
     train.set_defaults(func=_train)
 
 
-# Each entry adds one subcommand; other modules register theirs here (``add_parser(subparsers)``).
-COMMANDS = [_add_train]
+def _lazy(module: str):
+    """A registrar that imports ``module`` (which defines ``add_parser(subparsers)``) only when the CLI starts."""
+
+    def add(sub) -> None:
+        import importlib
+
+        importlib.import_module(module).add_parser(sub)
+
+    return add
 
 
-def _add_coconut(sub) -> None:
-    from thinkrl.coconut.cli import add_parser
-
-    add_parser(sub)
-
-
-COMMANDS.append(_add_coconut)
+# Each entry adds one or more subcommands.
+COMMANDS = [_add_train, _lazy("thinkrl.eval.cli"), _lazy("thinkrl.coconut.cli")]
 
 
 def build_parser() -> argparse.ArgumentParser:

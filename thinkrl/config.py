@@ -262,6 +262,9 @@ class RolloutConfig:
     temperature: float = described("sampling temperature; the learner scores with the same one", 1.0)
     top_p: float = described("nucleus sampling mass", 1.0)
     null_thought: str = described("'' = empty thought <sot><eot>, or a prompts/ name holding a phrase", "")
+    reasoner_template: str = described(
+        "'' = the reasoner reads the bare context, or a prompts/ name wrapping it (e.g. thinking/system)", ""
+    )
     batch_positions: int = described("positions sampled together in one batch (memory knob)", 32)
     sync_every: int = described(
         "vllm: push the learner's weights into the engine every N updates (staleness <= N-1)", 1

@@ -18,6 +18,7 @@ import torch
 from thinkrl.config import Config
 from thinkrl.learner import rewards_and_advantages
 from thinkrl.models.roles import RoleModels
+from thinkrl.prompts import ReasonerPrompt, wrap_contexts
 from thinkrl.rollout.base import RolloutActor
 from thinkrl.rollout.policy import position_seeds
 from thinkrl.scoring import Scorer
@@ -45,7 +46,15 @@ class _Sums(dict):
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, roles: RoleModels, actor: RolloutActor, scorer: Scorer, pool, seed: int) -> dict[str, float]:
+def evaluate(
+    cfg: Config,
+    roles: RoleModels,
+    actor: RolloutActor,
+    scorer: Scorer,
+    pool,
+    seed: int,
+    reasoner_prompt: ReasonerPrompt | None = None,
+) -> dict[str, float]:
     """Metrics above over the first ``data.eval_positions`` positions of ``pool``."""
     modules = roles.modules().values()
     modes = [m.training for m in modules]
@@ -60,7 +69,8 @@ def evaluate(cfg: Config, roles: RoleModels, actor: RolloutActor, scorer: Scorer
         for start in range(0, n_eval, step):
             positions = [pool[i] for i in range(start, min(n_eval, start + step))]
             contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
-            thoughts = actor.sample(contexts, k, position_seeds(len(contexts), generator))
+            seeds = position_seeds(len(contexts), generator)
+            thoughts = actor.sample(wrap_contexts(reasoner_prompt, contexts), k, seeds)
             scores = scorer.score(contexts, targets, thoughts)
             _, rewards, _ = rewards_and_advantages(cfg, scores, thoughts)
             mask = scores.target_mask.float()

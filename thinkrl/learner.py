@@ -87,7 +87,10 @@ def compute_loss(
     contexts: list[list[int]],
     targets: list[list[int]],
     thoughts: ThoughtBatch,
+    reasoner_contexts: list[list[int]] | None = None,
 ) -> LossOutput:
+    """``reasoner_contexts``: what the reasoner read before each thought (the contexts wrapped in
+    ``rollout.reasoner_template``); the interpreter always reads ``contexts``."""
     lc = cfg.learner
     scores = scorer.score(contexts, targets, thoughts)
     per_token, rewards, advantages = rewards_and_advantages(cfg, scores, thoughts)
@@ -98,7 +101,7 @@ def compute_loss(
     if thoughts.num_thoughts and (lc.policy_weight > 0 or lc.entropy_coef > 0):
         logps, entropy = thought_logps(
             roles.model("reasoner"),
-            contexts,
+            reasoner_contexts or contexts,
             thoughts,
             roles.sot_id,
             roles.eot_id,

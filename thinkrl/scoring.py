@@ -38,6 +38,27 @@ class Scores:
         return self.logp_reward[:, -1]
 
 
+@dataclass
+class Distributions:
+    """Log-distributions over the vocabulary at each target position; thought axis as in ``Scores``."""
+
+    logp: torch.Tensor  # (N, K+1, n, V) mixed prediction
+    logp_interp: torch.Tensor | None  # (N, K+1, n, V) interpreter alone, when rewards come from it
+    logp_base: torch.Tensor  # (N, n, V) base, no thought
+    weight: torch.Tensor  # (N, K+1, n)
+    target_ids: torch.Tensor  # (N, n)
+    target_mask: torch.Tensor  # (N, n) bool
+
+    def scores(self) -> Scores:
+        """The log-probs of the targets themselves."""
+        k1_targets = self.target_ids[:, None, :].expand(-1, self.logp.shape[1], -1)
+        logp = _pick(self.logp, k1_targets)
+        logp_reward = logp if self.logp_interp is None else _pick(self.logp_interp, k1_targets)
+        return Scores(
+            logp, logp_reward, _pick(self.logp_base, self.target_ids), self.weight, self.target_ids, self.target_mask
+        )
+
+
 def _gather_targets(hidden: torch.Tensor, starts: torch.Tensor, n: int) -> torch.Tensor:
     """hidden (B, S, d), starts (B,) → (B, n, d): the states at starts + j that predict y_j."""
     index = (starts[:, None] + torch.arange(n, device=hidden.device)).clamp_max(hidden.shape[1] - 1)
@@ -52,10 +73,16 @@ class Scorer:
         self.reward_source = reward_source
         self.pad_id = roles.tokenizer.pad_token_id
 
-    def _window(self, context: list[int]) -> list[int]:
+    def window_of(self, context: list[int]) -> list[int]:
         return context[-self.window :] if self.window else context
 
     def score(self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch) -> Scores:
+        return self.distributions(contexts, targets, thoughts).scores()
+
+    def distributions(
+        self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch
+    ) -> Distributions:
+        """Full next-token log-distributions at every target position (teacher-forced on ``targets``)."""
         roles, pad = self.roles, self.pad_id
         n_pos, k = len(contexts), thoughts.num_thoughts
         n = max(len(t) for t in targets)
@@ -65,7 +92,7 @@ class Scorer:
         for i, t in enumerate(targets):
             target_ids[i, : len(t)], target_mask[i, : len(t)] = torch.tensor(t, device=device), True
 
-        windows = [self._window(c) for c in contexts]
+        windows = [self.window_of(c) for c in contexts]
         seqs = thoughts.interpreter_sequences(roles.sot_id, roles.eot_id) if k else [[] for _ in contexts]
         base_in_batch = roles.shared("base", "interpreter")
         rows = [seqs[i] + [self.null_seq] + ([[]] if base_in_batch else []) for i in range(n_pos)]
@@ -92,12 +119,13 @@ class Scorer:
 
         lm_base = roles.model("base").get_output_embeddings()
         lm_interp = roles.model("interpreter").get_output_embeddings()
-        pick = lambda logp, ids: logp.gather(-1, ids[..., None]).squeeze(-1)  # noqa: E731
-        k1_targets = target_ids[:, None, :].expand(-1, k + 1, -1)
         mixed, weight = roles.head(h_base.expand_as(h_interp), h_interp, lm_base, lm_interp)
-        logp = pick(mixed, k1_targets)
-        logp_reward = logp
+        logp_interp = None
         if self.reward_source == "interpreter" and roles.head.form != "none":
-            logp_reward = pick(torch.log_softmax(lm_interp(h_interp).float(), -1), k1_targets)
-        logp_base = pick(torch.log_softmax(lm_base(h_base[:, 0]).float(), -1), target_ids)
-        return Scores(logp, logp_reward, logp_base, weight, target_ids, target_mask)
+            logp_interp = torch.log_softmax(lm_interp(h_interp).float(), -1)
+        logp_base = torch.log_softmax(lm_base(h_base[:, 0]).float(), -1)
+        return Distributions(mixed, logp_interp, logp_base, weight, target_ids, target_mask)
+
+
+def _pick(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return logp.gather(-1, ids[..., None]).squeeze(-1)

@@ -25,7 +25,7 @@ from thinkrl.errors import ConfigError, NonFiniteLossError
 from thinkrl.evaluation import evaluate
 from thinkrl.learner import build_optimizer, compute_loss
 from thinkrl.models.roles import build_roles, set_threads
-from thinkrl.prompts import load_template
+from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
 from thinkrl.rollout import make_actor
 from thinkrl.rollout.policy import position_seeds
 from thinkrl.run_files import dump_rollouts, mean_or_nan, write_atomic, write_summary
@@ -87,11 +87,8 @@ class Trainer:
             raise ConfigError(
                 f"trainer.batch_positions={tc.batch_positions} must be a multiple of the {world} processes"
             )
-        null_ids = (
-            tok.encode(load_template(cfg.rollout.null_thought, set()), add_special_tokens=False)
-            if cfg.rollout.null_thought
-            else []
-        )
+        null_ids = null_thought_ids(cfg.rollout.null_thought, tok)
+        self.reasoner_prompt = reasoner_prompt(cfg.rollout.reasoner_template, tok)
         self.scorer = Scorer(self.roles, null_ids, cfg.data.interpreter_window, cfg.reward.source)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.roles)
         prepared = self.accelerator.prepare(
@@ -100,7 +97,8 @@ class Trainer:
         self.optimizer, self.scheduler = prepared[-2], prepared[-1]
         for group, model in zip(list(self.roles.models), prepared):
             self.roles.models[group] = self.accelerator.unwrap_model(model)
-        longest = cfg.data.context_len + cfg.rollout.max_thought_len + 2
+        wrapper = len(self.reasoner_prompt.prefix) + len(self.reasoner_prompt.suffix) if self.reasoner_prompt else 0
+        longest = cfg.data.context_len + wrapper + cfg.rollout.max_thought_len + 2
         self.actor = make_actor(
             cfg.rollout, self.roles, self.run_dir / f"rank{self.accelerator.process_index}", longest
         )
@@ -128,7 +126,13 @@ class Trainer:
     def _evaluate(self) -> dict:
         with self._timed("eval"):
             return evaluate(
-                self.cfg, self.roles, self.actor, self.scorer, self.eval_pool, seed=self.cfg.trainer.seed + 12345
+                self.cfg,
+                self.roles,
+                self.actor,
+                self.scorer,
+                self.eval_pool,
+                seed=self.cfg.trainer.seed + 12345,
+                reasoner_prompt=self.reasoner_prompt,
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -141,14 +145,15 @@ class Trainer:
         for _ in range(lc.grad_accum_steps):
             positions, seeds = self._next_batch()
             contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
+            reasoner_contexts = wrap_contexts(self.reasoner_prompt, contexts)
             with self._timed("rollout"):
                 try:
-                    thoughts = self.actor.sample(contexts, cfg.rollout.num_thoughts, seeds)
+                    thoughts = self.actor.sample(reasoner_contexts, cfg.rollout.num_thoughts, seeds)
                 except NonFiniteLossError as exc:
                     self._non_finite(str(exc))
             for _update in range(lc.updates_per_rollout):
                 with self._timed("score_and_loss"):
-                    out = compute_loss(cfg, self.roles, self.scorer, contexts, targets, thoughts)
+                    out = compute_loss(cfg, self.roles, self.scorer, contexts, targets, thoughts, reasoner_contexts)
                 if not torch.isfinite(out.loss):
                     self._non_finite(f"loss is {float(out.loss)}")
                 with self._timed("backward"):

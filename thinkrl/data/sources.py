@@ -66,7 +66,7 @@ def read_jsonl(path: Path, limit: int = 0) -> list[dict]:
     return rows
 
 
-def _load_task_rows(cfg: DataConfig, split: str) -> list[dict]:
+def load_task_rows(cfg: DataConfig, split: str) -> list[dict]:
     train_file, eval_file, hub_id, hub_cfg, hub_train, hub_eval = TASK_FILES[cfg.source]
     local = cfg.train_file or train_file if split == "train" else cfg.eval_file or eval_file
     path = resolve_data_file(cfg, local)
@@ -111,7 +111,8 @@ def _gsm8k_item(row: dict, template: str) -> tuple[str, str, dict]:
     return template.format(question=row["question"].strip()), " " + answer, {"answer": answer}
 
 
-def _csqa_item(row: dict, template: str) -> tuple[str, str, dict]:
+def csqa_fields(row: dict) -> tuple[str, list[str], list[str], str]:
+    """(question stem, choice labels, choice texts, answer label) from either CSQA layout."""
     q = row["question"]
     if isinstance(q, dict):  # official release: {"stem", "choices": [{"label", "text"}]}
         stem, labels, texts = q["stem"], [c["label"] for c in q["choices"]], [c["text"] for c in q["choices"]]
@@ -120,8 +121,17 @@ def _csqa_item(row: dict, template: str) -> tuple[str, str, dict]:
     answer = row["answerKey"]
     if answer not in labels:
         raise ValueError(f"answerKey {answer!r} is not a choice label")
+    return stem.strip(), list(labels), list(texts), answer
+
+
+def csqa_prompt(template: str, stem: str, labels: list[str], texts: list[str]) -> str:
     choices = " ".join(f"({label}) {text}" for label, text in zip(labels, texts))
-    return template.format(question=stem.strip(), choices=choices), " " + answer, {"answer": answer}
+    return template.format(question=stem, choices=choices)
+
+
+def _csqa_item(row: dict, template: str) -> tuple[str, str, dict]:
+    stem, labels, texts, answer = csqa_fields(row)
+    return csqa_prompt(template, stem, labels, texts), " " + answer, {"answer": answer}
 
 
 TASK_ITEMS = {"gsm8k": (_gsm8k_item, {"question"}), "csqa": (_csqa_item, {"question", "choices"})}
@@ -132,7 +142,7 @@ def _task_pool(cfg: DataConfig, tokenizer, split: str) -> PositionPool:
     template = load_template(cfg.prompt_template or f"tasks/{cfg.source}", allowed)
     contexts, targets, metas = [], [], []
     bos = bos_prefix(tokenizer)
-    for i, row in enumerate(_load_task_rows(cfg, split)):
+    for i, row in enumerate(load_task_rows(cfg, split)):
         try:
             context, target, meta = make_item(row, template)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

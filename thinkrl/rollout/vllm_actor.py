@@ -190,6 +190,21 @@ class VLLMRolloutActor(RolloutActor):
         outputs = self._watched("sampling", self._llm.generate, prompts, params, use_tqdm=False)
         return self._to_batch(outputs, num_thoughts, device)
 
+    def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+        """Greedy continuations with the engine's weights (evaluation: the answer after a thought)."""
+        params = self._params_cls(
+            n=1,
+            max_tokens=max_new_tokens,
+            temperature=0.0,
+            stop_token_ids=stop_ids,
+            ignore_eos=True,  # the engine skipped its tokenizer: the caller's stop ids include eos
+            detokenize=False,
+            skip_special_tokens=False,
+        )
+        requests = [self._prompt_cls(prompt_token_ids=p) for p in prompts]
+        outputs = self._watched("generating", self._llm.generate, requests, params, use_tqdm=False)
+        return [list(out.outputs[0].token_ids) for out in outputs]
+
     def _to_batch(self, outputs, k: int, device) -> ThoughtBatch:
         n, m = len(outputs), self.cfg.max_thought_len
         ids = torch.full((n, k, m), self.pad_id, dtype=torch.long)

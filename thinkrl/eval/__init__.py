@@ -1,0 +1,1 @@
+"""Offline evaluation: tasks, scoring, statistics and reports."""

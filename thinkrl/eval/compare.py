@@ -1,0 +1,77 @@
+"""``thinkrl prompts compare A B ...``: reasoner templates side by side on the same items and thought seeds.
+
+Each template gets its own resumable evaluation folder under ``<output>/<template>/`` (null thought and
+``sampled:K`` only); the table gathers mean reward, Δ NLL vs the null thought, null-thought rate, the task's
+accuracy, thought length, unfinished rate and a few sample thoughts per template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from thinkrl.errors import ConfigError
+from thinkrl.eval import report
+from thinkrl.eval.runner import EvalOptions, Evaluator
+from thinkrl.eval.setup import load_setup
+from thinkrl.prompts import MARKER_FIELDS, load_template
+
+# The accuracy each task reports after sampled thoughts (likelihood score where no generation is run).
+ACCURACY = {"gsm8k": ("accuracy_maj", "likelihood_score"), "csqa": ("letter_accuracy",), "text": ()}
+COLUMNS = [
+    ("template", "template"),
+    ("reward_mean", "mean reward"),
+    ("delta_nll", "Δ NLL vs null"),
+    ("null_rate", "null rate"),
+    ("accuracy", "accuracy"),
+    ("thought_len", "thought len"),
+    ("unfinished_rate", "unfinished"),
+]
+
+
+def check_templates(names: list[str]) -> None:
+    """Fail before any model loads: each name must exist, parse, and hold {context} once."""
+    if len(names) < 2:
+        raise ConfigError("prompts compare needs at least two templates")
+    for name in names:
+        text = load_template(name, {"context", *MARKER_FIELDS})
+        if text.count("{context}") != 1:
+            raise ConfigError(f"reasoner template {name!r} must contain {{context}} exactly once")
+
+
+def _row(name: str, results: dict, records: list[dict], task: str, samples: int) -> dict:
+    mode = next(m for m in results["modes"] if m.startswith("sampled"))
+    metrics = results["metrics"]
+    row = {"template": name}
+    for key, _ in COLUMNS[1:]:
+        if key == "accuracy":
+            found = next((f"{mode}/{a}" for a in ACCURACY[task] if f"{mode}/{a}" in metrics), None)
+            row[key] = metrics[found] if found else ""
+        else:
+            row[key] = metrics.get(f"{mode}/{key}", "")
+    row["samples"] = [rec["thoughts"][0]["text"] for rec in records[:samples] if rec["thoughts"]]
+    return row
+
+
+def compare(
+    names: list[str], opts: dict, model: str | None, config: str | None, overrides: list[str], samples: int = 3
+) -> dict:
+    """Evaluate each template; returns {"rows": [...], "table": markdown}. ``opts`` are EvalOptions fields."""
+    check_templates(names)
+    out = Path(opts.pop("output_dir"))
+    rows = []
+    for name in names:
+        setup = load_setup(model, config, [*overrides, f"rollout.reasoner_template={name}"])
+        run_opts = EvalOptions(**opts, output_dir=str(out / name.replace("/", "__")))
+        evaluator = Evaluator(run_opts, setup)
+        results = evaluator.run()
+        records = evaluator.records
+        rows.append(_row(name, results, records, run_opts.task, samples))
+    table = report.compare_table(rows, COLUMNS)
+    lines = [table, ""]
+    for row in rows:
+        lines.append(f"**{row['template']}** sample thoughts:")
+        lines += [f"- `{s!r}`" for s in row["samples"]]
+    text = "\n".join(lines)
+    report.write_json(out / "compare.json", {"rows": rows, "settings": opts, "templates": names})
+    (out / "compare.md").write_text(text + "\n", encoding="utf-8")
+    return {"rows": rows, "table": text}

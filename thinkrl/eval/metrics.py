@@ -1,0 +1,152 @@
+"""Per-item records → per-item metric values (pure; the bootstrap in ``stats`` turns them into intervals).
+
+Metric keys are ``<mode>/<name>`` with mode ``none`` (no thought: the base model), ``null`` (the null thought)
+or ``sampled:K``. Token-level NLLs carry a weight (the item's token count) so their mean is per token.
+
+  accuracy          GSM8K: greedy answer correct (sampled: mean over the K thoughts)
+  accuracy_maj      majority vote of the K answers; accuracy_best: the answer after the highest-reward thought
+  likelihood_score  Quiet-STaR's score: probability of the gold answer renormalised over digits (GSM8K) or
+                    the letters (CSQA); likelihood_best: after the highest-reward thought
+  letter_accuracy   CSQA: argmax over the letters' log-likelihood; text_accuracy: over the answer texts
+                    (mean log-prob per token); gen_accuracy: the letter a greedy generation names
+  nll / nll_hard    per-token NLL of the answer (tasks) or next tokens (text); hard = tokens in the top decile
+                    of the no-thought NLL over the whole slice
+  reward_mean       Δ log-prob of the gold continuation, thought minus null thought (summed over its tokens)
+  delta_nll         per-token NLL after the null thought minus after the sampled thought (> 0: thoughts help)
+  null_rate         share of items where no sampled thought beats the null thought
+  thought_len, unfinished_rate   tokens per thought; share that hit the length limit without the end marker
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+
+def majority(preds: list) -> object:
+    """Most common non-None prediction; ties go to the earliest thought."""
+    votes = Counter(p for p in preds if p is not None)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+class _Collector:
+    def __init__(self):
+        self.values: dict[str, list[float]] = {}
+        self.weights: dict[str, list[float]] = {}
+
+    def add(self, key: str, value: float, weight: float = 1.0) -> None:
+        self.values.setdefault(key, []).append(float(value))
+        self.weights.setdefault(key, []).append(float(weight))
+
+
+def _thought_stats(c: _Collector, mode: str, rec: dict) -> None:
+    thoughts = rec["thoughts"]
+    rewards = [t["reward"] for t in thoughts]
+    c.add(f"{mode}/reward_mean", float(np.mean(rewards)))
+    c.add(f"{mode}/null_rate", float(max(rewards) <= 0))
+    c.add(f"{mode}/thought_len", float(np.mean([t["length"] for t in thoughts])))
+    c.add(f"{mode}/unfinished_rate", float(np.mean([not t["finished"] for t in thoughts])))
+
+
+def _answer_nll(c: _Collector, mode: str, logp_total, n_tokens: int, null_total: float | None = None) -> None:
+    """Per-token NLL of the gold answer (sampled: mean over thoughts) and the gain over the null thought."""
+    mean_total = float(np.mean(logp_total))
+    c.add(f"{mode}/nll", -mean_total / n_tokens, n_tokens)
+    if null_total is not None:
+        c.add(f"{mode}/delta_nll", (mean_total - null_total) / n_tokens, n_tokens)
+
+
+def gsm8k_metrics(records: list[dict], modes: list[str]) -> _Collector:
+    c = _Collector()
+    for rec in records:
+        n_tok = rec["answer_tokens"]
+        for mode in modes:
+            r = rec[mode.split(":")[0]]
+            if mode.startswith("sampled"):
+                best = int(np.argmax([t["reward"] for t in rec["thoughts"]]))
+                c.add(f"{mode}/likelihood_score", float(np.mean(r["likelihood"])))
+                c.add(f"{mode}/likelihood_best", r["likelihood"][best])
+                if "correct" in r:
+                    c.add(f"{mode}/accuracy", float(np.mean(r["correct"])))
+                    c.add(f"{mode}/accuracy_maj", float(r["maj_correct"]))
+                    c.add(f"{mode}/accuracy_best", float(r["correct"][best]))
+                _answer_nll(c, mode, r["answer_logp"], n_tok, rec["null"]["answer_logp"])
+                _thought_stats(c, mode, rec)
+            else:
+                c.add(f"{mode}/likelihood_score", r["likelihood"])
+                if "correct" in r:
+                    c.add(f"{mode}/accuracy", float(r["correct"]))
+                _answer_nll(c, mode, r["answer_logp"], n_tok)
+    return c
+
+
+def csqa_metrics(records: list[dict], modes: list[str]) -> _Collector:
+    c = _Collector()
+    for rec in records:
+        gold = rec["labels"].index(rec["gold"])
+        n_tok = rec["answer_tokens"]
+        for mode in modes:
+            r = rec[mode.split(":")[0]]
+            letter = np.asarray(r["letter_logp"], dtype=float)  # (C,) or (K, C)
+            text = np.asarray(r["text_logp"], dtype=float)
+            probs = np.exp(letter - np.logaddexp.reduce(letter, axis=-1, keepdims=True))
+            letter_ok, text_ok = letter.argmax(-1) == gold, text.argmax(-1) == gold
+            c.add(f"{mode}/letter_accuracy", float(np.mean(letter_ok)))
+            c.add(f"{mode}/text_accuracy", float(np.mean(text_ok)))
+            c.add(f"{mode}/likelihood_score", float(np.mean(probs[..., gold])))
+            if "gen_letters" in r:
+                c.add(f"{mode}/gen_accuracy", float(np.mean([p == rec["gold"] for p in r["gen_letters"]])))
+            if mode.startswith("sampled"):
+                best = int(np.argmax([t["reward"] for t in rec["thoughts"]]))
+                vote = majority([int(i) for i in letter.argmax(-1)])
+                c.add(f"{mode}/letter_accuracy_maj", float(vote == gold))
+                c.add(f"{mode}/letter_accuracy_best", float(letter_ok[best]))
+                _answer_nll(c, mode, letter[:, gold], n_tok, rec["null"]["letter_logp"][gold])
+                _thought_stats(c, mode, rec)
+            else:
+                _answer_nll(c, mode, letter[gold], n_tok)
+    return c
+
+
+def text_metrics(records: list[dict], modes: list[str]) -> _Collector:
+    c = _Collector()
+    base = np.concatenate([np.asarray(rec["logp"]["none"]) for rec in records]) if records else np.zeros(0)
+    # Hard tokens: the top decile of the no-thought NLL over the whole slice (one threshold for every mode).
+    threshold = float(np.quantile(-base, 0.9)) if base.size else 0.0
+    for rec in records:
+        none = np.asarray(rec["logp"]["none"])
+        hard = -none >= threshold
+        null_total = float(np.sum(rec["logp"]["null"])) if "null" in rec["logp"] else None
+        for mode in modes:
+            lp = np.asarray(rec["logp"][mode.split(":")[0]])  # (n,) or (K, n)
+            rows = lp.reshape(-1, lp.shape[-1])
+            sampled = mode.startswith("sampled")
+            _answer_nll(c, mode, rows.sum(-1), lp.shape[-1], null_total if sampled else None)
+            if hard.any():
+                c.add(f"{mode}/nll_hard", float(-rows[:, hard].mean()), float(hard.sum()))
+            if sampled:
+                c.add(f"{mode}/nll_best", float(-rows.sum(-1).max() / lp.shape[-1]), lp.shape[-1])
+                _thought_stats(c, mode, rec)
+    return c
+
+
+TASK_METRICS = {"gsm8k": gsm8k_metrics, "csqa": csqa_metrics, "text": text_metrics}
+
+
+def per_item_metrics(task: str, records: list[dict], modes: list[str]) -> tuple[dict, dict]:
+    """(values, weights): per metric key, one entry per item that has it."""
+    c = TASK_METRICS[task](records, modes)
+    return c.values, c.weights
+
+
+def token_deltas(task: str, records: list[dict], mode: str) -> list[float]:
+    """Per-token Δ log-prob, thought minus null thought (text; tasks: over the gold answer's tokens)."""
+    out: list[float] = []
+    for rec in records:
+        if task == "text" and "null" in rec["logp"]:
+            rows = np.asarray(rec["logp"][mode.split(":")[0]]).reshape(-1, len(rec["logp"]["null"]))
+            out += (rows - np.asarray(rec["logp"]["null"])).ravel().tolist()
+        elif "token_delta" in rec:
+            out += [d for row in rec["token_delta"] for d in row]
+    return out

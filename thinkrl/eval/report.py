@@ -1,0 +1,306 @@
+"""What an evaluation writes besides its per-item jsonl: markdown tables, PNG plots, an HTML token view, JSON.
+
+Metrics are ``{"value", "ci_low", "ci_high", "n"}`` dicts (see ``thinkrl.eval.stats``) keyed ``"<mode>/<metric>"``.
+matplotlib is imported inside the plotting functions so that importing this module stays cheap; the plots draw on
+an Agg canvas directly, which needs no display and leaves the caller's pyplot backend alone.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import numbers
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PathLike = str | os.PathLike
+
+CI_NOTE = "intervals: 95% bootstrap over items"
+DEFAULT_PLOT_METRICS = (
+    "accuracy",
+    "accuracy_maj",
+    "accuracy_best",
+    "likelihood_score",
+    "letter_accuracy",
+    "text_accuracy",
+)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _atomic_write(path: PathLike, data: bytes) -> None:
+    """Write via a temporary file in the same folder and os.replace, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf → None (JSON has no such numbers); numpy scalars and arrays → Python values; tuples → lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy / torch values, without importing either
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON, with NaN and ±inf written as null."""
+    text = json.dumps(_json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False)
+    _atomic_write(path, (text + "\n").encode("utf-8"))
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _num(x: Any) -> float:
+    """A metric field as a float; None (a NaN that went through JSON) and missing fields become NaN."""
+    return math.nan if x is None else float(x)
+
+
+def _fmt(x: float, decimals: int) -> str:
+    return "nan" if math.isnan(x) else f"{x:.{decimals}f}"
+
+
+def format_metric(metric: dict) -> str:
+    """``0.345 [0.300, 0.390]``: 3 decimals, or 1 when |value| >= 100 (the interval follows the value)."""
+    value = _num(metric.get("value"))
+    decimals = 1 if math.isfinite(value) and abs(value) >= 100 else 3
+    if "ci_low" not in metric or "ci_high" not in metric:
+        return _fmt(value, decimals)
+    low, high = _fmt(_num(metric["ci_low"]), decimals), _fmt(_num(metric["ci_high"]), decimals)
+    return f"{_fmt(value, decimals)} [{low}, {high}]"
+
+
+def _cell(x: Any) -> str:
+    """A table cell: metric dicts as above, floats with 3 decimals, ints as they are, None as empty."""
+    if x is None:
+        return ""
+    if isinstance(x, dict):
+        return format_metric(x)
+    if isinstance(x, numbers.Integral):  # counts read better without decimals
+        return str(x)
+    if isinstance(x, numbers.Real):
+        return _fmt(float(x), 3)
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _split_key(key: str, modes: list[str]) -> tuple[str, str]:
+    """ "<mode>/<metric>" → (mode, metric). Known modes are matched first, so a metric name may contain "/"."""
+    for mode in sorted(modes, key=len, reverse=True):
+        if key.startswith(mode + "/"):
+            return mode, key[len(mode) + 1 :]
+    mode, _, metric = key.partition("/")
+    return mode, metric
+
+
+def _by_metric(results: dict) -> tuple[list[str], dict[str, dict[str, dict]]]:
+    """Modes in order (results["modes"], then any others seen in the keys) and {metric: {mode: ci dict}}."""
+    modes = list(results.get("modes", []))
+    table: dict[str, dict[str, dict]] = {}
+    for key, metric in results.get("metrics", {}).items():
+        mode, name = _split_key(key, modes)
+        if mode not in modes:
+            modes.append(mode)
+        table.setdefault(name, {})[mode] = metric
+    return modes, table
+
+
+def markdown_table(results: dict) -> str:
+    """One row per metric (in order of first appearance), one column per mode; empty cells where a mode lacks it."""
+    modes, table = _by_metric(results)
+    heading = (
+        f"### {results.get('task', '?')} · {results.get('model', '?')} · "
+        f"N={results.get('n_items', '?')} · seed {results.get('seed', '?')}"
+    )
+    rows = [[_cell(name)] + [_cell(per_mode.get(mode)) for mode in modes] for name, per_mode in table.items()]
+    return "\n".join([heading, "", *_table(["metric", *modes], rows), "", CI_NOTE]) + "\n"
+
+
+def compare_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A markdown table with the given (key, header) columns; cells may be numbers, strings or metric dicts."""
+    body = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    return "\n".join(_table([header for _, header in columns], body)) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path: PathLike) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _atomic_write(path, buf.getvalue())
+
+
+def plot_token_deltas(deltas: list[float], path: PathLike, title: str) -> None:
+    """Histogram of per-token Δ log-prob with a line at 0 and the mean; writes a "no tokens" PNG when empty."""
+    finite = [float(d) for d in deltas if d is not None and math.isfinite(d)]
+    fig = _new_figure(7, 4)
+    ax = fig.add_subplot()
+    if not finite:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no tokens", ha="center", va="center", fontsize=14, transform=ax.transAxes)
+        ax.set_title(title)
+    else:
+        mean = sum(finite) / len(finite)
+        ax.hist(finite, bins=min(80, max(10, int(math.sqrt(len(finite))))), color="#4c72b0", alpha=0.8)
+        ax.axvline(0.0, color="black", linewidth=1, label="0")
+        ax.axvline(mean, color="#c44e52", linestyle="--", linewidth=1.5, label=f"mean {mean:+.3f}")
+        ax.set_title(f"{title}\nmean Δ = {mean:+.3f} nats over {len(finite)} tokens")
+        ax.set_xlabel("Δ log-prob per target token (nats)")
+        ax.set_ylabel("tokens")
+        ax.legend()
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _error_bar(metric: dict) -> tuple[float, float]:
+    """(below, above) distances to the interval ends; 0 where the interval is missing."""
+    value, low, high = (_num(metric.get(k)) for k in ("value", "ci_low", "ci_high"))
+    below, above = value - low, high - value
+    return (max(below, 0.0) if math.isfinite(below) else 0.0, max(above, 0.0) if math.isfinite(above) else 0.0)
+
+
+def plot_accuracy(results: dict, path: PathLike, metric_names: tuple[str, ...] = DEFAULT_PLOT_METRICS) -> bool:
+    """Grouped bars (one group per metric present, one bar per mode) with CI error bars; False if none present."""
+    modes, table = _by_metric(results)
+    names = [name for name in metric_names if name in table]
+    if not names:
+        return False
+    modes = [mode for mode in modes if any(mode in table[name] for name in names)]
+    fig = _new_figure(min(16.0, max(5.0, 1.5 + 0.5 * len(names) * len(modes))), 4)
+    ax = fig.add_subplot()
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        xs, ys, errs = [], [], []
+        for g, name in enumerate(names):
+            metric = table[name].get(mode)
+            if metric is not None:
+                xs.append(g - 0.4 + width * (i + 0.5))
+                ys.append(_num(metric.get("value")))
+                errs.append(_error_bar(metric))
+        below, above = zip(*errs, strict=True) if errs else ((), ())
+        ax.bar(xs, ys, width=width, yerr=[below, above], capsize=3, label=mode)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_title(f"{results.get('task', '')} · {results.get('model', '')} (N={results.get('n_items', '?')})")
+    ax.set_ylabel("value (95% bootstrap CI)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save_png(fig, path)
+    return True
+
+
+# ---------------------------------------------------------------- html
+
+_CONTEXT_CHARS = 600
+_GREEN, _RED = (0, 150, 0), (210, 0, 0)
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+.item { border: 1px solid #ccc; border-radius: 6px; padding: 0.6rem 1rem; margin: 1.2rem 0; }
+.item h2 { font-size: 1rem; margin: 0.2rem 0 0.6rem; }
+.text { font-family: ui-monospace, monospace; font-size: 0.9rem; white-space: pre-wrap; word-break: break-word; }
+.context { color: #888; }
+.thought { border: 1px dashed #6a4fc4; background: #f4f0ff; border-radius: 4px; padding: 0.3rem 0.6rem;
+           margin: 0.5rem 0; }
+.label { font-family: system-ui, sans-serif; font-size: 0.75rem; color: #6a4fc4; font-weight: bold; }
+.target { margin-top: 0.4rem; }
+.nl { opacity: 0.5; }
+.note { font-size: 0.85rem; color: #555; margin-top: 0.5rem; }
+.legend { border: 1px solid #ddd; background: #fafafa; padding: 0.5rem 1rem; border-radius: 6px; }
+"""
+
+
+def _token_style(delta: float | None) -> str:
+    """Green when the thought raised the token's log-prob, red when it lowered it; full colour at |Δ| >= 2 nats."""
+    if delta is None or not math.isfinite(delta) or delta == 0:
+        return ""
+    r, g, b = _GREEN if delta > 0 else _RED
+    return f"background-color: rgba({r}, {g}, {b}, {min(abs(delta) / 2, 1.0):.3f})"
+
+
+def _token_html(text: str, delta: float | None) -> str:
+    shown = html.escape(text).replace("\n", '<span class="nl">↵</span>\n')  # a coloured newline must stay visible
+    tip = "Δ n/a" if delta is None or not math.isfinite(delta) else f"Δ {delta:+.3f}"
+    style = _token_style(delta)
+    style_attr = f' style="{style}"' if style else ""
+    return f'<span class="tok" title="{html.escape(tip)}"{style_attr}>{shown}</span>'
+
+
+def _item_html(item: dict) -> str:
+    context = item.get("context") or ""
+    if len(context) > _CONTEXT_CHARS:
+        context = "…" + context[-_CONTEXT_CHARS:]
+    parts = [
+        '<div class="item">',
+        f"<h2>{html.escape(str(item.get('title', '')))}</h2>",
+        f'<div class="text context">{html.escape(context)}</div>',
+    ]
+    thought = item.get("thought")
+    if thought is not None:
+        label = '<div class="label">thought</div>'
+        parts.append(f'<div class="thought">{label}<div class="text">{html.escape(thought)}</div></div>')
+    tokens = "".join(_token_html(str(text), delta) for text, delta in item.get("tokens", []))
+    parts.append(f'<div class="text target">{tokens}</div>')
+    if item.get("note"):
+        parts.append(f'<div class="note">{html.escape(str(item["note"]))}</div>')
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def _legend_html() -> str:
+    swatches = " ".join(_token_html(f" {d:+g} ", d) for d in (-2.0, -1.0, -0.25, 0.25, 1.0, 2.0))
+    return (
+        '<div class="legend">Target tokens are coloured by Δ log-prob (with the thought minus without it): '
+        '<span style="color: rgb(0, 150, 0)">green</span> = the thought helped, '
+        '<span style="color: rgb(210, 0, 0)">red</span> = it hurt; colour strength grows with |Δ| up to 2 nats. '
+        f'Hover a token for its Δ. <span class="text">{swatches}</span> '
+        "The grey text is the end of the context; the dashed box is the thought.</div>"
+    )
+
+
+def html_report(items: list[dict], path: PathLike, title: str) -> None:
+    """A self-contained HTML page (inline CSS, no JS) showing context, thought and Δ-coloured target per item."""
+    page = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{html.escape(title)}</title>",
+            f"<style>{_CSS}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1>",
+            _legend_html(),
+            *(_item_html(item) for item in items),
+            "</body></html>",
+        ]
+    )
+    _atomic_write(path, (page + "\n").encode("utf-8"))

@@ -1,0 +1,373 @@
+"""``thinkrl eval``: score a model on a held-out slice with no thought, the null thought and K sampled thoughts.
+
+The output folder holds ``items.jsonl`` (one record per item, appended batch by batch), ``settings.json``
+(what was asked; a rerun with the same settings resumes after the items already written), ``results.json``
+(every metric with a 95% bootstrap interval and N), ``results.md``, ``plots/`` and ``report.html``.
+Every item's thoughts come from its own seed (``item_seed``), so they do not depend on the batch or a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from thinkrl.config import to_dict
+from thinkrl.errors import ConfigError, DataError
+from thinkrl.eval import metrics as metric_fns
+from thinkrl.eval import report, stats
+from thinkrl.eval.answers import extract_choice, extract_number, numbers_equal
+from thinkrl.eval.generate import Generator
+from thinkrl.eval.likelihood import answer_token_ids, renormalised_logp
+from thinkrl.eval.setup import EvalSetup
+from thinkrl.eval.tasks import TASKS, EvalItem, item_seed, load_items
+from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
+from thinkrl.rollout import make_actor
+from thinkrl.rollout.base import ThoughtBatch, empty_thoughts
+from thinkrl.run_files import append_jsonl
+from thinkrl.scoring import Scorer
+
+logger = logging.getLogger(__name__)
+STOP_STRINGS = {"gsm8k": ["\n\n", "Question:"], "csqa": ["\n"]}
+DEFAULT_NEW_TOKENS = {"gsm8k": 64, "csqa": 8}
+RESULT_KEYS = ("task", "model", "n_items", "seed", "modes", "metrics")
+
+
+def parse_modes(spec: str) -> list[str]:
+    """'none,null,sampled:4' → ['none', 'null', 'sampled:4'] (at most one sampled mode)."""
+    modes = [m.strip() for m in spec.split(",") if m.strip()]
+    for m in modes:
+        if m not in ("none", "null") and not (m.startswith("sampled:") and m[8:].isdigit() and int(m[8:]) > 0):
+            raise ConfigError(f"--thoughts entry {m!r} is not none, null or sampled:K (K >= 1)")
+    if not modes or sum(m.startswith("sampled") for m in modes) > 1:
+        raise ConfigError("--thoughts needs at least one mode and at most one sampled:K")
+    return modes
+
+
+@dataclass
+class EvalOptions:
+    task: str
+    model: str
+    thoughts: str = "none,null,sampled:4"
+    limit: int = 0
+    seed: int = 0
+    batch_size: int = 8  # items per batch (not part of the settings a resume must match)
+    max_new_tokens: int = 0  # 0 = the task's default
+    generate: bool = True
+    output_dir: str = ""
+    modes: list[str] = field(init=False)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ConfigError(f"--task {self.task} is unknown; use one of {', '.join(TASKS)}")
+        self.modes = parse_modes(self.thoughts)
+        if "null" not in self.modes and any(m.startswith("sampled") for m in self.modes):
+            self.modes.insert(0, "null")  # rewards are measured against the null thought
+        if self.limit < 0 or self.batch_size < 1 or self.max_new_tokens < 0:
+            raise ConfigError("--limit and --max-new-tokens must be >= 0 and --batch-size >= 1")
+        self.max_new_tokens = self.max_new_tokens or DEFAULT_NEW_TOKENS.get(self.task, 0)
+
+    @property
+    def k(self) -> int:
+        return next((int(m[8:]) for m in self.modes if m.startswith("sampled")), 0)
+
+
+def _select(thoughts: ThoughtBatch, index: torch.Tensor) -> ThoughtBatch:
+    """Rows of a ThoughtBatch, e.g. one copy of an item's thoughts per candidate answer."""
+    pick = lambda t: t.index_select(0, index.to(t.device))  # noqa: E731
+    return ThoughtBatch(
+        pick(thoughts.thought_ids),
+        pick(thoughts.thought_mask),
+        pick(thoughts.sampler_logps),
+        pick(thoughts.finished),
+        pick(thoughts.lengths),
+        thoughts.staleness,
+    )
+
+
+class Evaluator:
+    def __init__(self, opts: EvalOptions, setup: EvalSetup):
+        self.opts, self.cfg, self.roles = opts, setup.cfg, setup.roles
+        self.out = Path(opts.output_dir)
+        tok = self.roles.tokenizer
+        self.items = load_items(opts.task, self.cfg, tok, opts.limit, opts.seed)
+        if not self.items:
+            raise DataError(f"no {opts.task} items to evaluate; check the data file and --limit")
+        ro = self.cfg.rollout
+        self.null_ids = null_thought_ids(ro.null_thought, tok)
+        self.prompt = reasoner_prompt(ro.reasoner_template, tok)
+        self.scorer = Scorer(self.roles, self.null_ids, self.cfg.data.interpreter_window, self.cfg.reward.source)
+        wrapper = len(self.prompt.prefix) + len(self.prompt.suffix) if self.prompt else 0
+        longest = max(len(it.context) for it in self.items) + wrapper + ro.max_thought_len + len(self.null_ids)
+        self.actor = make_actor(ro, self.roles, self.out, longest + opts.max_new_tokens + 8)
+        self.generate = Generator(self.roles, self.actor, opts.batch_size)
+        self.digits = answer_token_ids(tok, "digits") if opts.task == "gsm8k" else None
+        self.settings = {
+            **{k: v for k, v in asdict(opts).items() if k not in ("batch_size", "output_dir")},
+            "recipe": to_dict(self.cfg),
+            "checkpoint": str(setup.checkpoint) if setup.checkpoint else None,
+        }
+
+    # --------------------------------------------------------------------------------------------------------
+    def _resume(self) -> dict[int, dict]:
+        """Records already written by an evaluation with the same settings (a different one is refused)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings_path, items_path = self.out / "settings.json", self.out / "items.jsonl"
+        if settings_path.is_file():
+            old = json.loads(settings_path.read_text())
+            if old != json.loads(json.dumps(self.settings)):
+                changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+                raise ConfigError(
+                    f"{self.out} holds an evaluation with other settings ({', '.join(changed)}); "
+                    "use another --output folder or delete that one"
+                )
+        else:
+            report.write_json(settings_path, self.settings)
+        done = {}
+        if items_path.is_file():
+            for line in items_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the interruption: that item is redone
+                    continue
+                done[rec["id"]] = rec
+            # Rewrite without a cut last line, so appended records start on a fresh line.
+            items_path.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
+        return done
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        done = self._resume()
+        todo = [it for it in self.items if it.id not in done]
+        if done:
+            logger.info("resuming: %d of %d items already evaluated in %s", len(done), len(self.items), self.out)
+        for model in self.roles.models.values():
+            model.eval()
+        bar = tqdm(total=len(self.items), initial=len(self.items) - len(todo), desc=f"eval {self.opts.task}")
+        with torch.no_grad():
+            for s in range(0, len(todo), self.opts.batch_size):
+                batch = todo[s : s + self.opts.batch_size]
+                for rec in self._evaluate_batch(batch):
+                    append_jsonl(self.out / "items.jsonl", rec)
+                    done[rec["id"]] = rec
+                bar.update(len(batch))
+        bar.close()
+        records = self.records = [done[it.id] for it in self.items]
+        results = self._summarise(records)
+        self._write_reports(results, records)
+        logger.info("evaluated %d items in %.1f s", len(records), time.perf_counter() - start)
+        return results
+
+    # --------------------------------------------------------------------------------------------------------
+    def _thoughts(self, batch: list[EvalItem]) -> tuple[ThoughtBatch, list[list[dict]]]:
+        k, tok = self.opts.k, self.roles.tokenizer
+        contexts = [it.context for it in batch]
+        if not k:
+            return empty_thoughts(len(batch), self.roles.model("interpreter").device), [[] for _ in batch]
+        seeds = [item_seed(self.opts.seed, it.id) for it in batch]
+        thoughts = self.actor.sample(wrap_contexts(self.prompt, contexts), k, seeds)
+        described = [
+            [
+                {
+                    "text": tok.decode(thoughts.thought_ids[i, j, : int(thoughts.lengths[i, j])].tolist()),
+                    "length": int(thoughts.lengths[i, j]),
+                    "finished": bool(thoughts.finished[i, j]),
+                }
+                for j in range(k)
+            ]
+            for i in range(len(batch))
+        ]
+        return thoughts, described
+
+    def _prompts(self, batch: list[EvalItem], thoughts: ThoughtBatch) -> dict[str, list[list[int]]]:
+        """Generation prompts per mode: the interpreter's (windowed) context, then the thought's markers."""
+        windows = [self.scorer.window_of(it.context) for it in batch]
+        sot, eot = self.roles.sot_id, self.roles.eot_id
+        prompts = {"none": windows, "null": [w + [sot, *self.null_ids, eot] for w in windows]}
+        if thoughts.num_thoughts:
+            seqs = thoughts.interpreter_sequences(sot, eot)
+            prompts["sampled"] = [w + z for w, row in zip(windows, seqs) for z in row]
+        return prompts
+
+    def _generations(self, batch, thoughts) -> dict[str, list[str]]:
+        if not self.opts.generate or self.opts.task not in STOP_STRINGS:
+            return {}
+        stops, n_new = STOP_STRINGS[self.opts.task], self.opts.max_new_tokens
+        prompts = self._prompts(batch, thoughts)
+        wanted = {m.split(":")[0] for m in self.opts.modes}
+        role = {"none": "base", "null": "interpreter", "sampled": "interpreter"}
+        return {m: self.generate(role[m], p, n_new, stops) for m, p in prompts.items() if m in wanted}
+
+    def _evaluate_batch(self, batch: list[EvalItem]) -> list[dict]:
+        thoughts, described = self._thoughts(batch)
+        # One scored position per (item, candidate answer); an item's thoughts are shared by its candidates.
+        owner = [i for i, it in enumerate(batch) for _ in it.targets]
+        contexts = [batch[i].context for i in owner]
+        targets = [t for it in batch for t in it.targets]
+        expanded = _select(thoughts, torch.tensor(owner))
+        gens = self._generations(batch, thoughts)
+        if self.opts.task == "gsm8k":
+            dists = self.scorer.distributions(contexts, targets, expanded)
+            scores = dists.scores()
+            mask = dists.target_mask
+            like = {
+                "rows": renormalised_logp(
+                    dists.logp, dists.target_ids[:, None].expand_as(scores.logp), mask[:, None], self.digits
+                ).exp(),
+                "base": renormalised_logp(dists.logp_base, dists.target_ids, mask, self.digits).exp(),
+            }
+        else:
+            scores = self.scorer.score(contexts, targets, expanded)
+            mask, like = scores.target_mask, None
+        m = mask.float()
+        totals = (scores.logp * m[:, None]).sum(-1).cpu()  # (M, K+1)
+        reward_totals = (scores.logp_reward * m[:, None]).sum(-1).cpu()
+        base_totals = (scores.logp_base * m).sum(-1).cpu()
+        build = {"gsm8k": self._gsm8k_record, "csqa": self._csqa_record, "text": self._text_record}[self.opts.task]
+        records, row = [], 0
+        for i, it in enumerate(batch):
+            c = len(it.targets)
+            sl = slice(row, row + c)
+            ctx = {
+                "totals": totals[sl],
+                "reward_totals": reward_totals[sl],
+                "base": base_totals[sl],
+                "logp": scores.logp[sl].cpu(),
+                "logp_base": scores.logp_base[sl].cpu(),
+                "mask": mask[sl].cpu(),
+                "like": {k: v[sl].cpu() for k, v in like.items()} if like else None,
+                "gens": {m_: self._per_item(g, i, thoughts.num_thoughts, m_) for m_, g in gens.items()},
+            }
+            records.append(build(it, described[i], ctx))
+            row += c
+        return records
+
+    @staticmethod
+    def _per_item(gens: list[str], i: int, k: int, mode: str):
+        return gens[i * k : (i + 1) * k] if mode == "sampled" else gens[i]
+
+    # --------------------------------------------------------------------------------------------------------
+    def _common(self, it: EvalItem, thoughts: list[dict], gold_row: int, ctx: dict) -> dict:
+        """Thought rewards and per-token Δ on the gold continuation (row ``gold_row`` of the item's candidates)."""
+        k = len(thoughts)
+        rec = {"id": it.id, "gold": it.gold, **it.info}
+        n = int(ctx["mask"][gold_row].sum())
+        rec["answer_tokens"] = n
+        rec["target_tokens"] = [self.roles.tokenizer.decode([t]) for t in it.targets[gold_row]]
+        rt = ctx["reward_totals"][gold_row]
+        rec["thoughts"] = [{**t, "reward": round(float(rt[j] - rt[k]), 6)} for j, t in enumerate(thoughts)]
+        lp = ctx["logp"][gold_row][:, :n]
+        rec["token_delta"] = [[round(float(d), 6) for d in lp[j] - lp[k]] for j in range(k)]
+        return rec
+
+    def _gsm8k_record(self, it: EvalItem, thoughts: list[dict], ctx: dict) -> dict:
+        k = len(thoughts)
+        rec = self._common(it, thoughts, 0, ctx)
+        tot, rows, gens = ctx["totals"][0], ctx["like"]["rows"][0], ctx["gens"]
+        rec["none"] = {"answer_logp": float(ctx["base"][0]), "likelihood": float(ctx["like"]["base"][0])}
+        rec["null"] = {"answer_logp": float(tot[k]), "likelihood": float(rows[k])}
+        if k:
+            rec["sampled"] = {"answer_logp": tot[:k].tolist(), "likelihood": rows[:k].tolist()}
+        for mode, text in gens.items():
+            texts = text if isinstance(text, list) else [text]
+            preds = [extract_number(t) for t in texts]
+            correct = [numbers_equal(p, it.gold) for p in preds]
+            if mode == "sampled":
+                vote = metric_fns.majority(preds)
+                rec[mode].update(
+                    generation=texts,
+                    pred=preds,
+                    correct=correct,
+                    maj_pred=vote,
+                    maj_correct=numbers_equal(vote, it.gold),
+                )
+            else:
+                rec[mode].update(generation=texts[0], pred=preds[0], correct=correct[0])
+        return rec
+
+    def _csqa_record(self, it: EvalItem, thoughts: list[dict], ctx: dict) -> dict:
+        k, labels = len(thoughts), it.info["labels"]
+        n_choices = len(labels)
+        gold_row = labels.index(it.gold)
+        rec = self._common(it, thoughts, gold_row, ctx)
+        tot, base, mask = ctx["totals"], ctx["base"], ctx["mask"]
+        lengths = mask.sum(-1).clamp_min(1).float()
+        letters, texts = slice(0, n_choices), slice(n_choices, 2 * n_choices)
+        per_tok = tot / lengths[:, None]  # answer texts compare by mean log-prob per token
+        rec["none"] = {"letter_logp": base[letters].tolist(), "text_logp": (base / lengths)[texts].tolist()}
+        rec["null"] = {"letter_logp": tot[letters, k].tolist(), "text_logp": per_tok[texts, k].tolist()}
+        if k:
+            rec["sampled"] = {"letter_logp": tot[letters, :k].T.tolist(), "text_logp": per_tok[texts, :k].T.tolist()}
+        for mode, text in ctx["gens"].items():
+            texts_ = text if isinstance(text, list) else [text]
+            rec[mode].update(generation=texts_, gen_letters=[extract_choice(t, "".join(labels)) for t in texts_])
+        return rec
+
+    def _text_record(self, it: EvalItem, thoughts: list[dict], ctx: dict) -> dict:
+        k = len(thoughts)
+        rec = self._common(it, thoughts, 0, ctx)
+        n = rec["answer_tokens"]
+        lp = ctx["logp"][0][:, :n]
+        rec["context"] = self.roles.tokenizer.decode(it.context[-120:])
+        rec["logp"] = {"none": ctx["logp_base"][0][:n].tolist(), "null": lp[k].tolist()}
+        if k:
+            rec["logp"]["sampled"] = lp[:k].tolist()
+        return rec
+
+    # --------------------------------------------------------------------------------------------------------
+    def _summarise(self, records: list[dict]) -> dict:
+        values, weights = metric_fns.per_item_metrics(self.opts.task, records, self.opts.modes)
+        return {
+            "task": self.opts.task,
+            "model": self.opts.model,
+            "n_items": len(records),
+            "seed": self.opts.seed,
+            "modes": self.opts.modes,
+            "metrics": stats.summarise(values, weights, seed=self.opts.seed),
+        }
+
+    def _write_reports(self, results: dict, records: list[dict]) -> None:
+        report.write_json(self.out / "results.json", results)
+        (self.out / "results.md").write_text(report.markdown_table(results) + "\n", encoding="utf-8")
+        sampled = next((m for m in self.opts.modes if m.startswith("sampled")), None)
+        if sampled:
+            deltas = metric_fns.token_deltas(self.opts.task, records, sampled)
+            report.plot_token_deltas(
+                deltas,
+                self.out / "plots" / "token_deltas.png",
+                f"{self.opts.task}: per-token Δ log-prob, thought − null thought",
+            )
+        report.plot_accuracy(results, self.out / "plots" / "accuracy.png")
+        report.html_report(
+            self._html_items(records), self.out / "report.html", f"thinkrl eval — {self.opts.task} — {self.opts.model}"
+        )
+
+    def _html_items(self, records: list[dict], limit: int = 50) -> list[dict]:
+        items = []
+        for rec in records[:limit]:
+            best = max(range(len(rec["thoughts"])), key=lambda j: rec["thoughts"][j]["reward"], default=None)
+            deltas = rec["token_delta"][best] if best is not None else [None] * len(rec["target_tokens"])
+            context = rec.get("context") or rec.get("question", "")
+            note = f"gold {rec['gold']!r}"
+            if best is not None:
+                note += f"; best thought reward {rec['thoughts'][best]['reward']:+.3f}"
+            items.append(
+                {
+                    "title": f"item {rec['id']}",
+                    "context": context,
+                    "thought": rec["thoughts"][best]["text"] if best is not None else None,
+                    "tokens": [[t, d] for t, d in zip(rec["target_tokens"], deltas)],
+                    "note": note,
+                }
+            )
+        return items
+
+
+def result_view(results: dict) -> dict:
+    """The reproducible part of results.json (what a resumed evaluation must reproduce)."""
+    return {k: results[k] for k in RESULT_KEYS}

@@ -1,0 +1,75 @@
+"""What ``thinkrl eval`` evaluates: a training run (its recipe and newest checkpoint), one checkpoint folder, or a
+plain model (local HF folder, hub id, or the ``smollm2-135m-instruct`` alias) used in every role."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from thinkrl.config import Config, load_config
+from thinkrl.errors import ConfigError
+from thinkrl.models.roles import RoleModels, build_roles
+from thinkrl.run_state import CHECKPOINT_PREFIX, find_checkpoints
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSetup:
+    cfg: Config
+    roles: RoleModels
+    checkpoint: Path | None  # None: a plain model, no thinkrl training behind it
+
+
+def _run_and_checkpoint(model: str) -> tuple[Path, Path | None] | None:
+    """(run folder, checkpoint) when ``model`` names a thinkrl run or one of its checkpoints, else None."""
+    path = Path(model).expanduser()
+    if path.name.startswith(CHECKPOINT_PREFIX) and (path / "trainer_state.json").is_file():
+        return path.parent, path
+    if (path / "config.yaml").is_file() and path.is_dir():
+        found = find_checkpoints(path)
+        return path, (found[-1] if found else None)
+    return None
+
+
+def load_checkpoint_weights(roles: RoleModels, checkpoint: Path) -> None:
+    """Load a training checkpoint's models and head (accelerate state, same order as the trainer prepared them)."""
+    import torch
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    prepared = accelerator.prepare(*roles.models.values(), roles.head)
+    for group, model in zip(list(roles.models), prepared):
+        roles.models[group] = accelerator.unwrap_model(model)
+    try:
+        accelerator.load_state(str(checkpoint), strict=True)
+    except Exception as exc:
+        raise ConfigError(
+            f"checkpoint {checkpoint} does not match its run's config.yaml ({type(exc).__name__}); "
+            "evaluate the run folder it came from"
+        ) from None
+
+
+def load_setup(model: str | None, config: str | None, overrides: list[str]) -> EvalSetup:
+    """Build the roles to evaluate. ``overrides`` (dotted key=value) apply last, e.g. rollout.max_thought_len=16."""
+    located = _run_and_checkpoint(model) if model else None
+    if located:
+        run_dir, checkpoint = located
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        roles = build_roles(cfg)
+        if checkpoint is None:
+            logger.warning("run %s has no complete checkpoint: evaluating its initial weights", run_dir)
+        else:
+            load_checkpoint_weights(roles, checkpoint)
+            logger.info("evaluating %s", checkpoint)
+        return EvalSetup(cfg, roles, checkpoint)
+    if model is None and config is None:
+        raise ConfigError("give --model (run folder, checkpoint, HF folder, hub id or smollm2-135m-instruct)")
+    plain = (
+        [f"model.default.path={model}", "model.groups={}", "model.weight_groups=[A,A,A]", "head.form=none"]
+        if model
+        else []
+    )
+    cfg = load_config(config, [*plain, *overrides])
+    return EvalSetup(cfg, build_roles(cfg), None)
