@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from thinkrl.models.roles import RoleModels
-from thinkrl.models.shared_prefix import forward_shared_prefix
+from thinkrl.models.shared_prefix import forward_shared_prefix, forward_two_level
 from thinkrl.rollout.base import ThoughtBatch
 
 
@@ -125,6 +125,62 @@ class Scorer:
             logp_interp = torch.log_softmax(lm_interp(h_interp).float(), -1)
         logp_base = torch.log_softmax(lm_base(h_base[:, 0]).float(), -1)
         return Distributions(mixed, logp_interp, logp_base, weight, target_ids, target_mask)
+
+    @torch.no_grad()
+    def candidates(self, contexts: list[list[int]], candidates: list[list[list[int]]], thoughts: ThoughtBatch):
+        """Per-token log-probs of C candidate answers after each thought (evaluation: multiple choice).
+
+        Context, then each thought, then each candidate are computed once (``forward_two_level``), so scoring C
+        answers costs little more than one. Returns ``Scores``-like tensors with a candidate axis:
+        logp / logp_reward (N, K+1, C, n), logp_base (N, C, n), target_ids and target_mask (N, C, n)."""
+        roles, pad = self.roles, self.pad_id
+        n_pos, k, c = len(contexts), thoughts.num_thoughts, len(candidates[0])
+        if any(len(cands) != c for cands in candidates):
+            raise ValueError("every position needs the same number of candidates")
+        n = max(len(y) for cands in candidates for y in cands)
+        device = roles.model("interpreter").device
+        target_ids = torch.full((n_pos, c, n), pad, dtype=torch.long, device=device)
+        target_mask = torch.zeros((n_pos, c, n), dtype=torch.bool, device=device)
+        for i, cands in enumerate(candidates):
+            for j, y in enumerate(cands):
+                target_ids[i, j, : len(y)], target_mask[i, j, : len(y)] = torch.tensor(y, device=device), True
+
+        windows = [self.window_of(ctx) for ctx in contexts]
+        seqs = thoughts.interpreter_sequences(roles.sot_id, roles.eot_id) if k else [[] for _ in contexts]
+        base_in_batch = roles.shared("base", "interpreter")
+        rows = [seqs[i] + [self.null_seq] + ([[]] if base_in_batch else []) for i in range(n_pos)]
+
+        def states(model, rows_):
+            r = len(rows_[0])
+            middles = [[w[-1], *z] for w, row in zip(windows, rows_) for z in row]
+            tails = [y[:-1] for i, row in enumerate(rows_) for _ in row for y in candidates[i]]
+            last, tail = forward_two_level(model, [w[:-1] for w in windows], middles, tails, pad)
+            h = torch.cat([last.repeat_interleave(c, 0)[:, None], tail[:, : n - 1]], dim=1)
+            return h.reshape(n_pos, r, c, n, -1)
+
+        h = states(roles.model("interpreter"), rows)
+        if base_in_batch:
+            h_interp, h_base = h[:, :-1], h[:, -1:]
+        else:
+            h_interp, h_base = h, states(roles.model("base"), [[[]] for _ in contexts])
+        lm_base = roles.model("base").get_output_embeddings()
+        lm_interp = roles.model("interpreter").get_output_embeddings()
+        ids = target_ids[:, None].expand(-1, k + 1, -1, -1)
+        flat_i, flat_b = h_interp.flatten(0, 2), h_base.expand_as(h_interp).flatten(0, 2)
+        flat_ids = ids.flatten(0, 2)
+        logp, logp_reward = torch.empty(flat_ids.shape, device=device), None
+        if self.reward_source == "interpreter" and roles.head.form != "none":
+            logp_reward = torch.empty(flat_ids.shape, device=device)
+        for s in range(0, flat_ids.shape[0], 64):  # (rows, n, V) log-distributions in bounded chunks
+            ch = slice(s, s + 64)
+            mixed, _ = roles.head(flat_b[ch], flat_i[ch], lm_base, lm_interp)
+            logp[ch] = _pick(mixed, flat_ids[ch])
+            if logp_reward is not None:
+                logp_reward[ch] = _pick(torch.log_softmax(lm_interp(flat_i[ch]).float(), -1), flat_ids[ch])
+        logp = logp.reshape(ids.shape)
+        logp_reward = logp if logp_reward is None else logp_reward.reshape(ids.shape)
+        logp_base = _pick(torch.log_softmax(lm_base(h_base[:, 0]).float(), -1), target_ids)
+        return logp, logp_reward, logp_base, target_ids, target_mask
 
 
 def _pick(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ def _eval_options(args: argparse.Namespace, output: str) -> dict:
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "generate": not args.no_generate,
+        "stop": args.stop,
         "output_dir": output,
     }
 
@@ -82,6 +83,7 @@ def _add_eval_arguments(p: argparse.ArgumentParser, thoughts: str) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="items per batch")
     p.add_argument("--max-new-tokens", type=int, default=0, help="generated answer tokens (0 = task default)")
     p.add_argument("--no-generate", action="store_true", help="skip greedy generation (likelihood scores only)")
+    p.add_argument("--stop", default="", help="comma list of generation stop strings, e.g. '\\n\\n' (default: task's)")
     p.add_argument("--text-file", help="--task text: held-out text file (relative to data.data_dir or a path)")
     p.add_argument("--positions", default="every_k", help="--task text: every_k | random thought positions")
     p.add_argument("--output", help="output folder (rerun the same command to resume)")

@@ -1,7 +1,7 @@
 """Greedy continuations (the answer a model writes after a context and a thought), on HF or the vLLM engine.
 
 HF decoding reuses the same cached prefill/decode steps as thought sampling. Generation stops at an end id
-(eos, the thought markers) or once a stop string appears; the text is cut at the first stop string.
+(eos, the thought markers) or once a stop string appears after the leading whitespace; the text is cut there.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ def hf_greedy(
                 done[i] = True
                 continue
             out[i].append(token)
-            tail = tokenizer.decode(out[i][-8:])  # a stop string ends within the last few tokens
-            done[i] = any(s in tail for s in stop_strings)
+            done[i] = any(s in tokenizer.decode(out[i]).lstrip() for s in stop_strings)
         if all(done):
             break
         nxt = torch.where(torch.tensor(done, device=nxt.device), torch.full_like(nxt, pad), nxt)
@@ -41,7 +40,8 @@ def hf_greedy(
 
 
 def cut_at_stop(text: str, stop_strings: list[str]) -> str:
-    """The text before the first stop string."""
+    """The text before the first stop string; leading whitespace never stops (a model often starts with '\\n')."""
+    text = text.lstrip()
     cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
     return text[:cut]
 

@@ -8,6 +8,7 @@ Every item's thoughts come from its own seed (``item_seed``), so they do not dep
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import time
@@ -33,8 +34,9 @@ from thinkrl.run_files import append_jsonl
 from thinkrl.scoring import Scorer
 
 logger = logging.getLogger(__name__)
-STOP_STRINGS = {"gsm8k": ["\n\n", "Question:"], "csqa": ["\n"]}
-DEFAULT_NEW_TOKENS = {"gsm8k": 64, "csqa": 8}
+# The task prompts ask for the answer on the same line; a chain-of-thought prompt would pass --stop '\n\n'.
+STOP_STRINGS = {"gsm8k": ["\n"], "csqa": ["\n"]}
+DEFAULT_NEW_TOKENS = {"gsm8k": 32, "csqa": 8}
 RESULT_KEYS = ("task", "model", "n_items", "seed", "modes", "metrics")
 
 
@@ -59,6 +61,7 @@ class EvalOptions:
     batch_size: int = 8  # items per batch (not part of the settings a resume must match)
     max_new_tokens: int = 0  # 0 = the task's default
     generate: bool = True
+    stop: str = ""  # comma list of stop strings for generation ('' = the task's); backslash escapes allowed
     output_dir: str = ""
     modes: list[str] = field(init=False)
 
@@ -75,19 +78,6 @@ class EvalOptions:
     @property
     def k(self) -> int:
         return next((int(m[8:]) for m in self.modes if m.startswith("sampled")), 0)
-
-
-def _select(thoughts: ThoughtBatch, index: torch.Tensor) -> ThoughtBatch:
-    """Rows of a ThoughtBatch, e.g. one copy of an item's thoughts per candidate answer."""
-    pick = lambda t: t.index_select(0, index.to(t.device))  # noqa: E731
-    return ThoughtBatch(
-        pick(thoughts.thought_ids),
-        pick(thoughts.thought_mask),
-        pick(thoughts.sampler_logps),
-        pick(thoughts.finished),
-        pick(thoughts.lengths),
-        thoughts.staleness,
-    )
 
 
 class Evaluator:
@@ -197,54 +187,61 @@ class Evaluator:
     def _generations(self, batch, thoughts) -> dict[str, list[str]]:
         if not self.opts.generate or self.opts.task not in STOP_STRINGS:
             return {}
-        stops, n_new = STOP_STRINGS[self.opts.task], self.opts.max_new_tokens
+        n_new = self.opts.max_new_tokens
+        stops = [codecs.decode(x, "unicode_escape") for x in self.opts.stop.split(",") if x] or STOP_STRINGS[
+            self.opts.task
+        ]
         prompts = self._prompts(batch, thoughts)
         wanted = {m.split(":")[0] for m in self.opts.modes}
         role = {"none": "base", "null": "interpreter", "sampled": "interpreter"}
         return {m: self.generate(role[m], p, n_new, stops) for m, p in prompts.items() if m in wanted}
 
+    def _score(self, batch: list[EvalItem], thoughts: ThoughtBatch) -> tuple:
+        """Per item and candidate answer: (logp, logp_reward (N, K+1, C, n), logp_base, mask (N, C, n), likelihood
+        scores or None). GSM8K keeps full distributions for the digit-renormalised score."""
+        contexts = [it.context for it in batch]
+        if self.opts.task == "csqa":
+            logp, logp_reward, logp_base, _, mask = self.scorer.candidates(
+                contexts, [it.targets for it in batch], thoughts
+            )
+            return logp, logp_reward, logp_base, mask, None
+        targets = [it.targets[0] for it in batch]
+        dists = self.scorer.distributions(contexts, targets, thoughts)
+        sc = dists.scores()
+        like = None
+        if self.opts.task == "gsm8k":
+            ids, mask = dists.target_ids, dists.target_mask
+            like = {
+                "rows": renormalised_logp(dists.logp, ids[:, None].expand_as(sc.logp), mask[:, None], self.digits),
+                "base": renormalised_logp(dists.logp_base, ids, mask, self.digits),
+            }
+            like = {k: v.exp()[:, None] for k, v in like.items()}  # one candidate axis, like CSQA's
+        add_c = lambda t: t.unsqueeze(-2)  # noqa: E731  (…, n) → (…, 1, n)
+        return add_c(sc.logp), add_c(sc.logp_reward), add_c(sc.logp_base), add_c(sc.target_mask), like
+
     def _evaluate_batch(self, batch: list[EvalItem]) -> list[dict]:
         thoughts, described = self._thoughts(batch)
-        # One scored position per (item, candidate answer); an item's thoughts are shared by its candidates.
-        owner = [i for i, it in enumerate(batch) for _ in it.targets]
-        contexts = [batch[i].context for i in owner]
-        targets = [t for it in batch for t in it.targets]
-        expanded = _select(thoughts, torch.tensor(owner))
         gens = self._generations(batch, thoughts)
-        if self.opts.task == "gsm8k":
-            dists = self.scorer.distributions(contexts, targets, expanded)
-            scores = dists.scores()
-            mask = dists.target_mask
-            like = {
-                "rows": renormalised_logp(
-                    dists.logp, dists.target_ids[:, None].expand_as(scores.logp), mask[:, None], self.digits
-                ).exp(),
-                "base": renormalised_logp(dists.logp_base, dists.target_ids, mask, self.digits).exp(),
-            }
-        else:
-            scores = self.scorer.score(contexts, targets, expanded)
-            mask, like = scores.target_mask, None
+        logp, logp_reward, logp_base, mask, like = self._score(batch, thoughts)
         m = mask.float()
-        totals = (scores.logp * m[:, None]).sum(-1).cpu()  # (M, K+1)
-        reward_totals = (scores.logp_reward * m[:, None]).sum(-1).cpu()
-        base_totals = (scores.logp_base * m).sum(-1).cpu()
+        # Per item, candidate-major as the record builders read them: (C, K+1) totals, (C, K+1, n) tokens.
+        totals = (logp * m[:, None]).sum(-1).transpose(1, 2).cpu()
+        reward_totals = (logp_reward * m[:, None]).sum(-1).transpose(1, 2).cpu()
+        base_totals = (logp_base * m).sum(-1).cpu()
         build = {"gsm8k": self._gsm8k_record, "csqa": self._csqa_record, "text": self._text_record}[self.opts.task]
-        records, row = [], 0
+        records = []
         for i, it in enumerate(batch):
-            c = len(it.targets)
-            sl = slice(row, row + c)
             ctx = {
-                "totals": totals[sl],
-                "reward_totals": reward_totals[sl],
-                "base": base_totals[sl],
-                "logp": scores.logp[sl].cpu(),
-                "logp_base": scores.logp_base[sl].cpu(),
-                "mask": mask[sl].cpu(),
-                "like": {k: v[sl].cpu() for k, v in like.items()} if like else None,
+                "totals": totals[i],
+                "reward_totals": reward_totals[i],
+                "base": base_totals[i],
+                "logp": logp[i].transpose(0, 1).cpu(),
+                "logp_base": logp_base[i].cpu(),
+                "mask": mask[i].cpu(),
+                "like": {k: v[i].cpu() for k, v in like.items()} if like else None,
                 "gens": {m_: self._per_item(g, i, thoughts.num_thoughts, m_) for m_, g in gens.items()},
             }
             records.append(build(it, described[i], ctx))
-            row += c
         return records
 
     @staticmethod

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from thinkrl.config import Config, load_config
 from thinkrl.errors import ConfigError
-from thinkrl.models.roles import RoleModels, build_roles
+from thinkrl.models.roles import RoleModels, build_roles, set_threads
 from thinkrl.run_state import CHECKPOINT_PREFIX, find_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def load_setup(model: str | None, config: str | None, overrides: list[str]) -> E
     if located:
         run_dir, checkpoint = located
         cfg = load_config(run_dir / "config.yaml", overrides)
+        set_threads(cfg.trainer.num_threads)
         roles = build_roles(cfg)
         if checkpoint is None:
             logger.warning("run %s has no complete checkpoint: evaluating its initial weights", run_dir)
@@ -72,4 +73,5 @@ def load_setup(model: str | None, config: str | None, overrides: list[str]) -> E
         else []
     )
     cfg = load_config(config, [*plain, *overrides])
+    set_threads(cfg.trainer.num_threads)
     return EvalSetup(cfg, build_roles(cfg), None)

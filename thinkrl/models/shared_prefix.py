@@ -89,3 +89,41 @@ def forward_shared_prefix(
     positions = prefix_len.repeat_interleave(reps)[:, None] + torch.arange(ids.shape[1], device=ids.device)
     out = decode_step(model, cache, mask, positions, ids, logits_to_keep=0 if need_logits else 1)
     return (out.logits if need_logits else None), out.hidden_states[-1], lengths
+
+
+def forward_two_level(
+    model: PreTrainedModel, prefixes: list[list[int]], middles: list[list[int]], tails: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix once, each of its R middles once, then C tails after every middle (context → thought → answers).
+
+    Args: N prefixes; N*R non-empty middles (row i*R + r continues prefix i); N*R*C tails (row m*C + c continues
+    middle m, may be empty). Returns (hidden state at each middle's last token (N*R, d), tail hidden states
+    (N*R*C, T, d)); the middle's last state predicts a tail's first token."""
+    n, m = len(prefixes), len(middles)
+    reps, cands = m // n, len(tails) // m
+    assert reps * n == m and cands * m == len(tails), "middles/tails must be multiples of prefixes/middles"
+    cache, prefix_mask, prefix_len, _ = prefill(model, prefixes, pad_id)
+    cache.batch_repeat_interleave(reps)
+    mid_ids, mid_len = right_pad(middles, pad_id, model.device)
+    mid_mask = (torch.arange(mid_ids.shape[1], device=mid_ids.device) < mid_len[:, None]).long()
+    mask = torch.cat([prefix_mask.repeat_interleave(reps, 0), mid_mask], dim=1)
+    start = prefix_len.repeat_interleave(reps)
+    out = decode_step(
+        model,
+        cache,
+        mask,
+        start[:, None] + torch.arange(mid_ids.shape[1], device=mid_ids.device),
+        mid_ids,
+        logits_to_keep=1,
+    )
+    hidden = out.hidden_states[-1]
+    last = hidden.gather(1, (mid_len - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
+    width = max(len(t) for t in tails)
+    if width == 0:
+        return last, hidden.new_zeros((len(tails), 0, hidden.shape[-1]))
+    cache.batch_repeat_interleave(cands)
+    tail_ids, _ = right_pad(tails, pad_id, model.device)
+    mask = torch.cat([mask.repeat_interleave(cands, 0), torch.ones_like(tail_ids)], dim=1)
+    positions = (start + mid_len).repeat_interleave(cands)[:, None] + torch.arange(width, device=tail_ids.device)
+    out = decode_step(model, cache, mask, positions, tail_ids, logits_to_keep=1)
+    return last, out.hidden_states[-1]
