@@ -57,6 +57,7 @@ def compare(
 ) -> dict:
     """Evaluate each template; returns {"rows": [...], "table": markdown}. ``opts`` are EvalOptions fields."""
     check_templates(names)
+    opts = dict(opts)
     out = Path(opts.pop("output_dir"))
     rows = []
     for name in names:

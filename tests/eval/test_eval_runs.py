@@ -1,0 +1,217 @@
+"""``thinkrl eval`` end to end on tiny byte-level models and small data folders written by the tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from thinkrl.cli import main
+from thinkrl.config import load_config
+from thinkrl.eval.likelihood import answer_token_ids
+from thinkrl.eval.runner import EvalOptions, Evaluator, result_view
+from thinkrl.eval.setup import EvalSetup
+from thinkrl.models.roles import build_roles
+
+TINY_BYTE = [
+    "model.tokenizer=byte",
+    "model.weight_groups=[A,A,A]",
+    "model.freeze=[]",
+    "head.form=none",
+    "data.interpreter_window=0",
+    "rollout.max_thought_len=4",
+    "trainer.report_to=none",
+]
+GSM8K_ROWS = [
+    {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3+4=7\n#### 7"},
+    {"question": "A box holds 12 eggs. How many eggs in 2 boxes?", "answer": "#### 24"},
+    {"question": "Sam had $1,000 and spent $250. How much is left?", "answer": "#### 750"},
+    {"question": "What is 9 minus 4?", "answer": "#### 5"},
+    {"question": "What is 6 times 7?", "answer": "#### 42"},
+]
+CSQA_ROWS = [
+    {
+        "question": {"stem": stem, "choices": [{"label": lab, "text": t} for lab, t in zip("ABCDE", texts)]},
+        "answerKey": key,
+    }
+    for stem, texts, key in [
+        ("Where do fish live?", ["desert", "water", "sky", "oven", "moon"], "B"),
+        ("What melts in the sun?", ["ice", "rock", "iron", "glass", "wood"], "A"),
+        ("What do bees make?", ["milk", "silk", "honey", "wool", "salt"], "C"),
+        ("Where do you sleep?", ["sink", "road", "roof", "bed", "pond"], "D"),
+    ]
+]
+
+
+def _data_dir(tmp_path):
+    for name, rows in (("gsm8k/test.jsonl", GSM8K_ROWS), ("csqa/dev_rand_split.jsonl", CSQA_ROWS)):
+        path = tmp_path / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "data"
+
+
+def _setup(tmp_path, *extra):
+    torch.manual_seed(0)
+    cfg = load_config("configs/default.yaml", [*TINY_BYTE, f"data.data_dir={_data_dir(tmp_path)}", *extra])
+    return EvalSetup(cfg, build_roles(cfg), None)
+
+
+def _run(setup, out, **kw):
+    opts = EvalOptions(model="tiny", output_dir=str(out), **{"batch_size": 2, "max_new_tokens": 4, **kw})
+    evaluator = Evaluator(opts, setup)
+    return evaluator, evaluator.run()
+
+
+def test_gsm8k_likelihood_score_matches_hand_computation(tmp_path):
+    setup = _setup(tmp_path)
+    evaluator, results = _run(setup, tmp_path / "ev", task="gsm8k", thoughts="none")
+    model, tok = setup.roles.model("interpreter"), setup.roles.tokenizer
+    digits = set(answer_token_ids(tok, "digits").tolist())
+    assert digits == {tok.convert_tokens_to_ids(str(d)) for d in range(10)}
+    scores = []
+    for item, rec in zip(evaluator.items, evaluator.records):
+        ids = item.context + item.targets[0]
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        score = 1.0
+        for j, y in enumerate(item.targets[0]):  # " 750": the space keeps its plain probability
+            p = probs[len(item.context) - 1 + j]
+            score *= float(p[y] / p[sorted(digits)].sum()) if y in digits else float(p[y])
+        assert rec["none"]["likelihood"] == pytest.approx(score, rel=1e-4)
+        scores.append(score)
+    metric = results["metrics"]["none/likelihood_score"]
+    assert metric["value"] == pytest.approx(sum(scores) / len(scores), rel=1e-4)
+    assert metric["n"] == len(GSM8K_ROWS)
+    assert {r["gold"] for r in evaluator.records} == {"7", "24", "750", "5", "42"}
+
+
+def test_csqa_letter_scoring_picks_the_planted_answer(tmp_path):
+    setup = _setup(tmp_path, "model.default.scratch.hidden_size=64")
+    model = setup.roles.model("interpreter")
+    evaluator = Evaluator(
+        EvalOptions(task="csqa", model="tiny", thoughts="none", output_dir=str(tmp_path / "x")), setup
+    )
+    before = [evaluator.items[i] for i in range(len(CSQA_ROWS))]
+    # Teach the model each question's gold letter (and nothing about the others).
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        for it in before:
+            gold = it.targets[it.info["labels"].index(it.gold)]
+            ids = torch.tensor([it.context + gold])
+            loss = torch.nn.functional.cross_entropy(
+                model(ids).logits[0, len(it.context) - 1 : -1].float(), torch.tensor(gold)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    _, results = _run(setup, tmp_path / "ev", task="csqa", thoughts="none,null,sampled:2", generate=False)
+    m = results["metrics"]
+    assert m["none/letter_accuracy"]["value"] == 1.0
+    assert m["none/likelihood_score"]["value"] > 0.9
+    assert 0.0 <= m["sampled:2/null_rate"]["value"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "ev" / "items.jsonl").read_text().splitlines()]
+    assert [r["labels"][int(torch.tensor(r["none"]["letter_logp"]).argmax())] for r in records] == [
+        r["gold"] for r in records
+    ]
+
+
+def test_interrupted_evaluation_resumes_to_the_same_results(tmp_path, monkeypatch):
+    setup = _setup(tmp_path)
+    kw = {"task": "gsm8k", "thoughts": "none,null,sampled:2", "limit": 5, "seed": 3}
+    _, full = _run(setup, tmp_path / "full", **kw)
+
+    calls = {"n": 0}
+    original = Evaluator._evaluate_batch
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(Evaluator, "_evaluate_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, tmp_path / "cut", **kw)
+    assert len((tmp_path / "cut" / "items.jsonl").read_text().splitlines()) == 2  # the first batch survived
+    assert not (tmp_path / "cut" / "results.json").exists()
+    monkeypatch.setattr(Evaluator, "_evaluate_batch", original)
+    evaluator, resumed = _run(setup, tmp_path / "cut", **kw)
+    assert calls["n"] == 2  # the rerun did not redo the first batch
+    assert result_view(resumed) == result_view(full)
+    written = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert written == json.loads((tmp_path / "full" / "results.json").read_text())
+    for name in ("results.md", "report.html", "plots/token_deltas.png", "plots/accuracy.png"):
+        assert (tmp_path / "cut" / name).stat().st_size > 0
+
+    with pytest.raises(Exception, match="other settings"):  # a different slice never mixes into that folder
+        _run(setup, tmp_path / "cut", **{**kw, "seed": 4})
+
+
+def test_text_eval_reports_hard_tokens_and_null_rate(tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text("the cat sat on the mat. " * 80)  # the last 10% (192 bytes) is held out
+    setup = _setup(
+        tmp_path,
+        "data.source=text",
+        f"data.train_file={text}",
+        "data.positions=every_k",
+        "data.every_k=16",
+        "data.n_ahead=3",
+    )
+    evaluator, results = _run(setup, tmp_path / "ev", task="text", thoughts="none,null,sampled:2", limit=6)
+    m = results["metrics"]
+    for mode in ("none", "null", "sampled:2"):
+        assert m[f"{mode}/nll"]["n"] == 6 and f"{mode}/nll_hard" in m
+    assert m["none/nll_hard"]["value"] >= m["none/nll"]["value"]  # the top decile of the base's NLL
+    assert 0.0 <= m["sampled:2/null_rate"]["value"] <= 1.0
+    rec = evaluator.records[0]
+    assert len(rec["logp"]["sampled"]) == 2 and len(rec["logp"]["null"]) == 3
+    html = (tmp_path / "ev" / "report.html").read_text()
+    assert "thought" in html and "rgba(" in html
+
+
+def test_cli_eval_and_compare_errors(tmp_path, capsys):
+    data = _data_dir(tmp_path)
+    base = ["--config", "configs/default.yaml", "--task", "gsm8k", "--limit", "2", "--output"]
+    over = [*TINY_BYTE, f"data.data_dir={data}"]
+    assert main(["eval", *base, str(tmp_path / "e"), "--thoughts", "none,sampled:0", *over]) == 2
+    assert "sampled:K" in capsys.readouterr().err
+    broken = tmp_path / "prompts"
+    (broken / "thinking").mkdir(parents=True)
+    (broken / "thinking" / "bad.txt").write_text("{context} and {nope}")
+    import thinkrl.prompts as prompts
+
+    old = prompts.PROMPTS_DIR
+    prompts.PROMPTS_DIR = broken
+    try:
+        code = main(["prompts", "compare", "thinking/bad", "thinking/bad", *base, str(tmp_path / "c"), *over])
+    finally:
+        prompts.PROMPTS_DIR = old
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "thinking/bad" in err and "nope" in err and len(err.splitlines()) == 1
+
+
+def test_prompts_compare_puts_templates_side_by_side(tmp_path, capsys):
+    data = _data_dir(tmp_path)
+    out = tmp_path / "cmp"
+    templates = ["thinking/plain", "thinking/system", "thinking/math"]
+    args = ["--config", "configs/default.yaml", "--task", "csqa", "--limit", "3", "--thoughts", "sampled:2"]
+    code = main(["prompts", "compare", *templates, *args, "--output", str(out), *TINY_BYTE, f"data.data_dir={data}"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.startswith("| thinking/")]
+    assert [line.split("|")[1].strip() for line in table] == templates
+    saved = json.loads((out / "compare.json").read_text())
+    assert [r["template"] for r in saved["rows"]] == templates
+    for row in saved["rows"]:
+        assert row["reward_mean"]["n"] == 3 and 0.0 <= row["null_rate"]["value"] <= 1.0
+        assert len(row["samples"]) == 3
+    # Same items and thought seeds for every template: only the reasoner's prompt differs.
+    ids = [
+        [json.loads(x)["id"] for x in (out / t.replace("/", "__") / "items.jsonl").read_text().splitlines()]
+        for t in templates
+    ]
+    assert ids[0] == ids[1] == ids[2]
