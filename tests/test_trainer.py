@@ -154,3 +154,28 @@ def test_lora_roles_train_adapters_and_marker_embeddings_only(tiny_config):
     trainer.step()
     for name, param in model.named_parameters():
         assert torch.equal(before[name], param) != (name in trainable), name
+
+
+def test_reasoner_template_wraps_what_the_reasoner_reads(tiny_config, tmp_path):
+    """With rollout.reasoner_template the actor and the policy gradient see the wrapped context; the
+    interpreter still reads the bare one."""
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log. " * 30)
+    cfg = tiny_config(
+        "model.tokenizer=byte",
+        "data.source=text",
+        f"data.train_file={text}",
+        "data.positions=every_k",
+        "data.context_len=24",
+        "model.default.scratch.max_position_embeddings=2048",
+        "rollout.reasoner_template=thinking/system",
+    )
+    trainer = Trainer(cfg)
+    seen, bare = [], []
+    sample, score = trainer.actor.sample, trainer.scorer.score
+    trainer.actor.sample = lambda contexts, k, seeds: seen.append(contexts) or sample(contexts, k, seeds)
+    trainer.scorer.score = lambda contexts, *a: bare.append(contexts) or score(contexts, *a)
+    trainer.step()
+    wrap = trainer.reasoner_prompt
+    assert len(wrap.prefix) > 100 and not wrap.suffix  # system text and "Text:" before the context
+    assert seen[0] == [wrap.wrap(c) for c in bare[0]] and seen[0] != bare[0]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from eval_fixtures import CSQA_ROWS, GSM8K_ROWS, TINY_BYTE, write_eval_data
 
 from thinkrl.cli import main
 from thinkrl.config import load_config
@@ -14,47 +15,10 @@ from thinkrl.eval.runner import EvalOptions, Evaluator, result_view
 from thinkrl.eval.setup import EvalSetup
 from thinkrl.models.roles import build_roles
 
-TINY_BYTE = [
-    "model.tokenizer=byte",
-    "model.weight_groups=[A,A,A]",
-    "model.freeze=[]",
-    "head.form=none",
-    "data.interpreter_window=0",
-    "rollout.max_thought_len=4",
-    "trainer.report_to=none",
-]
-GSM8K_ROWS = [
-    {"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3+4=7\n#### 7"},
-    {"question": "A box holds 12 eggs. How many eggs in 2 boxes?", "answer": "#### 24"},
-    {"question": "Sam had $1,000 and spent $250. How much is left?", "answer": "#### 750"},
-    {"question": "What is 9 minus 4?", "answer": "#### 5"},
-    {"question": "What is 6 times 7?", "answer": "#### 42"},
-]
-CSQA_ROWS = [
-    {
-        "question": {"stem": stem, "choices": [{"label": lab, "text": t} for lab, t in zip("ABCDE", texts)]},
-        "answerKey": key,
-    }
-    for stem, texts, key in [
-        ("Where do fish live?", ["desert", "water", "sky", "oven", "moon"], "B"),
-        ("What melts in the sun?", ["ice", "rock", "iron", "glass", "wood"], "A"),
-        ("What do bees make?", ["milk", "silk", "honey", "wool", "salt"], "C"),
-        ("Where do you sleep?", ["sink", "road", "roof", "bed", "pond"], "D"),
-    ]
-]
-
-
-def _data_dir(tmp_path):
-    for name, rows in (("gsm8k/test.jsonl", GSM8K_ROWS), ("csqa/dev_rand_split.jsonl", CSQA_ROWS)):
-        path = tmp_path / "data" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return tmp_path / "data"
-
 
 def _setup(tmp_path, *extra):
     torch.manual_seed(0)
-    cfg = load_config("configs/default.yaml", [*TINY_BYTE, f"data.data_dir={_data_dir(tmp_path)}", *extra])
+    cfg = load_config("configs/default.yaml", [*TINY_BYTE, f"data.data_dir={write_eval_data(tmp_path)}", *extra])
     return EvalSetup(cfg, build_roles(cfg), None)
 
 
@@ -174,7 +138,7 @@ def test_text_eval_reports_hard_tokens_and_null_rate(tmp_path):
 
 
 def test_cli_eval_and_compare_errors(tmp_path, capsys):
-    data = _data_dir(tmp_path)
+    data = write_eval_data(tmp_path)
     base = ["--config", "configs/default.yaml", "--task", "gsm8k", "--limit", "2", "--output"]
     over = [*TINY_BYTE, f"data.data_dir={data}"]
     assert main(["eval", *base, str(tmp_path / "e"), "--thoughts", "none,sampled:0", *over]) == 2
@@ -195,7 +159,7 @@ def test_cli_eval_and_compare_errors(tmp_path, capsys):
 
 
 def test_prompts_compare_puts_templates_side_by_side(tmp_path, capsys):
-    data = _data_dir(tmp_path)
+    data = write_eval_data(tmp_path)
     out = tmp_path / "cmp"
     templates = ["thinking/plain", "thinking/system", "thinking/math"]
     args = ["--config", "configs/default.yaml", "--task", "csqa", "--limit", "3", "--thoughts", "sampled:2"]

@@ -39,6 +39,11 @@ class CoconutModelConfig:
     init_from: str = described(
         "checkpoint folder whose model weights start this run (e.g. the cot stage-0 run); '' = none", ""
     )
+    tie_embeddings: bool = described(
+        "path=scratch only: share the output layer with the input embeddings, as GPT-2 does, so a continuous "
+        "thought (a last hidden state) is read back in the space the output layer decodes from",
+        True,
+    )
     dtype: str = described("float32 | bfloat16 | float16 (bf16 is slower than fp32 on CPU)", "float32")
     attn_implementation: str = described("sdpa | eager", "sdpa")
 

@@ -58,11 +58,23 @@ def _init_new_tokens(model: PreTrainedModel, tokenizer, init_text: str) -> None:
             emb.weight[new_ids] = emb.weight[init_ids].mean(0, keepdim=True).to(emb.weight.dtype)
 
 
+def tie_output_to_input(model: PreTrainedModel) -> None:
+    """Make the output layer use the input embedding matrix (the shared scratch builder unties it for vLLM).
+
+    Coconut feeds the last hidden state back as an input embedding. Untied, that state lives in the output layer's
+    space, which the input side never sees, so nothing carries a step's result from one latent to the next and the
+    synthetic task stays at chance from stage 2 on; GPT-2, the published model, is tied."""
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.config.tie_word_embeddings = True
+
+
 def build_model(cfg: CoconutConfig, tokenizer) -> PreTrainedModel:
     mc = cfg.model
     dtype = DTYPES[mc.dtype]
     if mc.path == "scratch":
         model = scratch_model(ModelSpec(path="scratch", scratch=mc.scratch), tokenizer, dtype, mc.attn_implementation)
+        if mc.tie_embeddings:
+            tie_output_to_input(model)
     else:
         model = from_pretrained_or_error(
             AutoModelForCausalLM, mc.path, "model", dtype=dtype, attn_implementation=mc.attn_implementation

@@ -51,14 +51,22 @@ def load_checkpoint_weights(roles: RoleModels, checkpoint: Path) -> None:
         ) from None
 
 
+def _build(cfg: Config) -> RoleModels:
+    """Roles with the recipe's seed: new parts (scratch weights, a fresh head) are the same on every call."""
+    import torch
+
+    set_threads(cfg.trainer.num_threads)
+    torch.manual_seed(cfg.trainer.seed)
+    return build_roles(cfg)
+
+
 def load_setup(model: str | None, config: str | None, overrides: list[str]) -> EvalSetup:
     """Build the roles to evaluate. ``overrides`` (dotted key=value) apply last, e.g. rollout.max_thought_len=16."""
     located = _run_and_checkpoint(model) if model else None
     if located:
         run_dir, checkpoint = located
         cfg = load_config(run_dir / "config.yaml", overrides)
-        set_threads(cfg.trainer.num_threads)
-        roles = build_roles(cfg)
+        roles = _build(cfg)
         if checkpoint is None:
             logger.warning("run %s has no complete checkpoint: evaluating its initial weights", run_dir)
         else:
@@ -73,5 +81,4 @@ def load_setup(model: str | None, config: str | None, overrides: list[str]) -> E
         else []
     )
     cfg = load_config(config, [*plain, *overrides])
-    set_threads(cfg.trainer.num_threads)
-    return EvalSetup(cfg, build_roles(cfg), None)
+    return EvalSetup(cfg, _build(cfg), None)

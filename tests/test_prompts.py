@@ -1,0 +1,68 @@
+"""Prompt templates: includes, reasoner wrapping, one-line errors, and every shipped template loads."""
+
+from __future__ import annotations
+
+import pytest
+
+import thinkrl.prompts as prompts
+from thinkrl.errors import ConfigError
+from thinkrl.prompts import MARKER_FIELDS, ReasonerPrompt, known_templates, load_template
+
+
+@pytest.fixture
+def prompt_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(prompts, "PROMPTS_DIR", tmp_path)
+
+    def write(name: str, text: str) -> None:
+        path = tmp_path / f"{name}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    return write
+
+
+def test_includes_expand_recursively_and_cycles_fail(prompt_dir):
+    prompt_dir("system/a", "SYSTEM {sot}x{eot}")
+    prompt_dir("block/b", "{@system/a}\nBLOCK")
+    prompt_dir("thinking/t", "{@block/b}\n{{literal}} {context}!")
+    assert load_template("thinking/t", {"context", *MARKER_FIELDS}) == "SYSTEM {sot}x{eot}\nBLOCK\n{{literal}} {context}!"
+    prompt_dir("loop/x", "{@loop/y}")
+    prompt_dir("loop/y", "{@loop/x}")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_template("loop/x")
+    prompt_dir("bad/missing", "{@nope/never}")
+    with pytest.raises(ConfigError, match="nope/never"):
+        load_template("bad/missing")
+
+
+def test_reasoner_prompt_wraps_tokens_exactly(prompt_dir):
+    class Tok:  # one token per character: easy to check by hand
+        def encode(self, text, add_special_tokens=False):
+            return [ord(ch) for ch in text]
+
+    prompt_dir("thinking/t", "[{sot}]{context}<")
+    wrap = ReasonerPrompt("thinking/t", Tok(), "S", "E", bos=[1])
+    assert wrap.wrap([1, 50, 51]) == [1, ord("["), ord("S"), ord("]"), 50, 51, ord("<")]  # BOS stays first
+    assert wrap.wrap([50]) == [ord("["), ord("S"), ord("]"), 50, ord("<")]
+    prompt_dir("thinking/twice", "{context}{context}")
+    with pytest.raises(ConfigError, match="exactly once"):
+        ReasonerPrompt("thinking/twice", Tok(), "S", "E", bos=[])
+    prompt_dir("thinking/unknown", "{context} {question}")
+    with pytest.raises(ConfigError, match="question"):
+        ReasonerPrompt("thinking/unknown", Tok(), "S", "E", bos=[])
+
+
+def test_every_shipped_template_loads():
+    names = known_templates()
+    assert {"system/thinking", "null/default", "thinking/plain", "thinking/fewshot", "scenarios/poem_plan"} <= set(
+        names
+    )
+    for name in names:
+        text = load_template(name)
+        if name.startswith("thinking/"):
+            load_template(name, {"context", *MARKER_FIELDS})
+            assert text.count("{context}") == 1
+        if name.startswith(("system/", "scenarios/")):
+            load_template(name, set(MARKER_FIELDS))
+    assert load_template("null/default") == "I will stick with my default distribution"
+    assert load_template("null/empty") == ""
