@@ -25,7 +25,8 @@ def test_includes_expand_recursively_and_cycles_fail(prompt_dir):
     prompt_dir("system/a", "SYSTEM {sot}x{eot}")
     prompt_dir("block/b", "{@system/a}\nBLOCK")
     prompt_dir("thinking/t", "{@block/b}\n{{literal}} {context}!")
-    assert load_template("thinking/t", {"context", *MARKER_FIELDS}) == "SYSTEM {sot}x{eot}\nBLOCK\n{{literal}} {context}!"
+    expanded = load_template("thinking/t", {"context", *MARKER_FIELDS})
+    assert expanded == "SYSTEM {sot}x{eot}\nBLOCK\n{{literal}} {context}!"
     prompt_dir("loop/x", "{@loop/y}")
     prompt_dir("loop/y", "{@loop/x}")
     with pytest.raises(ConfigError, match="includes itself"):
