@@ -49,6 +49,11 @@ def test_pad_latent_to_max():
     assert plan(2, 2, padded) == StagePlan(4, 2, True)  # before the last stage padding changes nothing
 
 
+def test_latents_without_markers():
+    bare = CurriculumConfig(mode="coconut", c_thought=2, max_latent_stage=3, latent_markers=False)
+    assert plan(2, 4, bare) == StagePlan(4, 2, False)
+
+
 def test_modes_without_curriculum():
     assert plan(3, 4, CurriculumConfig(mode="cot")) == StagePlan(0, 0, False)
     assert plan(3, 4, CurriculumConfig(mode="no_cot")) == StagePlan(0, 4, False)

@@ -98,17 +98,20 @@ def test_chat_template_wraps_the_question():
     assert tok.decode(t.steps[0]) == "<<48/2=24>>\n"
 
 
-def test_stage_example_replaces_steps_with_latents():
+@pytest.mark.parametrize("markers", [True, False])
+def test_stage_example_replaces_steps_with_latents(markers):
     tok = build_tokenizer(CoconutConfig())
     ids = special_ids(tok)
-    problem = {"question": "3 + 4 * 7 - 2", "steps": ["3 + 4 = 7", "7 * 7 = 9", "9 - 2 = 7"], "answer": "7"}
+    problem = {"question": "3 +4 *7 -2", "steps": ["3 +4 = 7", "7 *7 = 9", "9 -2 = 7"], "answer": "7"}
     t = tokenize_problem(problem, tok, ids.eos)
-    ex = build_example(t, plan(2, 3, CurriculumConfig(mode="coconut", c_thought=2, max_latent_stage=3)), ids)
-    expected = (
-        "<bos> 3 + 4 * 7 - 2 \n <|start-latent|> " + "<|latent|> " * 4 + "<|end-latent|> 9 - 2 = 7 \n ### 7 <eos>"
-    )
+    cur = CurriculumConfig(mode="coconut", c_thought=2, max_latent_stage=3, latent_markers=markers)
+    ex = build_example(t, plan(2, 3, cur), ids)
+    thought = "<|latent|> " * 4
+    if markers:
+        thought = "<|start-latent|> " + thought + "<|end-latent|> "
+    expected = "<bos> 3 +4 *7 -2 \n " + thought + "9 -2 = 7 \n ### 7 <eos>"
     assert tok.convert_ids_to_tokens(ex["input_ids"]) == expected.split(" ")
-    n_masked = 1 + 7 + 1 + 6  # bos, question, newline, markers and latents
+    n_masked = 1 + 4 + 1 + len(thought.split())  # bos, question, newline, markers and latents
     assert ex["labels"][:n_masked] == [IGNORE] * n_masked and ex["labels"][n_masked:] == ex["input_ids"][n_masked:]
 
 
@@ -134,9 +137,10 @@ def test_synthetic_task_is_consistent_and_split_disjoint():
     for p in splits["train"][:50]:
         tokens = p["question"].split()
         value = int(tokens[0])
-        for (op, operand), step in zip(zip(tokens[1::2], tokens[2::2]), p["steps"]):
-            new = {"+": value + int(operand), "-": value - int(operand), "*": value * int(operand)}[op] % 10
-            assert step == f"{value} {op} {operand} = {new}"
+        for operation, step in zip(tokens[1:], p["steps"]):  # one token per operation: "+4"
+            op, operand = operation[0], int(operation[1:])
+            new = {"+": value + operand, "-": value - operand, "*": value * operand}[op] % 10
+            assert step == f"{value} {operation} = {new}"
             value = new
         assert p["answer"] == str(value) and len(p["steps"]) == 4
     answers = [p["answer"] for p in splits["train"]]

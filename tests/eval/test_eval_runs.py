@@ -179,3 +179,28 @@ def test_prompts_compare_puts_templates_side_by_side(tmp_path, capsys):
         for t in templates
     ]
     assert ids[0] == ids[1] == ids[2]
+
+
+def test_eval_of_a_training_run_loads_its_newest_checkpoint(tiny_config, tmp_path):
+    from thinkrl.eval.setup import load_setup
+    from thinkrl.trainer import Trainer
+
+    cfg = tiny_config("trainer.max_steps=2", "model.weight_groups=[A,B,A]", "head.form=gate")
+    trainer = Trainer(cfg)
+    trainer.train()
+    run_dir = tmp_path / "run"
+    setup = load_setup(str(run_dir), None, ["rollout.num_thoughts=2"])
+    assert setup.checkpoint.name == "checkpoint-2"
+    assert setup.cfg.model.weight_groups == ["A", "B", "A"] and setup.cfg.head.form == "gate"
+    for group, model in trainer.roles.models.items():
+        for (name, p), q in zip(model.state_dict().items(), setup.roles.models[group].state_dict().values()):
+            assert torch.equal(p, q), name
+    for p, q in zip(trainer.roles.head.parameters(), setup.roles.head.parameters()):
+        assert torch.equal(p, q)
+    fresh = load_setup(None, str(run_dir / "config.yaml"), [])  # same recipe, untrained weights
+    assert any(
+        not torch.equal(p, q)
+        for p, q in zip(fresh.roles.models["B"].parameters(), setup.roles.models["B"].parameters())
+    )
+    _, results = _run(setup, tmp_path / "ev", task="text", thoughts="none,null,sampled:2", limit=4)
+    assert results["metrics"]["sampled:2/reward_mean"]["n"] == 4

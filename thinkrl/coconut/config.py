@@ -120,6 +120,12 @@ class CurriculumConfig:
         "chance that a training problem uses a uniformly drawn stage instead of the current one", 0.0
     )
     reset_optimizer: bool = described("start the optimizer afresh at every stage boundary", True)
+    latent_markers: bool = described(
+        "wrap the latents in <|start-latent|> ... <|end-latent|> (published). false: latents follow the question "
+        "directly, so at the stage that adds a latent its own output is trained on the next text token (that "
+        "step's result) and, one stage later, hands it to the next latent (see configs/coconut/synthetic_cpu.yaml)",
+        True,
+    )
 
     def __post_init__(self):
         check_choice("curriculum.mode", self.mode, MODES)

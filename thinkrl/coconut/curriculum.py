@@ -25,7 +25,7 @@ class StagePlan:
 
     n_latents: int  # <|latent|> tokens between the markers
     steps_skipped: int  # leading reasoning steps removed from the text (may exceed the problem's steps)
-    markers: bool  # <|start-latent|> ... <|end-latent|> present
+    markers: bool  # <|start-latent|> ... <|end-latent|> around the latents
 
 
 def scheduled_stage(epoch: int, cfg: CurriculumConfig) -> int:
@@ -47,7 +47,7 @@ def plan(stage: int, num_steps: int, cfg: CurriculumConfig) -> StagePlan:
         skipped = num_steps
     else:  # as published: k groups even when the problem has fewer than k steps
         groups = skipped = stage
-    return StagePlan(groups * cfg.c_thought, skipped, True)
+    return StagePlan(groups * cfg.c_thought, skipped, cfg.latent_markers)
 
 
 def example_stage(stage: int, num_steps: int, cfg: CurriculumConfig, seed: int, epoch: int, index: int) -> int:

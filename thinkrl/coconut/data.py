@@ -179,9 +179,9 @@ def tokenize_problem(problem: dict, tokenizer, eos_id: int, chat_template: bool 
 
 
 def prompt_ids(p: TokenizedProblem, plan: StagePlan, ids: SpecialIds) -> list[int]:
-    """What the model sees before it generates: question, then the markers around the latents."""
-    thought = [ids.start] + [ids.latent] * plan.n_latents + [ids.end] if plan.markers else []
-    return p.question + thought
+    """What the model sees before it generates: question, then the latents (between markers if the plan has them)."""
+    latents = [ids.latent] * plan.n_latents
+    return p.question + ([ids.start] + latents + [ids.end] if plan.markers else latents)
 
 
 def build_example(p: TokenizedProblem, plan: StagePlan, ids: SpecialIds) -> dict:

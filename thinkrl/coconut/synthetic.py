@@ -1,11 +1,13 @@
 """Chained arithmetic mod 10: the project's own multi-step task, so the whole curriculum runs on a CPU.
 
-A problem is a start digit and ``num_ops`` operations read left to right, ``3 + 4 * 7 - 2``; each reasoning step
-writes one intermediate value (``3 + 4 = 7``, ``7 * 7 = 9``, ``9 - 2 = 7``) and the answer is the last one.
+A problem is a start digit and ``num_ops`` operations read left to right, ``3 +4 *7 -2``; each reasoning step
+writes one intermediate value (``3 +4 = 7``, ``7 *7 = 9``, ``9 -2 = 7``) and the answer is the last one.
 Every operation is a bijection mod 10 (+/- any of 1..9, * one of 3, 7, 9), so the answer is uniform over 0-9 and
 cannot be guessed from one operation: without the steps a model must compose all of them in one forward pass
-(chance: 10%), with them each step is a single table lookup. Tokens are whole words, one per digit, operator,
-``=``, ``###`` and newline, so the published text format survives unchanged.
+(chance: 10%), with them each step is a single table lookup. Tokens are whole words: one per digit, one per
+operation (``+4`` is one token), ``=``, ``###`` and newline, so the published text format survives unchanged.
+One token per operation puts operation k at the same distance from the k-th latent (c_thought=1) for every k,
+so the one learned "apply the next operation" step serves every latent of the chain.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from transformers import PreTrainedTokenizerFast
 from thinkrl.coconut.config import SyntheticChainConfig
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-WORDS = [str(d) for d in range(10)] + ["+", "-", "*", "=", "###", "\n"]
 OPERANDS = {"+": list(range(1, 10)), "-": list(range(1, 10)), "*": [3, 7, 9]}
+OPERATIONS = [f"{op}{x}" for op, xs in OPERANDS.items() for x in xs]  # "+4": one token each
+WORDS = [str(d) for d in range(10)] + OPERATIONS + ["=", "###", "\n"]
 
 
 def chain_tokenizer() -> PreTrainedTokenizerFast:
@@ -51,8 +54,8 @@ def chain_problems(cfg: SyntheticChainConfig, n: int, seed: int, exclude: set[st
             op = ops[int(rng.integers(0, len(ops)))]
             operand = OPERANDS[op][int(rng.integers(0, len(OPERANDS[op])))]
             new = _apply(value, op, operand)
-            question += [op, str(operand)]
-            steps.append(f"{value} {op} {operand} = {new}")
+            question.append(f"{op}{operand}")
+            steps.append(f"{value} {op}{operand} = {new}")
             value = new
         text = " ".join(question)
         if text in seen:

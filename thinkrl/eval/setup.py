@@ -33,6 +33,16 @@ def _run_and_checkpoint(model: str) -> tuple[Path, Path | None] | None:
     return None
 
 
+class _Skipped:
+    """Stands in for a trainer's registered object (data position, counters) that evaluation does not need."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def load_checkpoint_weights(roles: RoleModels, checkpoint: Path) -> None:
     """Load a training checkpoint's models and head (accelerate state, same order as the trainer prepared them)."""
     import torch
@@ -42,11 +52,13 @@ def load_checkpoint_weights(roles: RoleModels, checkpoint: Path) -> None:
     prepared = accelerator.prepare(*roles.models.values(), roles.head)
     for group, model in zip(list(roles.models), prepared):
         roles.models[group] = accelerator.unwrap_model(model)
+    for _ in checkpoint.glob("custom_checkpoint_*"):
+        accelerator.register_for_checkpointing(_Skipped())
     try:
         accelerator.load_state(str(checkpoint), strict=True)
     except Exception as exc:
         raise ConfigError(
-            f"checkpoint {checkpoint} does not match its run's config.yaml ({type(exc).__name__}); "
+            f"checkpoint {checkpoint} does not match its run's config.yaml ({type(exc).__name__}: {exc}); "
             "evaluate the run folder it came from"
         ) from None
 

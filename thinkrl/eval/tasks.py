@@ -86,6 +86,7 @@ def _csqa_items(cfg: Config, tokenizer, rows: list[dict], ids: list[int]) -> lis
 
 
 def _text_items(cfg: Config, tokenizer, limit: int, seed: int) -> list[EvalItem]:
+    """Held-out positions of a text corpus (or of the synthetic task): the recipe's own evaluation pool."""
     _, pool = build_pools(cfg.data, tokenizer, cfg.trainer.seed)
     items = []
     for i in choose_slice(len(pool), limit, seed):
@@ -97,8 +98,10 @@ def _text_items(cfg: Config, tokenizer, limit: int, seed: int) -> list[EvalItem]
 def load_items(task: str, cfg: Config, tokenizer, limit: int, seed: int) -> list[EvalItem]:
     """The held-out items of ``task``: a reproducible slice of ``limit`` items chosen by ``seed``."""
     if task == "text":
-        if cfg.data.source != "text":
-            raise DataError("--task text needs a text recipe (data.source=text, data.train_file/eval_file)")
+        if cfg.data.source not in ("text", "synthetic"):
+            raise DataError(
+                "--task text scores the recipe's held-out positions: give --text-file or a text/synthetic recipe"
+            )
         return _text_items(cfg, tokenizer, limit, seed)
     data = cfg.data
     data.source = task
