@@ -281,7 +281,7 @@ def _item_html(item: dict) -> str:
 def _legend_html() -> str:
     swatches = " ".join(_token_html(f" {d:+g} ", d) for d in (-2.0, -1.0, -0.25, 0.25, 1.0, 2.0))
     return (
-        '<div class="legend">Target tokens are coloured by Δ log-prob (with the thought minus without it): '
+        '<div class="legend">Target tokens are coloured by Δ log-prob (thought minus null thought): '
         '<span style="color: rgb(0, 150, 0)">green</span> = the thought helped, '
         '<span style="color: rgb(210, 0, 0)">red</span> = it hurt; colour strength grows with |Δ| up to 2 nats. '
         f'Hover a token for its Δ. <span class="text">{swatches}</span> '
