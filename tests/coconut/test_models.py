@@ -9,8 +9,7 @@ SMALL = ["model.scratch.hidden_size=32", "model.scratch.num_heads=2", "model.scr
 
 
 def test_scratch_output_layer_is_the_input_embedding():
-    # Untied, the fed-back hidden state lived in a space the input side never learns to read (synthetic task at
-    # chance from stage 2 on); GPT-2, the published model, is tied.
+    # As GPT-2, the published model: a fed-back state that predicts a token then reads back like that token.
     cfg = load_coconut_config(None, SMALL)
     model = build_model(cfg, build_tokenizer(cfg))
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

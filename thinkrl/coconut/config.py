@@ -54,7 +54,7 @@ class CoconutModelConfig:
 
 @dataclass
 class SyntheticChainConfig:
-    """Chained arithmetic mod 10: ``3 + 4 * 7 - 2`` read left to right; each step is one intermediate value."""
+    """Chained arithmetic mod 10: ``3 +4 *7 -2`` read left to right; each step is one intermediate value."""
 
     num_ops: int = described("operations per problem (= reasoning steps)", 4)
     train_size: int = described("training problems", 4000)

@@ -180,8 +180,9 @@ def tokenize_problem(problem: dict, tokenizer, eos_id: int, chat_template: bool 
 
 def prompt_ids(p: TokenizedProblem, plan: StagePlan, ids: SpecialIds) -> list[int]:
     """What the model sees before it generates: question, then the latents (between markers if the plan has them)."""
-    latents = [ids.latent] * plan.n_latents
-    return p.question + ([ids.start] + latents + [ids.end] if plan.markers else latents)
+    if plan.markers:
+        return p.question + [ids.start] + [ids.latent] * plan.n_latents + [ids.end]
+    return p.question + [ids.latent] * plan.n_latents if plan.n_latents else p.question
 
 
 def build_example(p: TokenizedProblem, plan: StagePlan, ids: SpecialIds) -> dict:

@@ -61,9 +61,10 @@ def _init_new_tokens(model: PreTrainedModel, tokenizer, init_text: str) -> None:
 def tie_output_to_input(model: PreTrainedModel) -> None:
     """Make the output layer use the input embedding matrix (the shared scratch builder unties it for vLLM).
 
-    Coconut feeds the last hidden state back as an input embedding. Untied, that state lives in the output layer's
-    space, which the input side never sees, so nothing carries a step's result from one latent to the next and the
-    synthetic task stays at chance from stage 2 on; GPT-2, the published model, is tied."""
+    Coconut feeds the last hidden state back as an input embedding. Tied (GPT-2, the published model), a state that
+    predicts a token reads back much like that token's embedding; untied, it lives in a space the input side has
+    never seen. With the published marker layout the synthetic task's stage 2 stayed at chance untied and was
+    learned tied; the shipped synthetic recipe also learns untied (see configs/coconut/synthetic_cpu.yaml)."""
     model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.config.tie_word_embeddings = True
 
