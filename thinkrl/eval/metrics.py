@@ -8,7 +8,7 @@ or ``sampled:K``. Token-level NLLs carry a weight (the item's token count) so th
   likelihood_score  Quiet-STaR's score: probability of the gold answer renormalised over digits (GSM8K) or
                     the letters (CSQA); likelihood_best: after the highest-reward thought
   letter_accuracy   CSQA: argmax over the letters' log-likelihood; text_accuracy: over the answer texts
-                    (mean log-prob per token); gen_accuracy: the letter a greedy generation names
+                    (summed log-prob), text_norm_accuracy: per token; gen_accuracy: the letter a generation names
   nll / nll_hard    per-token NLL of the answer (tasks) or next tokens (text); hard = tokens in the top decile
                     of the no-thought NLL over the whole slice
   reward_mean       Δ log-prob of the gold continuation, thought minus null thought (summed over its tokens)
@@ -90,10 +90,12 @@ def csqa_metrics(records: list[dict], modes: list[str]) -> _Collector:
             r = rec[mode.split(":")[0]]
             letter = np.asarray(r["letter_logp"], dtype=float)  # (C,) or (K, C)
             text = np.asarray(r["text_logp"], dtype=float)
+            text_norm = np.asarray(r["text_norm_logp"], dtype=float)
             probs = np.exp(letter - np.logaddexp.reduce(letter, axis=-1, keepdims=True))
-            letter_ok, text_ok = letter.argmax(-1) == gold, text.argmax(-1) == gold
+            letter_ok = letter.argmax(-1) == gold
             c.add(f"{mode}/letter_accuracy", float(np.mean(letter_ok)))
-            c.add(f"{mode}/text_accuracy", float(np.mean(text_ok)))
+            c.add(f"{mode}/text_accuracy", float(np.mean(text.argmax(-1) == gold)))
+            c.add(f"{mode}/text_norm_accuracy", float(np.mean(text_norm.argmax(-1) == gold)))
             c.add(f"{mode}/likelihood_score", float(np.mean(probs[..., gold])))
             if "gen_letters" in r:
                 c.add(f"{mode}/gen_accuracy", float(np.mean([p == rec["gold"] for p in r["gen_letters"]])))

@@ -295,11 +295,24 @@ class Evaluator:
         tot, base, mask = ctx["totals"], ctx["base"], ctx["mask"]
         lengths = mask.sum(-1).clamp_min(1).float()
         letters, texts = slice(0, n_choices), slice(n_choices, 2 * n_choices)
-        per_tok = tot / lengths[:, None]  # answer texts compare by mean log-prob per token
-        rec["none"] = {"letter_logp": base[letters].tolist(), "text_logp": (base / lengths)[texts].tolist()}
-        rec["null"] = {"letter_logp": tot[letters, k].tolist(), "text_logp": per_tok[texts, k].tolist()}
+        # Answer texts are compared by summed log-prob (text_logp) and by mean log-prob per token (text_norm_logp).
+        per_tok = tot / lengths[:, None]
+        rec["none"] = {
+            "letter_logp": base[letters].tolist(),
+            "text_logp": base[texts].tolist(),
+            "text_norm_logp": (base / lengths)[texts].tolist(),
+        }
+        rec["null"] = {
+            "letter_logp": tot[letters, k].tolist(),
+            "text_logp": tot[texts, k].tolist(),
+            "text_norm_logp": per_tok[texts, k].tolist(),
+        }
         if k:
-            rec["sampled"] = {"letter_logp": tot[letters, :k].T.tolist(), "text_logp": per_tok[texts, :k].T.tolist()}
+            rec["sampled"] = {
+                "letter_logp": tot[letters, :k].T.tolist(),
+                "text_logp": tot[texts, :k].T.tolist(),
+                "text_norm_logp": per_tok[texts, :k].T.tolist(),
+            }
         for mode, text in ctx["gens"].items():
             texts_ = text if isinstance(text, list) else [text]
             rec[mode].update(generation=texts_, gen_letters=[extract_choice(t, "".join(labels)) for t in texts_])
