@@ -104,10 +104,10 @@ def csqa_metrics(records: list[dict], modes: list[str]) -> _Collector:
                 vote = majority([int(i) for i in letter.argmax(-1)])
                 c.add(f"{mode}/letter_accuracy_maj", float(vote == gold))
                 c.add(f"{mode}/letter_accuracy_best", float(letter_ok[best]))
-                _answer_nll(c, mode, letter[:, gold], n_tok, rec["null"]["letter_logp"][gold])
+                _answer_nll(c, mode, r["gold_logp"], n_tok, rec["null"]["gold_logp"])
                 _thought_stats(c, mode, rec)
             else:
-                _answer_nll(c, mode, letter[gold], n_tok)
+                _answer_nll(c, mode, r["gold_logp"], n_tok)
     return c
 
 

@@ -290,7 +290,7 @@ class Evaluator:
     def _csqa_record(self, it: EvalItem, thoughts: list[dict], ctx: dict) -> dict:
         k, labels = len(thoughts), it.info["labels"]
         n_choices = len(labels)
-        gold_row = labels.index(it.gold)
+        gold_row = labels.index(it.gold) + (n_choices if it.info["gold_is_text"] else 0)
         rec = self._common(it, thoughts, gold_row, ctx)
         tot, base, mask = ctx["totals"], ctx["base"], ctx["mask"]
         lengths = mask.sum(-1).clamp_min(1).float()
@@ -313,6 +313,10 @@ class Evaluator:
                 "text_logp": tot[texts, :k].T.tolist(),
                 "text_norm_logp": per_tok[texts, :k].T.tolist(),
             }
+        rec["none"]["gold_logp"] = float(base[gold_row])
+        rec["null"]["gold_logp"] = float(tot[gold_row, k])
+        if k:
+            rec["sampled"]["gold_logp"] = tot[gold_row, :k].tolist()
         for mode, text in ctx["gens"].items():
             texts_ = text if isinstance(text, list) else [text]
             rec[mode].update(generation=texts_, gen_letters=[extract_choice(t, "".join(labels)) for t in texts_])

@@ -80,7 +80,8 @@ def _csqa_items(cfg: Config, tokenizer, rows: list[dict], ids: list[int]) -> lis
         context = bos + tokenizer.encode(csqa_prompt(template, stem, labels, texts), add_special_tokens=False)
         letters = [tokenizer.encode(" " + label, add_special_tokens=False) for label in labels]
         answers = [tokenizer.encode(" " + text, add_special_tokens=False) for text in texts]
-        info = {"question": stem, "labels": labels, "texts": texts}
+        # Rewards and NLLs score the gold letter when the prompt lists the choices, else (cloze) the answer text.
+        info = {"question": stem, "labels": labels, "texts": texts, "gold_is_text": "{choices}" not in template}
         items.append(EvalItem(i, context, letters + answers, answer, info))
     return items
 
