@@ -76,6 +76,14 @@ def render(name: str, **values: str) -> str:
     return load_template(name, set(values)).format(**values)
 
 
+def load_reasoner_template(name: str) -> str:
+    """A reasoner template's text: only {context} and the markers as fields, and {context} exactly once."""
+    text = load_template(name, {"context", *MARKER_FIELDS})
+    if "context" not in placeholders(name, text) or text.count("{context}") != 1:
+        raise ConfigError(f"reasoner template {name!r} must contain {{context}} exactly once")
+    return text
+
+
 class ReasonerPrompt:
     """Wraps token contexts in a reasoner template: ``prefix + context + suffix``, then the actor adds ``<sot>``.
 
@@ -83,10 +91,7 @@ class ReasonerPrompt:
     BOS stays first), so the wrapped prompt is exact whatever the context."""
 
     def __init__(self, name: str, tokenizer, sot: str, eot: str, bos: list[int]):
-        text = load_template(name, {"context", *MARKER_FIELDS})
-        if placeholders(name, text) & {"context"} != {"context"} or text.count("{context}") != 1:
-            raise ConfigError(f"reasoner template {name!r} must contain {{context}} exactly once")
-        head, tail = text.split("{context}")
+        head, tail = load_reasoner_template(name).split("{context}")
         fill = lambda part: part.format(sot=sot, eot=eot)  # noqa: E731
         encode = lambda part: tokenizer.encode(fill(part), add_special_tokens=False) if part else []  # noqa: E731
         self.name, self.bos = name, bos

@@ -76,6 +76,26 @@ class Scorer:
     def window_of(self, context: list[int]) -> list[int]:
         return context[-self.window :] if self.window else context
 
+    def _pad_targets(self, targets: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask), both (M, longest target), padded on the right."""
+        n = max(len(t) for t in targets)
+        ids = torch.full((len(targets), n), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(targets), n), dtype=torch.bool, device=device)
+        for i, t in enumerate(targets):
+            ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t, device=device), True
+        return ids, mask
+
+    def _rows(self, contexts: list[list[int]], thoughts: ThoughtBatch) -> tuple[list, list, bool]:
+        """(windows, rows, base_in_batch): per position its K thoughts as the interpreter reads them, then the null
+        thought, then an empty row for the base when base and interpreter are one model."""
+        roles = self.roles
+        k = thoughts.num_thoughts
+        windows = [self.window_of(c) for c in contexts]
+        seqs = thoughts.interpreter_sequences(roles.sot_id, roles.eot_id) if k else [[] for _ in contexts]
+        base_in_batch = roles.shared("base", "interpreter")
+        rows = [seqs[i] + [self.null_seq] + ([[]] if base_in_batch else []) for i in range(len(contexts))]
+        return windows, rows, base_in_batch
+
     def score(self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch) -> Scores:
         return self.distributions(contexts, targets, thoughts).scores()
 
@@ -84,18 +104,11 @@ class Scorer:
     ) -> Distributions:
         """Full next-token log-distributions at every target position (teacher-forced on ``targets``)."""
         roles, pad = self.roles, self.pad_id
-        n_pos, k = len(contexts), thoughts.num_thoughts
-        n = max(len(t) for t in targets)
+        n_pos = len(contexts)
         device = roles.model("interpreter").device
-        target_ids = torch.full((n_pos, n), pad, dtype=torch.long, device=device)
-        target_mask = torch.zeros((n_pos, n), dtype=torch.bool, device=device)
-        for i, t in enumerate(targets):
-            target_ids[i, : len(t)], target_mask[i, : len(t)] = torch.tensor(t, device=device), True
-
-        windows = [self.window_of(c) for c in contexts]
-        seqs = thoughts.interpreter_sequences(roles.sot_id, roles.eot_id) if k else [[] for _ in contexts]
-        base_in_batch = roles.shared("base", "interpreter")
-        rows = [seqs[i] + [self.null_seq] + ([[]] if base_in_batch else []) for i in range(n_pos)]
+        target_ids, target_mask = self._pad_targets(targets, device)
+        n = target_ids.shape[1]
+        windows, rows, base_in_batch = self._rows(contexts, thoughts)
         r = len(rows[0])
         # Suffix = [last window token] + thought + y[:-1]; the state at len(thought) + j predicts y_j.
         suffixes = [[w[-1], *z, *y[:-1]] for w, row, y in zip(windows, rows, targets) for z in row]
@@ -137,18 +150,11 @@ class Scorer:
         n_pos, k, c = len(contexts), thoughts.num_thoughts, len(candidates[0])
         if any(len(cands) != c for cands in candidates):
             raise ValueError("every position needs the same number of candidates")
-        n = max(len(y) for cands in candidates for y in cands)
         device = roles.model("interpreter").device
-        target_ids = torch.full((n_pos, c, n), pad, dtype=torch.long, device=device)
-        target_mask = torch.zeros((n_pos, c, n), dtype=torch.bool, device=device)
-        for i, cands in enumerate(candidates):
-            for j, y in enumerate(cands):
-                target_ids[i, j, : len(y)], target_mask[i, j, : len(y)] = torch.tensor(y, device=device), True
-
-        windows = [self.window_of(ctx) for ctx in contexts]
-        seqs = thoughts.interpreter_sequences(roles.sot_id, roles.eot_id) if k else [[] for _ in contexts]
-        base_in_batch = roles.shared("base", "interpreter")
-        rows = [seqs[i] + [self.null_seq] + ([[]] if base_in_batch else []) for i in range(n_pos)]
+        padded, padded_mask = self._pad_targets([y for cands in candidates for y in cands], device)
+        n = padded.shape[1]
+        target_ids, target_mask = padded.reshape(n_pos, c, n), padded_mask.reshape(n_pos, c, n)
+        windows, rows, base_in_batch = self._rows(contexts, thoughts)
 
         def states(model, rows_):
             r = len(rows_[0])

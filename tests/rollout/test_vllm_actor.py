@@ -40,11 +40,12 @@ def engine(tmp_path_factory):
     return cfg, roles, actor
 
 
-def _hf_logps(cfg, roles, thoughts):
+def _hf_logps(cfg, roles, thoughts, contexts=CONTEXTS):
+    """The learner's log-probs of the sampled thoughts (what the sampler's must equal)."""
     with torch.no_grad():
         logps, _ = thought_logps(
             roles.model("reasoner"),
-            CONTEXTS,
+            contexts,
             thoughts,
             roles.sot_id,
             roles.eot_id,
@@ -220,15 +221,5 @@ def test_engine_serves_the_resumed_weights(tmp_path):
     roles, actor = trainer.roles, trainer.actor
     contexts = [trainer.eval_pool[i].context_ids for i in range(3)]
     thoughts = actor.sample(contexts, 4, position_seeds(3, torch.Generator().manual_seed(0)))
-    with torch.no_grad():
-        logps, _ = thought_logps(
-            roles.model("reasoner"),
-            contexts,
-            thoughts,
-            roles.sot_id,
-            roles.eot_id,
-            roles.tokenizer.pad_token_id,
-            trainer.cfg.rollout.temperature,
-            False,
-        )
+    logps = _hf_logps(trainer.cfg, roles, thoughts, contexts)
     assert float((logps - thoughts.sampler_logps).abs().max()) < 1e-4

@@ -137,18 +137,31 @@ def _csqa_item(row: dict, template: str) -> tuple[str, str, dict]:
 TASK_ITEMS = {"gsm8k": (_gsm8k_item, {"question"}), "csqa": (_csqa_item, {"question", "choices"})}
 
 
+def task_template(cfg: DataConfig) -> str:
+    """The prompt template that formats ``cfg.source``'s items (``data.prompt_template`` or ``tasks/<source>``)."""
+    _, allowed = TASK_ITEMS[cfg.source]
+    return load_template(cfg.prompt_template or f"tasks/{cfg.source}", allowed)
+
+
+def parse_rows(rows: list[dict], indices, parse, what: str):
+    """Yield (index, parse(row)) for the given rows; a row that does not parse is a one-line error naming it."""
+    for i in indices:
+        try:
+            parsed = parse(rows[i])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"{what} row {i + 1} is malformed ({type(exc).__name__}: {exc}); fix or drop it") from None
+        yield i, parsed
+
+
 def _task_pool(cfg: DataConfig, tokenizer, split: str) -> PositionPool:
-    make_item, allowed = TASK_ITEMS[cfg.source]
-    template = load_template(cfg.prompt_template or f"tasks/{cfg.source}", allowed)
+    make_item, _ = TASK_ITEMS[cfg.source]
+    template = task_template(cfg)
     contexts, targets, metas = [], [], []
     bos = bos_prefix(tokenizer)
-    for i, row in enumerate(load_task_rows(cfg, split)):
-        try:
-            context, target, meta = make_item(row, template)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise DataError(
-                f"{cfg.source} {split} row {i + 1} is malformed ({type(exc).__name__}: {exc}); fix or drop it"
-            ) from None
+    rows = load_task_rows(cfg, split)
+    for _, (context, target, meta) in parse_rows(
+        rows, range(len(rows)), lambda row: make_item(row, template), f"{cfg.source} {split}"
+    ):
         contexts.append(bos + tokenizer.encode(context, add_special_tokens=False))
         targets.append(tokenizer.encode(target, add_special_tokens=False)[: cfg.n_ahead])
         metas.append(meta)

@@ -13,7 +13,7 @@ from thinkrl.errors import ConfigError
 from thinkrl.eval import report
 from thinkrl.eval.runner import EvalOptions, Evaluator
 from thinkrl.eval.setup import load_setup
-from thinkrl.prompts import MARKER_FIELDS, load_template
+from thinkrl.prompts import load_reasoner_template
 
 # The accuracy each task reports after sampled thoughts (likelihood score where no generation is run).
 ACCURACY = {"gsm8k": ("accuracy_maj", "likelihood_score"), "csqa": ("letter_accuracy",), "text": ()}
@@ -33,9 +33,7 @@ def check_templates(names: list[str]) -> None:
     if len(names) < 2:
         raise ConfigError("prompts compare needs at least two templates")
     for name in names:
-        text = load_template(name, {"context", *MARKER_FIELDS})
-        if text.count("{context}") != 1:
-            raise ConfigError(f"reasoner template {name!r} must contain {{context}} exactly once")
+        load_reasoner_template(name)
 
 
 def _row(name: str, results: dict, records: list[dict], task: str, samples: int) -> dict:

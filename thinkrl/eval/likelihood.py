@@ -31,8 +31,3 @@ def renormalised_logp(logp: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     inside = torch.isin(targets, allowed.to(targets.device))
     per_token = torch.where(inside, picked - mass, picked)
     return (per_token * mask).sum(-1)
-
-
-def choice_logprobs(total_logp: torch.Tensor) -> torch.Tensor:
-    """Summed log-probs of C candidate answers (..., C) → their log-probs renormalised over the candidates."""
-    return total_logp - torch.logsumexp(total_logp, dim=-1, keepdim=True)

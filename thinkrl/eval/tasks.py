@@ -14,16 +14,16 @@ import numpy as np
 
 from thinkrl.config import Config
 from thinkrl.data.sources import (
-    TASK_ITEMS,
     bos_prefix,
     build_pools,
     csqa_fields,
     csqa_prompt,
     gsm8k_answer,
     load_task_rows,
+    parse_rows,
+    task_template,
 )
 from thinkrl.errors import DataError
-from thinkrl.prompts import load_template
 
 TASKS = ("gsm8k", "csqa", "text")
 
@@ -49,41 +49,30 @@ def choose_slice(n: int, limit: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(n)[:limit].tolist())
 
 
-def _malformed(task: str, row_index: int, exc: Exception) -> DataError:
-    return DataError(f"{task} row {row_index + 1} is malformed ({type(exc).__name__}: {exc}); fix or drop it")
+def _gsm8k_fields(row: dict, template: str, encode) -> tuple:
+    question, answer = row["question"].strip(), gsm8k_answer(row["answer"])
+    return template.format(question=question), [encode(" " + answer)], answer, {"question": question}
 
 
-def _gsm8k_items(cfg: Config, tokenizer, rows: list[dict], ids: list[int]) -> list[EvalItem]:
-    _, allowed = TASK_ITEMS["gsm8k"]
-    template = load_template(cfg.data.prompt_template or "tasks/gsm8k", allowed)
-    bos, items = bos_prefix(tokenizer), []
-    for i in ids:
-        try:
-            question, answer = rows[i]["question"].strip(), gsm8k_answer(rows[i]["answer"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise _malformed("gsm8k", i, exc) from None
-        context = bos + tokenizer.encode(template.format(question=question), add_special_tokens=False)
-        target = tokenizer.encode(" " + answer, add_special_tokens=False)
-        items.append(EvalItem(i, context, [target], answer, {"question": question}))
-    return items
+def _csqa_fields(row: dict, template: str, encode) -> tuple:
+    stem, labels, texts, answer = csqa_fields(row)
+    letters = [encode(" " + label) for label in labels]
+    answers = [encode(" " + text) for text in texts]
+    # Rewards and NLLs score the gold letter when the prompt lists the choices, else (cloze) the answer text.
+    info = {"question": stem, "labels": labels, "texts": texts, "gold_is_text": "{choices}" not in template}
+    return csqa_prompt(template, stem, labels, texts), letters + answers, answer, info
 
 
-def _csqa_items(cfg: Config, tokenizer, rows: list[dict], ids: list[int]) -> list[EvalItem]:
-    _, allowed = TASK_ITEMS["csqa"]
-    template = load_template(cfg.data.prompt_template or "tasks/csqa", allowed)
-    bos, items = bos_prefix(tokenizer), []
-    for i in ids:
-        try:
-            stem, labels, texts, answer = csqa_fields(rows[i])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise _malformed("csqa", i, exc) from None
-        context = bos + tokenizer.encode(csqa_prompt(template, stem, labels, texts), add_special_tokens=False)
-        letters = [tokenizer.encode(" " + label, add_special_tokens=False) for label in labels]
-        answers = [tokenizer.encode(" " + text, add_special_tokens=False) for text in texts]
-        # Rewards and NLLs score the gold letter when the prompt lists the choices, else (cloze) the answer text.
-        info = {"question": stem, "labels": labels, "texts": texts, "gold_is_text": "{choices}" not in template}
-        items.append(EvalItem(i, context, letters + answers, answer, info))
-    return items
+TASK_FIELDS = {"gsm8k": _gsm8k_fields, "csqa": _csqa_fields}
+
+
+def _task_items(cfg: Config, tokenizer, rows: list[dict], ids: list[int]) -> list[EvalItem]:
+    """(prompt, candidate targets, gold, info) per row, formatted by the task's template, as token items."""
+    template, fields = task_template(cfg.data), TASK_FIELDS[cfg.data.source]
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    bos = bos_prefix(tokenizer)
+    parsed = parse_rows(rows, ids, lambda row: fields(row, template, encode), f"{cfg.data.source} eval")
+    return [EvalItem(i, bos + encode(prompt), targets, gold, info) for i, (prompt, targets, gold, info) in parsed]
 
 
 def _text_items(cfg: Config, tokenizer, limit: int, seed: int) -> list[EvalItem]:
@@ -108,4 +97,4 @@ def load_items(task: str, cfg: Config, tokenizer, limit: int, seed: int) -> list
     data.source = task
     rows = load_task_rows(data, "eval")
     ids = choose_slice(len(rows), limit, seed)
-    return (_gsm8k_items if task == "gsm8k" else _csqa_items)(cfg, tokenizer, rows, ids)
+    return _task_items(cfg, tokenizer, rows, ids)
