@@ -7,12 +7,13 @@ accuracy, thought length, unfinished rate and a few sample thoughts per template
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from thinkrl.errors import ConfigError
 from thinkrl.eval import report
 from thinkrl.eval.runner import EvalOptions, Evaluator
-from thinkrl.eval.setup import load_setup
+from thinkrl.eval.setup import EvalSetup, load_setup
 from thinkrl.prompts import load_reasoner_template
 
 # The accuracy each task reports after sampled thoughts (likelihood score where no generation is run).
@@ -58,8 +59,10 @@ def compare(
     opts = dict(opts)
     out = Path(opts.pop("output_dir"))
     rows = []
+    loaded = load_setup(model, config, overrides)  # the models once: templates only change the reasoner's prompt
     for name in names:
-        setup = load_setup(model, config, [*overrides, f"rollout.reasoner_template={name}"])
+        cfg = replace(loaded.cfg, rollout=replace(loaded.cfg.rollout, reasoner_template=name))
+        setup = EvalSetup(cfg, loaded.roles, loaded.checkpoint)
         run_opts = EvalOptions(**opts, output_dir=str(out / name.replace("/", "__")))
         evaluator = Evaluator(run_opts, setup)
         results = evaluator.run()
