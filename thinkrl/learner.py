@@ -80,35 +80,46 @@ def rewards_and_advantages(cfg: Config, scores: Scores, thoughts: ThoughtBatch):
     return per_token, rewards, advantages
 
 
-def compute_loss(
-    cfg: Config,
-    roles: RoleModels,
-    scorer: Scorer,
-    contexts: list[list[int]],
-    targets: list[list[int]],
-    thoughts: ThoughtBatch,
-    reasoner_contexts: list[list[int]] | None = None,
-) -> LossOutput:
-    """``reasoner_contexts``: what the reasoner read before each thought (the contexts wrapped in
-    ``rollout.reasoner_template``); the interpreter always reads ``contexts``."""
+class PositionScoring:
+    """Scores and policy terms with each position as its own sequence (task positions, the reference path).
+
+    ``reasoner_contexts``: what the reasoner read before each thought (the contexts wrapped in
+    ``rollout.reasoner_template``); the interpreter always reads ``contexts``. The parallel counterpart for many
+    positions of one window is ``parallel_scoring.WindowScoring``; both return the same tensors."""
+
+    def __init__(self, roles: RoleModels, scorer: Scorer, contexts, targets, reasoner_contexts=None):
+        self.roles, self.scorer = roles, scorer
+        self.contexts, self.targets = contexts, targets
+        self.reasoner_contexts = reasoner_contexts or contexts
+
+    def scores(self, thoughts: ThoughtBatch) -> Scores:
+        return self.scorer.score(self.contexts, self.targets, thoughts)
+
+    def policy(self, thoughts: ThoughtBatch, temperature: float, fixed_length: bool):
+        roles = self.roles
+        return thought_logps(
+            roles.model("reasoner"),
+            self.reasoner_contexts,
+            thoughts,
+            roles.sot_id,
+            roles.eot_id,
+            self.scorer.pad_id,
+            temperature,
+            fixed_length,
+        )
+
+
+def compute_loss(cfg: Config, scoring, thoughts: ThoughtBatch) -> LossOutput:
+    """The TRICE loss of one batch; ``scoring`` is a ``PositionScoring`` or a ``WindowScoring``."""
     lc = cfg.learner
-    scores = scorer.score(contexts, targets, thoughts)
+    scores = scoring.scores(thoughts)
     per_token, rewards, advantages = rewards_and_advantages(cfg, scores, thoughts)
     mask = scores.target_mask
     stats: dict[str, float] = {}
     loss = scores.logp.sum() * 0.0  # keeps every term on the graph even when weights are 0
 
     if thoughts.num_thoughts and (lc.policy_weight > 0 or lc.entropy_coef > 0):
-        logps, entropy = thought_logps(
-            roles.model("reasoner"),
-            reasoner_contexts or contexts,
-            thoughts,
-            roles.sot_id,
-            roles.eot_id,
-            scorer.pad_id,
-            cfg.rollout.temperature,
-            cfg.rollout.length_mode == "fixed",
-        )
+        logps, entropy = scoring.policy(thoughts, cfg.rollout.temperature, cfg.rollout.length_mode == "fixed")
         action_mask = thoughts.thought_mask.to(logps.device)
         pg, pg_stats = core_algos.policy_loss(
             logps, thoughts.sampler_logps.to(logps.device), action_mask, advantages, lc.ratio_clip

@@ -130,6 +130,13 @@ class Scorer:
             )
             h_base = _gather_targets(hb, torch.zeros(n_pos, dtype=torch.long, device=device), n)[:, None]
 
+        return self.mix(h_base, h_interp, target_ids, target_mask)
+
+    def mix(self, h_base, h_interp, target_ids, target_mask) -> Distributions:
+        """Distributions from last hidden states: base (N, 1, n, d), interpreter (N, K+1, n, d) (null row last).
+
+        Shared by the per-position forwards above and the parallel passes (``parallel_scoring``)."""
+        roles = self.roles
         lm_base = roles.model("base").get_output_embeddings()
         lm_interp = roles.model("interpreter").get_output_embeddings()
         mixed, weight = roles.head(h_base.expand_as(h_interp), h_interp, lm_base, lm_interp)

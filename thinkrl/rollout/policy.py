@@ -77,10 +77,24 @@ def thought_logps(
         for j in range(k)
     ]
     logits, _, _ = forward_shared_prefix(model, [c[:-1] for c in contexts], suffixes, pad_id)
-    logits = policy_logits(logits[:, 1 : 1 + m], temperature, sot_id, eot_id, fixed_length)  # (N*K, <=M, V)
+    logits = logits[:, 1 : 1 + m]
     if logits.shape[1] < m:  # every thought shorter than the slot width
         logits = torch.nn.functional.pad(logits, (0, 0, 0, m - logits.shape[1]))
-    flat_actions = actions.reshape(n * k, m)
-    logps = selective_log_softmax(logits, flat_actions).reshape(n, k, m)
-    entropy = entropy_from_logits(logits).reshape(n, k, m)
+    return action_terms(logits.reshape(n, k, m, -1), actions, action_mask, temperature, sot_id, eot_id, fixed_length)
+
+
+def action_terms(
+    logits: torch.Tensor,
+    actions: torch.Tensor,
+    action_mask: torch.Tensor,
+    temperature: float,
+    sot_id: int,
+    eot_id: int,
+    fixed_length: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw logits (N, K, M, V) predicting ``actions`` (N, K, M) → (logps, entropy), (N, K, M), 0 off the mask."""
+    n, k, m = actions.shape
+    flat = policy_logits(logits.reshape(n * k, m, -1), temperature, sot_id, eot_id, fixed_length)
+    logps = selective_log_softmax(flat, actions.reshape(n * k, m)).reshape(n, k, m)
+    entropy = entropy_from_logits(flat).reshape(n, k, m)
     return logps.masked_fill(~action_mask, 0.0), entropy.masked_fill(~action_mask, 0.0)
