@@ -266,6 +266,12 @@ class RolloutConfig:
         "'' = the reasoner reads the bare context, or a prompts/ name wrapping it (e.g. thinking/system)", ""
     )
     batch_positions: int = described("positions sampled together in one batch (memory knob)", 32)
+    thought_passes: str = described(
+        "auto | parallel | per_position: parallel reads each text window once and grows the thoughts of all its "
+        "positions together (every_k/random positions on text); per_position gives each position its own sequence "
+        "(task positions); auto picks parallel where it applies",
+        "auto",
+    )
     sync_every: int = described(
         "vllm: push the learner's weights into the engine every N updates (staleness <= N-1)", 1
     )
@@ -275,6 +281,7 @@ class RolloutConfig:
     def __post_init__(self):
         check_choice("rollout.backend", self.backend, ("hf", "vllm"))
         check_choice("rollout.length_mode", self.length_mode, ("variable", "fixed"))
+        check_choice("rollout.thought_passes", self.thought_passes, ("auto", "parallel", "per_position"))
         check_positive("rollout.num_thoughts", self.num_thoughts, allow_zero=True)
         check_positive("rollout.max_thought_len", self.max_thought_len)
         check_positive("rollout.temperature", self.temperature)
@@ -430,6 +437,25 @@ class Config:
         if self.model.tokenizer == "auto" and self.all_scratch():
             # Random models have no tokenizer of their own: the task's words, or bytes for natural text.
             self.model.tokenizer = "synthetic" if self.data.source == "synthetic" else "byte"
+
+        if self.rollout.thought_passes == "parallel":
+            if self.data.positions == "task":
+                raise ConfigError(
+                    "rollout.thought_passes=parallel needs many positions per text (data.positions=every_k or "
+                    "random); task positions use rollout.thought_passes=per_position"
+                )
+            if self.rollout.reasoner_template:
+                raise ConfigError(
+                    "rollout.reasoner_template wraps each position's context, which parallel passes share; set "
+                    "rollout.thought_passes=per_position or drop the template"
+                )
+
+    def parallel_passes(self) -> bool:
+        """Whether thoughts are grown in parallel passes over whole windows (see ``rollout.thought_passes``)."""
+        mode = self.rollout.thought_passes
+        if mode == "auto":
+            return self.data.source == "text" and self.data.positions != "task" and not self.rollout.reasoner_template
+        return mode == "parallel"
 
     def all_scratch(self) -> bool:
         return all(self.model.spec(g).path == "scratch" for g in set(self.model.weight_groups))

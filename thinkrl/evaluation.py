@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from thinkrl.config import Config
-from thinkrl.learner import rewards_and_advantages
+from thinkrl.data.windows import WindowPool, group_windows, take_positions, window_batch
+from thinkrl.learner import PositionScoring, rewards_and_advantages
+from thinkrl.parallel_scoring import WindowScoring
 from thinkrl.models.roles import RoleModels
 from thinkrl.prompts import ReasonerPrompt, wrap_contexts
 from thinkrl.rollout.base import RolloutActor
@@ -45,6 +47,25 @@ class _Sums(dict):
         return {k: (t / n if n else float("nan")) for k, (t, n) in self.items()}
 
 
+def _batches(cfg: Config, roles, actor, scorer, pool, n_eval: int, generator, reasoner_prompt):
+    """(thoughts, scoring) over the first ``n_eval`` positions of ``pool``, batch by batch: whole windows in
+    parallel passes, or positions one sequence each (``Config.parallel_passes``)."""
+    k, step = cfg.rollout.num_thoughts, cfg.trainer.batch_positions
+    if cfg.parallel_passes():
+        device = roles.model("interpreter").device
+        for group in group_windows(take_positions(WindowPool(pool), n_eval), step):
+            batch = window_batch(group, scorer.pad_id, device)
+            thoughts = actor.sample_windows(batch, k, position_seeds(batch.num_positions, generator))
+            yield thoughts, WindowScoring(cfg, roles, scorer, batch)
+        return
+    for start in range(0, n_eval, step):
+        positions = [pool[i] for i in range(start, min(n_eval, start + step))]
+        contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
+        reasoner_contexts = wrap_contexts(reasoner_prompt, contexts)
+        thoughts = actor.sample(reasoner_contexts, k, position_seeds(len(contexts), generator))
+        yield thoughts, PositionScoring(roles, scorer, contexts, targets, reasoner_contexts)
+
+
 @torch.no_grad()
 def evaluate(
     cfg: Config,
@@ -64,14 +85,10 @@ def evaluate(
     k = cfg.rollout.num_thoughts
     sums = _Sums()
     n_eval = min(len(pool), cfg.data.eval_positions)
-    step = cfg.trainer.batch_positions
     try:
-        for start in range(0, n_eval, step):
-            positions = [pool[i] for i in range(start, min(n_eval, start + step))]
-            contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
-            seeds = position_seeds(len(contexts), generator)
-            thoughts = actor.sample(wrap_contexts(reasoner_prompt, contexts), k, seeds)
-            scores = scorer.score(contexts, targets, thoughts)
+        for thoughts, scoring in _batches(cfg, roles, actor, scorer, pool, n_eval, generator, reasoner_prompt):
+            scores = scoring.scores(thoughts)
+            positions = range(thoughts.num_positions)
             _, rewards, _ = rewards_and_advantages(cfg, scores, thoughts)
             mask = scores.target_mask.float()
             tokens = mask.sum()

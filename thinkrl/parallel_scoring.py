@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from thinkrl.data.windows import WindowBatch
+from thinkrl.data.windows import WindowBatch, batch_positions
 from thinkrl.models.parallel_passes import WindowRead, read_window, run_passes
 from thinkrl.rollout.base import ThoughtBatch
 from thinkrl.rollout.policy import action_terms
@@ -79,22 +79,10 @@ class WindowScoring:
             self._reads[key] = read_window(model, self.batch.ids)
         return self._reads[key]
 
-    def positions(self) -> tuple[list[list[int]], list[list[int]]]:
-        """(contexts, targets) of the valid slots, as the per-position path reads them."""
-        ids, lens = self.batch.ids.tolist(), self.batch.slot_len.tolist()
-        tgt, tmask = self.batch.target_ids.tolist(), self.batch.target_mask.tolist()
-        contexts, targets = [], []
-        for b, row in enumerate(self.batch.valid.tolist()):
-            for p, ok in enumerate(row):
-                if ok:
-                    contexts.append(ids[b][: lens[b][p]])
-                    targets.append([t for t, keep in zip(tgt[b][p], tmask[b][p]) if keep])
-        return contexts, targets
-
     # ---- scores ---------------------------------------------------------------------------------------------
     def scores(self, thoughts: ThoughtBatch) -> Scores:
         if self.scorer.window:  # per-position windows of W tokens (see the module docstring)
-            return self.scorer.score(*self.positions(), thoughts)
+            return self.scorer.score(*batch_positions(self.batch), thoughts)
         roles, batch, pad = self.roles, self.batch, self.scorer.pad_id
         device = batch.ids.device
         interp = roles.model("interpreter")

@@ -20,11 +20,14 @@ from tqdm.auto import tqdm
 
 from thinkrl.config import Config, to_yaml
 from thinkrl.data.positions import PositionStream
+from thinkrl.data.windows import WindowPool, positions_of, window_batch
 from thinkrl.data.sources import build_pools
 from thinkrl.errors import ConfigError, NonFiniteLossError
 from thinkrl.evaluation import evaluate
-from thinkrl.learner import build_optimizer, compute_loss
+from thinkrl.learner import PositionScoring, build_optimizer, compute_loss
+from thinkrl.models.parallel_attention import check_supported
 from thinkrl.models.roles import build_roles, set_threads
+from thinkrl.parallel_scoring import WindowScoring
 from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
 from thinkrl.rollout import make_actor
 from thinkrl.rollout.policy import position_seeds
@@ -77,16 +80,30 @@ class Trainer:
             write_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
 
         self.roles = build_roles(cfg)
+        if cfg.parallel_passes():
+            for model in self.roles.models.values():
+                check_supported(model)
         tok = self.roles.tokenizer
         self.train_pool, self.eval_pool = build_pools(cfg.data, tok, tc.seed)
         # Every process walks the same stream and takes its slice of each global batch (see _next_batch), so a run
         # sees the same data and thoughts whatever the process count, and resumes across process counts.
-        self.stream = PositionStream(self.train_pool, tc.seed)
         world = self.accelerator.num_processes
-        if tc.batch_positions % world:
-            raise ConfigError(
-                f"trainer.batch_positions={tc.batch_positions} must be a multiple of the {world} processes"
-            )
+        self.parallel = cfg.parallel_passes()
+        if self.parallel:  # whole windows: each is read once and all its positions think together
+            windows = WindowPool(self.train_pool)
+            self.stream = PositionStream(windows, tc.seed)
+            self.batch_windows = max(1, tc.batch_positions // windows.slots_per_window())
+            if self.batch_windows % world:
+                raise ConfigError(
+                    f"trainer.batch_positions={tc.batch_positions} makes {self.batch_windows} windows of "
+                    f"{windows.slots_per_window()} positions per step, not a multiple of the {world} processes"
+                )
+        else:
+            self.stream = PositionStream(self.train_pool, tc.seed)
+            if tc.batch_positions % world:
+                raise ConfigError(
+                    f"trainer.batch_positions={tc.batch_positions} must be a multiple of the {world} processes"
+                )
         null_ids = null_thought_ids(cfg.rollout.null_thought, tok)
         self.reasoner_prompt = reasoner_prompt(cfg.rollout.reasoner_template, tok)
         self.scorer = Scorer(self.roles, null_ids, cfg.data.interpreter_window, cfg.reward.source)
@@ -143,17 +160,15 @@ class Trainer:
         cfg, lc = self.cfg, self.cfg.learner
         stats_sum: dict[str, float] = {}
         for _ in range(lc.grad_accum_steps):
-            positions, seeds = self._next_batch()
-            contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
-            reasoner_contexts = wrap_contexts(self.reasoner_prompt, contexts)
+            positions, scoring, sample = self._next_batch()
             with self._timed("rollout"):
                 try:
-                    thoughts = self.actor.sample(reasoner_contexts, cfg.rollout.num_thoughts, seeds)
+                    thoughts = sample(cfg.rollout.num_thoughts)
                 except NonFiniteLossError as exc:
                     self._non_finite(str(exc))
             for _update in range(lc.updates_per_rollout):
                 with self._timed("score_and_loss"):
-                    out = compute_loss(cfg, self.roles, self.scorer, contexts, targets, thoughts, reasoner_contexts)
+                    out = compute_loss(cfg, scoring, thoughts)
                 if not torch.isfinite(out.loss):
                     self._non_finite(f"loss is {float(out.loss)}")
                 with self._timed("backward"):
@@ -191,14 +206,32 @@ class Trainer:
             metrics.update(zip(keys, values.tolist()))
         return metrics, positions, thoughts, out
 
-    def _next_batch(self) -> tuple[list, list[int]]:
-        """This process's share of the next global batch: (positions, their sampling seeds)."""
+    def _next_batch(self):
+        """This process's share of the next global batch: (positions, scoring, sample(K) → ThoughtBatch).
+
+        Sampling seeds are drawn per position of the global batch, the same on every process (they share torch's
+        RNG state), so a position's thoughts do not depend on the process count."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if self.parallel:
+            windows = self.stream.next_batch(self.batch_windows)
+            seeds = position_seeds(sum(len(w.slots) for w in windows))
+            share = self.batch_windows // world
+            skip = sum(len(w.slots) for w in windows[: rank * share])
+            windows = windows[rank * share : (rank + 1) * share]
+            positions = positions_of(windows)
+            seeds = seeds[skip : skip + len(positions)]
+            batch = window_batch(windows, self.roles.tokenizer.pad_token_id, self.accelerator.device)
+            scoring = WindowScoring(self.cfg, self.roles, self.scorer, batch)
+            return positions, scoring, lambda k: self.actor.sample_windows(batch, k, seeds)
         global_batch = self.cfg.trainer.batch_positions
         positions = self.stream.next_batch(global_batch)
-        seeds = position_seeds(global_batch)  # same on every process: they share torch's RNG state
-        share = global_batch // self.accelerator.num_processes
-        lo = self.accelerator.process_index * share
-        return positions[lo : lo + share], seeds[lo : lo + share]
+        seeds = position_seeds(global_batch)
+        share = global_batch // world
+        positions, seeds = positions[rank * share : (rank + 1) * share], seeds[rank * share : (rank + 1) * share]
+        contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
+        reasoner_contexts = wrap_contexts(self.reasoner_prompt, contexts)
+        scoring = PositionScoring(self.roles, self.scorer, contexts, targets, reasoner_contexts)
+        return positions, scoring, lambda k: self.actor.sample(reasoner_contexts, k, seeds)
 
     def _optimizer_step(self) -> float:
         """Average, clip and apply the gradients; records each parameter group's norm in ``self.group_norms``."""
@@ -320,7 +353,7 @@ class Trainer:
                 trainable,
                 self.stream,
                 tc.lm_warmup_steps,
-                tc.batch_positions,
+                self.batch_windows if self.parallel else tc.batch_positions,
                 self.cfg.learner.lr,
                 self.roles.tokenizer.pad_token_id,
                 show_progress=self.is_main and tc.progress,

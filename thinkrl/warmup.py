@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from thinkrl.data.positions import PositionStream
+from thinkrl.data.windows import Window
 from thinkrl.models.shared_prefix import right_pad
 
 
@@ -26,14 +27,16 @@ def lm_warmup(
     show_progress: bool = True,
     average_gradients=None,
 ) -> float:
-    """Train ``models`` as plain LMs on context+target of stream positions. Returns the last mean NLL."""
+    """Train ``models`` as plain LMs on the stream's items (positions: context+target; windows: the whole window).
+
+    Returns the last mean NLL."""
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     if not params or steps == 0:
         return float("nan")
     optimizer = torch.optim.AdamW(params, lr=lr)
     loss_value = float("nan")
     for _ in tqdm(range(steps), desc="lm warm-up", disable=not show_progress, dynamic_ncols=True):
-        docs = [p.context_ids + p.target_ids for p in stream.next_batch(batch_size)]
+        docs = [_tokens(item) for item in stream.next_batch(batch_size)]
         ids, lengths = right_pad(docs, pad_id, models[0].device)
         labels = ids.masked_fill(torch.arange(ids.shape[1], device=ids.device)[None] >= lengths[:, None], -100)
         loss = sum(m(input_ids=ids, labels=labels).loss for m in models) / len(models)
@@ -44,3 +47,9 @@ def lm_warmup(
         optimizer.step()
         loss_value = float(loss.detach())
     return loss_value
+
+
+def _tokens(item) -> list[int]:
+    if isinstance(item, Window):
+        return item.tokens.tolist()
+    return item.context_ids + item.target_ids

@@ -94,3 +94,42 @@ def window_batch(windows: list[Window], pad_id: int, device="cpu") -> WindowBatc
 def positions_of(windows: list[Window]) -> list[Position]:
     """The per-position view of the windows, in the order the parallel path lays out its (N, ...) tensors."""
     return [p for w in windows for p in w.positions()]
+
+
+def batch_positions(batch: WindowBatch) -> tuple[list[list[int]], list[list[int]]]:
+    """(contexts, targets) of the valid slots, as the per-position path reads them, in the parallel path's order."""
+    ids, lens = batch.ids.tolist(), batch.slot_len.tolist()
+    tgt, tmask = batch.target_ids.tolist(), batch.target_mask.tolist()
+    contexts, targets = [], []
+    for b, row in enumerate(batch.valid.tolist()):
+        for p, ok in enumerate(row):
+            if ok:
+                contexts.append(ids[b][: lens[b][p]])
+                targets.append([t for t, keep in zip(tgt[b][p], tmask[b][p]) if keep])
+    return contexts, targets
+
+
+def take_positions(windows: list[Window], n: int) -> list[Window]:
+    """The windows covering the first ``n`` positions (the last one cut short): the same positions as the first n
+    of the per-position pool, which lists a document's positions together and in order."""
+    out, left = [], n
+    for w in windows:
+        if left <= 0:
+            break
+        out.append(Window(w.tokens, w.slots[:left], w.n_ahead[:left], w.doc_id))
+        left -= len(out[-1].slots)
+    return out
+
+
+def group_windows(windows: list[Window], max_positions: int) -> list[list[Window]]:
+    """Consecutive groups of windows with at most ``max_positions`` positions each (at least one window)."""
+    groups, current, count = [], [], 0
+    for w in windows:
+        if current and count + len(w.slots) > max_positions:
+            groups.append(current)
+            current, count = [], 0
+        current.append(w)
+        count += len(w.slots)
+    if current:
+        groups.append(current)
+    return groups

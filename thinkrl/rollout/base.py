@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from thinkrl.config import RolloutConfig
+from thinkrl.data.windows import WindowBatch, batch_positions
 
 
 @dataclass
@@ -57,6 +58,12 @@ class RolloutActor(abc.ABC):
     @abc.abstractmethod
     def sample(self, contexts: list[list[int]], num_thoughts: int, seeds: list[int]) -> ThoughtBatch:
         """K thoughts per context; ``seeds[i]`` alone decides position i's thoughts (any batch, any process)."""
+
+    def sample_windows(self, batch: WindowBatch, num_thoughts: int, seeds: list[int]) -> ThoughtBatch:
+        """K thoughts at every valid slot of the windows (position order of ``windows.batch_positions``).
+
+        By default one request per position; a backend that can read each window once overrides this."""
+        return self.sample(batch_positions(batch)[0], num_thoughts, seeds)
 
     def after_update(self) -> float:
         """Called after each learner update; returns seconds spent syncing weights (0 when the sampler *is* the
