@@ -18,8 +18,8 @@ import torch
 from thinkrl.config import Config
 from thinkrl.data.windows import WindowPool, group_windows, take_positions, window_batch
 from thinkrl.learner import PositionScoring, rewards_and_advantages
-from thinkrl.parallel_scoring import WindowScoring
 from thinkrl.models.roles import RoleModels
+from thinkrl.parallel_scoring import WindowScoring
 from thinkrl.prompts import ReasonerPrompt, wrap_contexts
 from thinkrl.rollout.base import RolloutActor
 from thinkrl.rollout.policy import position_seeds

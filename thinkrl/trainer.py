@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from thinkrl.config import Config, to_yaml
 from thinkrl.data.positions import PositionStream
-from thinkrl.data.windows import WindowPool, positions_of, window_batch
 from thinkrl.data.sources import build_pools
+from thinkrl.data.windows import WindowPool, positions_of, window_batch
 from thinkrl.errors import ConfigError, NonFiniteLossError
 from thinkrl.evaluation import evaluate
 from thinkrl.learner import PositionScoring, build_optimizer, compute_loss

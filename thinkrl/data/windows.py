@@ -88,7 +88,9 @@ def window_batch(windows: list[Window], pad_id: int, device="cpu") -> WindowBatc
             y = tokens[t : t + k]
             slot_len[b, p], valid[b, p] = t, True
             target_ids[b, p, : len(y)], target_mask[b, p, : len(y)] = y, True
-    return WindowBatch(ids.to(device), slot_len.to(device), valid.to(device), target_ids.to(device), target_mask.to(device))
+    return WindowBatch(
+        ids.to(device), slot_len.to(device), valid.to(device), target_ids.to(device), target_mask.to(device)
+    )
 
 
 def positions_of(windows: list[Window]) -> list[Position]:
