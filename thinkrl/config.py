@@ -277,6 +277,11 @@ class RolloutConfig:
     )
     vllm_kv_cache_gb: int = described("vllm on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", 1)
     vllm_gpu_memory_utilization: float = described("vllm on GPU: share of GPU memory the engine may take", 0.3)
+    vllm_block_size: int = described(
+        "vllm: KV-cache block size in tokens, 0 = the engine's default (128 on CPU); the prefix cache shares whole "
+        "blocks only, so thoughts at every token share more text with smaller blocks (32)",
+        0,
+    )
 
     def __post_init__(self):
         check_choice("rollout.backend", self.backend, ("hf", "vllm"))
@@ -288,6 +293,7 @@ class RolloutConfig:
         check_positive("rollout.batch_positions", self.batch_positions)
         check_positive("rollout.sync_every", self.sync_every)
         check_positive("rollout.vllm_kv_cache_gb", self.vllm_kv_cache_gb)
+        check_positive("rollout.vllm_block_size", self.vllm_block_size, allow_zero=True)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
 

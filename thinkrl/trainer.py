@@ -195,6 +195,7 @@ class Trainer:
             "train/mix_weight": float(out.scores.weight[:, :-1].detach().float().mean()) if k else 1.0,
             "train/staleness": thoughts.staleness,
             "train/lr": self.scheduler.get_last_lr()[0],
+            **self.actor.stats,
         }
         if self.accelerator.num_processes > 1:  # report the global batch, not this process's share
             keys = sorted(

@@ -137,6 +137,102 @@ def test_text_eval_reports_hard_tokens_and_null_rate(tmp_path):
     assert "thought" in html and "rgba(" in html
 
 
+HAMLET = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 30
+
+
+def _text_setup(tmp_path, passes: str, *extra):
+    """Windows of 32 + 3 bytes with a thought position every 4 bytes (8 per window) in the held-out 10%."""
+    text = tmp_path / "hamlet.txt"
+    text.write_text(HAMLET)
+    return _setup(
+        tmp_path,
+        "data.source=text",
+        f"data.train_file={text}",
+        "data.positions=every_k",
+        "data.every_k=4",
+        "data.n_ahead=3",
+        "data.context_len=32",
+        f"rollout.thought_passes={passes}",
+        *extra,
+    )
+
+
+TEXT_RUN = {"task": "text", "thoughts": "none,null,sampled:2", "limit": 20, "seed": 1, "batch_size": 8}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("model.weight_groups=[A,B,A]", "head.form=gate", "reward.source=interpreter")],
+    ids=["shared", "own-reasoner-gate"],
+)
+def test_text_eval_in_parallel_passes_matches_per_position(tmp_path, monkeypatch, extra):
+    parallel, per_position = _text_setup(tmp_path, "parallel", *extra), _text_setup(tmp_path, "per_position", *extra)
+    assert parallel.cfg.parallel_passes() and not per_position.cfg.parallel_passes()
+    batches = []
+    original = Evaluator._evaluate_batch
+
+    def spy(self, batch):
+        batches.append((self.parallel, [it.info["doc"] for it in batch]))
+        return original(self, batch)
+
+    monkeypatch.setattr(Evaluator, "_evaluate_batch", spy)
+    ev_par, res_par = _run(parallel, tmp_path / "par", **TEXT_RUN)
+    ev_pos, res_pos = _run(per_position, tmp_path / "pos", **TEXT_RUN)
+    # The slice is whole windows (the last one cut short), the same items in both; parallel batches never split one.
+    docs = [r["doc"] for r in ev_par.records]
+    assert len(docs) == 20 and docs == sorted(docs) and len(set(docs)) == 3
+    assert [(r["id"], r["doc"], r["slot"]) for r in ev_par.records] == [
+        (r["id"], r["doc"], r["slot"]) for r in ev_pos.records
+    ]
+    par_docs = [set(d) for on, d in batches if on]
+    assert len(par_docs) == 3 and all(not (a & b) for a, b in zip(par_docs, par_docs[1:]))
+    # Same seeds, same thoughts; same NLLs, rewards and rates (up to float error), same intervals' units.
+    assert [[t["text"] for t in r["thoughts"]] for r in ev_par.records] == [
+        [t["text"] for t in r["thoughts"]] for r in ev_pos.records
+    ]
+    m_par, m_pos = res_par["metrics"], res_pos["metrics"]
+    assert set(m_par) == set(m_pos)
+    for mode in ("none", "null", "sampled:2"):
+        for name in ("nll", "nll_hard"):
+            assert f"{mode}/{name}" in m_par
+    for key in m_par:
+        assert m_par[key]["value"] == pytest.approx(m_pos[key]["value"], abs=1e-5), key
+        assert (m_par[key]["n"], m_par[key]["groups"]) == (m_pos[key]["n"], m_pos[key]["groups"])
+    assert m_par["none/nll"]["groups"] == 3
+    assert 0.0 <= m_par["sampled:2/null_rate"]["value"] <= 1.0
+    assert "bootstrap over windows" in (tmp_path / "par" / "results.md").read_text()
+
+
+def test_text_eval_in_parallel_passes_resumes_and_shows_passages(tmp_path, monkeypatch):
+    setup = _text_setup(tmp_path, "auto")
+    _, full = _run(setup, tmp_path / "full", **TEXT_RUN)
+    calls = {"n": 0}
+    original = Evaluator._evaluate_batch
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(Evaluator, "_evaluate_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(setup, tmp_path / "cut", **TEXT_RUN)
+    assert len((tmp_path / "cut" / "items.jsonl").read_text().splitlines()) == 8  # the first window survived
+    evaluator, resumed = _run(setup, tmp_path / "cut", **TEXT_RUN)
+    assert calls["n"] == 4  # the rerun did the two other windows only
+    assert result_view(resumed) == result_view(full)
+    # The passage view: each window once, one marker per thought position, holding its best thought.
+    page = (tmp_path / "cut" / "report.html").read_text(encoding="utf-8")
+    passages = page[page.index("<h2>Passages</h2>") : page.index("<h2>Positions</h2>")]
+    assert passages.count('aria-label="thought"><span class="tip">') == len(evaluator.records) == 20
+    assert passages.count("<h2>window ") == 3
+    for rec in evaluator.records:
+        best = max(rec["thoughts"], key=lambda t: t["reward"])
+        assert f"reward {best['reward']:+.3f}" in passages
+    assert "Δ log p" in passages and "rgba(" in passages
+
+
 def test_cli_eval_and_compare_errors(tmp_path, capsys):
     data = write_eval_data(tmp_path)
     base = ["--config", "configs/default.yaml", "--task", "gsm8k", "--limit", "2", "--output"]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
+import pytest
 
 from thinkrl.eval.report import (
     compare_table,
+    contrast_ratio,
     html_report,
     markdown_table,
     plot_accuracy,
@@ -127,14 +130,75 @@ def test_html_report(tmp_path):
     assert page.count('<div class="thought">') == 1  # only the item that has one
     assert '<div class="label">thought</div>' in page
     assert "…" + "x" * 597 + "END</div>" in page and "x" * 601 not in page  # the last 600 chars of the context
-    # Positive delta: green at half strength; negative: red at full strength (|Δ| >= 2); tooltips with 3 decimals.
-    assert 'title="Δ +1.000" style="background-color: rgba(0, 150, 0, 0.500)">&lt;script&gt;' in page
-    assert 'title="Δ -4.000" style="background-color: rgba(210, 0, 0, 1.000)"> 72</span>' in page
+    # Positive delta: green at half strength; negative: red at full strength (|Δ| >= 2), in white text so the token
+    # stays readable; tooltips with 3 decimals.
+    assert 'title="Δ +1.000" style="background-color: rgba(0, 150, 0, 0.500); color: #000">&lt;script&gt;' in page
+    assert 'title="Δ -4.000" style="background-color: rgba(210, 0, 0, 1.000); color: #fff"> 72</span>' in page
     assert 'title="Δ n/a"><span class="nl">↵</span>\n</span>' in page  # the newline is kept, and visible
     assert 'title="Δ +0.000">#</span>' in page  # no colour without a difference
     assert "white-space: pre-wrap" in page
     assert "gold 72, predicted 70" in page
     assert "green</span> = the thought helped" in page  # the legend
+
+
+_STYLE = re.compile(r'style="background-color: rgba\((\d+), (\d+), (\d+), ([\d.]+)\); color: (#000|#fff)"')
+
+
+def _cells(page: str) -> list[tuple[tuple[float, ...], tuple[int, ...]]]:
+    """(cell colour over the white page, text colour) of every coloured token."""
+    out = []
+    for r, g, b, a, text in _STYLE.findall(page):
+        alpha = float(a)
+        cell = tuple(alpha * int(c) + (1 - alpha) * 255 for c in (r, g, b))
+        out.append((cell, (0, 0, 0) if text == "#000" else (255, 255, 255)))
+    return out
+
+
+def test_token_colours_keep_the_text_readable(tmp_path):
+    deltas = [d / 20 for d in range(-80, 81) if d]  # -4 .. +4 nats, both colours at every strength
+    path = tmp_path / "r.html"
+    html_report([{"title": "t", "context": "", "thought": None, "tokens": [["ab", d] for d in deltas]}], path, "t")
+    cells = _cells(path.read_text(encoding="utf-8"))
+    assert len(cells) >= len(deltas)  # the items' tokens (and the legend's swatches)
+    for cell, text in cells:
+        assert contrast_ratio(cell, text) >= 4.5, (cell, text)  # WCAG AA for body text
+    strongest = [text for cell, text in cells if min(cell) < 1]  # full-strength cells: rgb(0, 150, 0) / (210, 0, 0)
+    assert strongest and (255, 255, 255) in strongest  # the darkest (full red) switches to white text
+    assert contrast_ratio((0, 0, 0), (255, 255, 255)) == pytest.approx(21.0)
+
+
+def test_passage_view_marks_every_thought_position(tmp_path):
+    tokens = [[c, None] for c in "The cat sat"]
+    tokens[4][1], tokens[5][1], tokens[8][1] = 2.5, -0.5, 0.75
+    passage = {
+        "title": "window 3",
+        "tokens": tokens,
+        "marks": [
+            {"at": 4, "thought": "a <pet> follows", "reward": 1.25},
+            {"at": 8, "thought": "a verb", "reward": -0.5},
+            {"at": 10, "thought": None, "reward": None},
+        ],
+        "note": "3 thought positions",
+    }
+    path = tmp_path / "r.html"
+    html_report([], path, "text", passages=[passage])
+    page = path.read_text(encoding="utf-8")
+    body = page[page.index('<div class="text passage">') :]
+    body = body[: body.index("</div>")]
+    marks = re.findall(
+        r'<span class="mark[^"]*" tabindex="0" aria-label="thought"><span class="tip">(.*?)</span></span>', body, re.S
+    )
+    assert len(marks) == 3  # one per thought position
+    assert "a &lt;pet&gt; follows" in marks[0] and "reward +1.250" in marks[0]
+    assert "a verb" in marks[1] and "reward -0.500" in marks[1]
+    assert "no sampled thought" in marks[2]
+    # Each marker sits right before the first token its thought predicts; tokens are coloured by their Δ.
+    assert body.index("a &lt;pet&gt;") < body.index('title="Δ +2.500"') < body.index("a verb")
+    assert body.index("a verb") < body.index('title="Δ +0.750"')
+    assert '<span class="mark gain"' in body  # a positive reward
+    assert body.count('title="no thought predicts this token"') == len(tokens) - 3
+    assert "log p(token | the null thought)" in page  # the legend says what the colours are
+    assert "3 thought positions" in page and "<h2>Passages</h2>" in page
 
 
 def test_write_json_nan_to_null(tmp_path):

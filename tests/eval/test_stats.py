@@ -134,3 +134,32 @@ def test_summarise_applies_per_metric_weights():
     assert out["accuracy"]["value"] == pytest.approx(0.75)
     assert out["nll"]["value"] == pytest.approx((2 + 12) / 4)
     assert out["accuracy"] == bootstrap_ci([1.0, 0.0, 1.0, 1.0], n_boot=200, seed=3)
+
+
+def test_groups_resample_whole_windows():
+    # 40 windows of 10 positions; positions of a window share most of their value (one window-level effect).
+    rng = np.random.default_rng(9)
+    groups = np.repeat(np.arange(40), 10)
+    values = rng.normal(0, 1, 40)[groups] + rng.normal(0, 0.1, 400)
+    weights = rng.integers(1, 4, 400).astype(float)
+    plain = bootstrap_ci(values, weights, seed=2)
+    grouped = bootstrap_ci(values, weights, groups=groups.tolist(), seed=2)
+    assert grouped["value"] == pytest.approx(plain["value"])  # the point estimate does not change
+    assert grouped["n"] == 400 and grouped["groups"] == 40 and "groups" not in plain
+    assert _width(grouped) > 2 * _width(plain)  # positions of one window are not independent evidence
+    # The same as bootstrapping the windows' ratio estimates weighted by their summed weights.
+    sums = np.bincount(groups, weights=weights * values)
+    totals = np.bincount(groups, weights=weights)
+    by_window = bootstrap_ci(sums / totals, totals, seed=2)
+    assert {k: grouped[k] for k in ("value", "ci_low", "ci_high")} == pytest.approx(
+        {k: by_window[k] for k in ("value", "ci_low", "ci_high")}
+    )
+
+
+def test_groups_drop_with_nan_values_and_one_group_collapses():
+    ci = bootstrap_ci([1.0, math.nan, 3.0], groups=["a", "b", "a"])
+    assert ci == {"value": 2.0, "ci_low": 2.0, "ci_high": 2.0, "n": 2, "groups": 1}
+    with pytest.raises(ValueError, match="group labels"):
+        bootstrap_ci([1.0, 2.0], groups=["a"])
+    out = summarise({"x": [1.0, 2.0, 3.0, 4.0], "y": [1.0, 1.0, 0.0, 0.0]}, groups={"x": [0, 0, 1, 1]}, seed=1)
+    assert out["x"]["groups"] == 2 and "groups" not in out["y"]

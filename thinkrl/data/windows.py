@@ -36,10 +36,10 @@ class WindowPool(Sequence[Window]):
 
     def __init__(self, pool: PositionPool):
         self.pool = pool
-        spots = pool.spots
-        self.doc_ids = np.unique(spots[:, 0])
-        self._rows = {int(d): spots[spots[:, 0] == d] for d in self.doc_ids}
-        if any((rows[:, 1] > pool.context_len).any() for rows in self._rows.values()):
+        spots = pool.spots[np.lexsort((pool.spots[:, 1], pool.spots[:, 0]))]  # by document, then position
+        self.doc_ids, starts = np.unique(spots[:, 0], return_index=True)
+        self._rows = dict(zip(self.doc_ids.tolist(), np.split(spots, starts[1:])))
+        if (spots[:, 1] > pool.context_len).any():
             raise ValueError("parallel passes need every position's context to start at its window's first token")
 
     def __len__(self) -> int:
@@ -48,8 +48,7 @@ class WindowPool(Sequence[Window]):
     def __getitem__(self, i: int) -> Window:  # type: ignore[override]
         doc = int(self.doc_ids[i])
         rows = self._rows[doc]
-        order = np.argsort(rows[:, 1], kind="stable")
-        return Window(self.pool.docs[doc], rows[order, 1].tolist(), rows[order, 2].tolist(), doc)
+        return Window(self.pool.docs[doc], rows[:, 1].tolist(), rows[:, 2].tolist(), doc)
 
     def slots_per_window(self) -> int:
         """Slots of a typical (full) window: the most common count."""

@@ -15,6 +15,9 @@ or ``sampled:K``. Token-level NLLs carry a weight (the item's token count) so th
   delta_nll         per-token NLL after the null thought minus after the sampled thought (> 0: thoughts help)
   null_rate         share of items where no sampled thought beats the null thought
   thought_len, unfinished_rate   tokens per thought; share that hit the length limit without the end marker
+
+Text items are thought positions; the positions of one window (record field ``doc``) share their text, so their
+values carry the window as a bootstrap group (``stats``: whole windows are resampled).
 """
 
 from __future__ import annotations
@@ -34,10 +37,17 @@ class _Collector:
     def __init__(self):
         self.values: dict[str, list[float]] = {}
         self.weights: dict[str, list[float]] = {}
+        self.groups: dict[str, list] = {}
+        self.group = None  # the bootstrap group of the values added next (None: each item is its own)
 
     def add(self, key: str, value: float, weight: float = 1.0) -> None:
         self.values.setdefault(key, []).append(float(value))
         self.weights.setdefault(key, []).append(float(weight))
+        self.groups.setdefault(key, []).append(self.group)
+
+    def grouped(self) -> dict[str, list]:
+        """Group labels of the metrics whose every value has one."""
+        return {k: g for k, g in self.groups.items() if all(x is not None for x in g)}
 
 
 def _thought_stats(c: _Collector, mode: str, rec: dict) -> None:
@@ -117,6 +127,7 @@ def text_metrics(records: list[dict], modes: list[str]) -> _Collector:
     # Hard tokens: the top decile of the no-thought NLL over the whole slice (one threshold for every mode).
     threshold = float(np.quantile(-base, 0.9)) if base.size else 0.0
     for rec in records:
+        c.group = rec.get("doc")
         none = np.asarray(rec["logp"]["none"])
         hard = -none >= threshold
         null_total = float(np.sum(rec["logp"]["null"])) if "null" in rec["logp"] else None
@@ -136,10 +147,11 @@ def text_metrics(records: list[dict], modes: list[str]) -> _Collector:
 TASK_METRICS = {"gsm8k": gsm8k_metrics, "csqa": csqa_metrics, "text": text_metrics}
 
 
-def per_item_metrics(task: str, records: list[dict], modes: list[str]) -> tuple[dict, dict]:
-    """(values, weights): per metric key, one entry per item that has it."""
+def per_item_metrics(task: str, records: list[dict], modes: list[str]) -> tuple[dict, dict, dict]:
+    """(values, weights, groups): per metric key, one entry per item that has it; groups only for the metrics
+    whose items carry a bootstrap group (text: the window)."""
     c = TASK_METRICS[task](records, modes)
-    return c.values, c.weights
+    return c.values, c.weights, c.grouped()
 
 
 def token_deltas(task: str, records: list[dict], mode: str) -> list[float]:

@@ -20,6 +20,7 @@ from typing import Any
 PathLike = str | os.PathLike
 
 CI_NOTE = "intervals: 95% bootstrap over items"
+CI_NOTE_GROUPED = "intervals: 95% bootstrap over windows (the positions of a window are resampled together)"
 DEFAULT_PLOT_METRICS = (
     "accuracy",
     "accuracy_maj",
@@ -135,7 +136,9 @@ def markdown_table(results: dict) -> str:
         f"N={results.get('n_items', '?')} · seed {results.get('seed', '?')}"
     )
     rows = [[_cell(name)] + [_cell(per_mode.get(mode)) for mode in modes] for name, per_mode in table.items()]
-    return "\n".join([heading, "", *_table(["metric", *modes], rows), "", CI_NOTE]) + "\n"
+    grouped = any(isinstance(m, dict) and "groups" in m for m in results.get("metrics", {}).values())
+    note = CI_NOTE_GROUPED if grouped else CI_NOTE
+    return "\n".join([heading, "", *_table(["metric", *modes], rows), "", note]) + "\n"
 
 
 def compare_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -224,34 +227,71 @@ def plot_accuracy(results: dict, path: PathLike, metric_names: tuple[str, ...] =
 
 _CONTEXT_CHARS = 600
 _GREEN, _RED = (0, 150, 0), (210, 0, 0)
+_BLACK, _WHITE = (0, 0, 0), (255, 255, 255)
 
 _CSS = """
-body { font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+body { font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; padding: 0 1rem; color: #222;
+       background: #fff; }
 .item { border: 1px solid #ccc; border-radius: 6px; padding: 0.6rem 1rem; margin: 1.2rem 0; }
 .item h2 { font-size: 1rem; margin: 0.2rem 0 0.6rem; }
 .text { font-family: ui-monospace, monospace; font-size: 0.9rem; white-space: pre-wrap; word-break: break-word; }
-.context { color: #888; }
+.context { color: #666; }
 .thought { border: 1px dashed #6a4fc4; background: #f4f0ff; border-radius: 4px; padding: 0.3rem 0.6rem;
            margin: 0.5rem 0; }
 .label { font-family: system-ui, sans-serif; font-size: 0.75rem; color: #6a4fc4; font-weight: bold; }
 .target { margin-top: 0.4rem; }
-.nl { opacity: 0.5; }
+.nl { opacity: 0.6; }
 .note { font-size: 0.85rem; color: #555; margin-top: 0.5rem; }
-.legend { border: 1px solid #ddd; background: #fafafa; padding: 0.5rem 1rem; border-radius: 6px; }
+.legend { border: 1px solid #ddd; background: #fafafa; padding: 0.5rem 1rem; border-radius: 6px; margin: 0.6rem 0; }
+.passage { line-height: 1.7; }
+.mark { position: relative; display: inline-block; width: 3px; height: 1.05em; padding: 0 2px;
+        background: #6a4fc4; background-clip: content-box; vertical-align: text-bottom; cursor: pointer; }
+.mark.gain { background-color: #2e7d32; }
+.mark:hover, .mark:focus { background-color: #e07b00; outline: none; }
+.mark .tip { display: none; position: absolute; left: 0; top: 1.3em; z-index: 10; width: max-content;
+             max-width: 28rem; padding: 0.3rem 0.6rem; border: 1px dashed #6a4fc4; border-radius: 4px;
+             background: #f4f0ff; color: #222; font-size: 0.8rem; white-space: pre-wrap; cursor: auto; }
+.mark:hover .tip, .mark:focus .tip, .mark:focus-within .tip { display: block; }
 """
 
 
+def _linear(channel: float) -> float:
+    c = channel / 255
+    return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+
+def luminance(rgb: tuple[float, float, float]) -> float:
+    """WCAG relative luminance of an sRGB colour (0-255 channels)."""
+    r, g, b = (_linear(c) for c in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast_ratio(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """WCAG contrast ratio of two colours, 1 to 21 (4.5 is the AA level for body text)."""
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def _over_white(rgb: tuple[int, int, int], alpha: float) -> tuple[float, float, float]:
+    return tuple(alpha * c + (1 - alpha) * 255 for c in rgb)  # type: ignore[return-value]
+
+
 def _token_style(delta: float | None) -> str:
-    """Green when the thought raised the token's log-prob, red when it lowered it; full colour at |Δ| >= 2 nats."""
+    """Green when the thought raised the token's log-prob, red when it lowered it; strongest at |Δ| >= 2 nats. The
+    text is black or white, whichever contrasts more with the cell (at least 4.5:1 at every strength)."""
     if delta is None or not math.isfinite(delta) or delta == 0:
         return ""
-    r, g, b = _GREEN if delta > 0 else _RED
-    return f"background-color: rgba({r}, {g}, {b}, {min(abs(delta) / 2, 1.0):.3f})"
+    rgb = _GREEN if delta > 0 else _RED
+    alpha = round(min(abs(delta) / 2, 1.0), 3)
+    cell = _over_white(rgb, alpha)
+    text = "#fff" if contrast_ratio(cell, _WHITE) > contrast_ratio(cell, _BLACK) else "#000"
+    r, g, b = rgb
+    return f"background-color: rgba({r}, {g}, {b}, {alpha:.3f}); color: {text}"
 
 
-def _token_html(text: str, delta: float | None) -> str:
+def _token_html(text: str, delta: float | None, plain_tip: str = "Δ n/a") -> str:
     shown = html.escape(text).replace("\n", '<span class="nl">↵</span>\n')  # a coloured newline must stay visible
-    tip = "Δ n/a" if delta is None or not math.isfinite(delta) else f"Δ {delta:+.3f}"
+    tip = plain_tip if delta is None or not math.isfinite(delta) else f"Δ {delta:+.3f}"
     style = _token_style(delta)
     style_attr = f' style="{style}"' if style else ""
     return f'<span class="tok" title="{html.escape(tip)}"{style_attr}>{shown}</span>'
@@ -278,19 +318,76 @@ def _item_html(item: dict) -> str:
     return "\n".join(parts)
 
 
+def _mark_html(mark: dict) -> str:
+    """A thought position: a small bar; hovering or clicking (focus) it shows the thought and its reward."""
+    thought, reward = mark.get("thought"), mark.get("reward")
+    if thought is None:
+        body = "no sampled thought (only the null thought was scored)"
+    else:
+        body = f'<span class="label">best thought, reward {reward:+.3f}</span>\n{html.escape(thought)}'
+    gain = " gain" if reward is not None and reward > 0 else ""
+    return f'<span class="mark{gain}" tabindex="0" aria-label="thought"><span class="tip">{body}</span></span>'
+
+
+def _passage_html(passage: dict) -> str:
+    """One window as running text: a marker before each thought position's first true token, every token
+    coloured by Δ log-prob after the nearest thought before it (plain where no thought predicts it)."""
+    marks: dict[int, list[dict]] = {}
+    for mark in passage.get("marks", []):
+        marks.setdefault(int(mark["at"]), []).append(mark)
+    body = []
+    for i, (text, delta) in enumerate(passage.get("tokens", [])):
+        body += [_mark_html(m) for m in marks.pop(i, [])]
+        body.append(_token_html(str(text), delta, "no thought predicts this token"))
+    body += [_mark_html(m) for at in sorted(marks) for m in marks[at]]  # positions past the last token
+    parts = [
+        '<div class="item">',
+        f"<h2>{html.escape(str(passage.get('title', '')))}</h2>",
+        f'<div class="text passage">{"".join(body)}</div>',
+    ]
+    if passage.get("note"):
+        parts.append(f'<div class="note">{html.escape(str(passage["note"]))}</div>')
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def _swatches() -> str:
+    return " ".join(_token_html(f" {d:+g} ", d) for d in (-2.0, -1.0, -0.25, 0.25, 1.0, 2.0))
+
+
 def _legend_html() -> str:
-    swatches = " ".join(_token_html(f" {d:+g} ", d) for d in (-2.0, -1.0, -0.25, 0.25, 1.0, 2.0))
     return (
         '<div class="legend">Target tokens are coloured by Δ log-prob (thought minus null thought): '
-        '<span style="color: rgb(0, 150, 0)">green</span> = the thought helped, '
-        '<span style="color: rgb(210, 0, 0)">red</span> = it hurt; colour strength grows with |Δ| up to 2 nats. '
-        f'Hover a token for its Δ. <span class="text">{swatches}</span> '
+        '<span style="color: rgb(0, 120, 0)">green</span> = the thought helped, '
+        '<span style="color: rgb(190, 0, 0)">red</span> = it hurt; colour strength grows with |Δ| up to 2 nats. '
+        f'Hover a token for its Δ. <span class="text">{_swatches()}</span> '
         "The grey text is the end of the context; the dashed box is the thought.</div>"
     )
 
 
-def html_report(items: list[dict], path: PathLike, title: str) -> None:
-    """A self-contained HTML page (inline CSS, no JS) showing context, thought and Δ-coloured target per item."""
+def _passage_legend_html() -> str:
+    return (
+        '<div class="legend"><b>Passages.</b> Each window of held-out text is shown whole. A '
+        '<span class="mark" aria-hidden="true"></span> bar marks a thought position (the thought is written '
+        "there, before the next token); hover or click it to see the best of its sampled thoughts by reward and "
+        "that reward (green bar: reward above 0). Every true token is coloured by Δ log p = log p(token | the "
+        "thought before it) − log p(token | the null thought), using the nearest thought position before the token "
+        "that predicts it (within the n tokens a thought is scored on); tokens no thought predicts stay plain. "
+        f'Hover a token for its Δ. <span class="text">{_swatches()}</span></div>'
+    )
+
+
+def html_report(items: list[dict], path: PathLike, title: str, passages: list[dict] | None = None) -> None:
+    """A self-contained HTML page (inline CSS, no JS): ``passages`` (text: whole windows with a marker per thought
+    position), then context, thought and Δ-coloured target per item.
+
+    A passage is ``{"title", "tokens": [[text, Δ or None], ...], "marks": [{"at": token index, "thought": text or
+    None, "reward": float or None}, ...], "note"}``; an item is ``{"title", "context", "thought", "tokens", "note"}``.
+    """
+    sections = []
+    if passages:
+        sections += ["<h2>Passages</h2>", _passage_legend_html(), *(_passage_html(p) for p in passages)]
+        sections.append("<h2>Positions</h2>")
     page = "\n".join(
         [
             "<!DOCTYPE html>",
@@ -298,6 +395,7 @@ def html_report(items: list[dict], path: PathLike, title: str) -> None:
             f"<title>{html.escape(title)}</title>",
             f"<style>{_CSS}</style></head><body>",
             f"<h1>{html.escape(title)}</h1>",
+            *sections,
             _legend_html(),
             *(_item_html(item) for item in items),
             "</body></html>",

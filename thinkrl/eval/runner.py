@@ -4,6 +4,13 @@ The output folder holds ``items.jsonl`` (one record per item, appended batch by 
 (what was asked; a rerun with the same settings resumes after the items already written), ``results.json``
 (every metric with a 95% bootstrap interval and N), ``results.md``, ``plots/`` and ``report.html``.
 Every item's thoughts come from its own seed (``item_seed``), so they do not depend on the batch or a resume.
+
+``--task text``: an item is one thought position of a held-out window (record fields ``doc`` and ``slot``: the
+window and the context length), the slice is drawn window by window, and bootstrap intervals resample whole windows.
+When the recipe uses parallel passes (``Config.parallel_passes``), each batch is whole windows (at least one, up to
+``batch_size`` positions): the window is read once and the thoughts of all its positions are sampled and scored
+together; the records are the per-position path's, item for item (same seeds, same numbers up to float error).
+The HTML report then also shows the first windows as passages with a marker at each thought position.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from thinkrl.config import to_dict
+from thinkrl.data.windows import WindowBatch, window_batch
 from thinkrl.errors import ConfigError, DataError
 from thinkrl.eval import metrics as metric_fns
 from thinkrl.eval import report, stats
@@ -26,7 +34,8 @@ from thinkrl.eval.answers import extract_choice, extract_number, numbers_equal
 from thinkrl.eval.generate import Generator
 from thinkrl.eval.likelihood import answer_token_ids, renormalised_logp
 from thinkrl.eval.setup import EvalSetup
-from thinkrl.eval.tasks import TASKS, EvalItem, item_seed, load_items
+from thinkrl.eval.tasks import TASKS, EvalItem, item_seed, item_windows, load_items
+from thinkrl.parallel_scoring import WindowScoring
 from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
 from thinkrl.rollout import make_actor
 from thinkrl.rollout.base import ThoughtBatch, empty_thoughts
@@ -38,6 +47,7 @@ logger = logging.getLogger(__name__)
 STOP_STRINGS = {"gsm8k": ["\n"], "csqa": ["\n"]}
 DEFAULT_NEW_TOKENS = {"gsm8k": 32, "csqa": 8}
 RESULT_KEYS = ("task", "model", "n_items", "seed", "modes", "metrics")
+PASSAGES = 5  # windows shown as passages in report.html (--task text)
 
 
 def parse_modes(spec: str) -> list[str]:
@@ -92,6 +102,10 @@ class Evaluator:
         self.null_ids = null_thought_ids(ro.null_thought, tok)
         self.prompt = reasoner_prompt(ro.reasoner_template, tok)
         self.scorer = Scorer(self.roles, self.null_ids, self.cfg.data.interpreter_window, self.cfg.reward.source)
+        # Text positions of whole windows in parallel passes (the trainer's held-out evaluation does the same).
+        self.parallel = opts.task == "text" and self.cfg.parallel_passes()
+        if self.parallel:
+            item_windows(self.items)  # fails early when the positions cannot be read as whole windows
         wrapper = len(self.prompt.prefix) + len(self.prompt.suffix) if self.prompt else 0
         longest = max(len(it.context) for it in self.items) + wrapper + ro.max_thought_len + len(self.null_ids)
         self.actor = make_actor(ro, self.roles, self.out, longest + opts.max_new_tokens + 8)
@@ -140,8 +154,7 @@ class Evaluator:
             model.eval()
         bar = tqdm(total=len(self.items), initial=len(self.items) - len(todo), desc=f"eval {self.opts.task}")
         with torch.no_grad():
-            for s in range(0, len(todo), self.opts.batch_size):
-                batch = todo[s : s + self.opts.batch_size]
+            for batch in self._batches(todo):
                 for rec in self._evaluate_batch(batch):
                     append_jsonl(self.out / "items.jsonl", rec)
                     done[rec["id"]] = rec
@@ -154,13 +167,37 @@ class Evaluator:
         return results
 
     # --------------------------------------------------------------------------------------------------------
-    def _thoughts(self, batch: list[EvalItem]) -> tuple[ThoughtBatch, list[list[dict]]]:
+    def _batches(self, todo: list[EvalItem]) -> list[list[EvalItem]]:
+        """``batch_size`` items at a time; parallel passes: whole windows, as many as fit in ``batch_size``
+        positions (at least one), so each window is read once."""
+        size = self.opts.batch_size
+        if not self.parallel:
+            return [todo[s : s + size] for s in range(0, len(todo), size)]
+        batches, start, current = [], 0, 0
+        for w in item_windows(todo):
+            if current and current + len(w.slots) > size:
+                batches.append(todo[start : start + current])
+                start, current = start + current, 0
+            current += len(w.slots)
+        if current:
+            batches.append(todo[start : start + current])
+        return batches
+
+    def _window_batch(self, batch: list[EvalItem]) -> WindowBatch | None:
+        if not self.parallel:
+            return None
+        return window_batch(item_windows(batch), self.scorer.pad_id, self.roles.model("interpreter").device)
+
+    def _thoughts(self, batch: list[EvalItem], windows: WindowBatch | None) -> tuple[ThoughtBatch, list[list[dict]]]:
         k, tok = self.opts.k, self.roles.tokenizer
         contexts = [it.context for it in batch]
         if not k:
             return empty_thoughts(len(batch), self.roles.model("interpreter").device), [[] for _ in batch]
         seeds = [item_seed(self.opts.seed, it.id) for it in batch]
-        thoughts = self.actor.sample(wrap_contexts(self.prompt, contexts), k, seeds)
+        if windows is not None:  # the windows' slots are the batch's items, in order
+            thoughts = self.actor.sample_windows(windows, k, seeds)
+        else:
+            thoughts = self.actor.sample(wrap_contexts(self.prompt, contexts), k, seeds)
         described = [
             [
                 {
@@ -196,9 +233,10 @@ class Evaluator:
         role = {"none": "base", "null": "interpreter", "sampled": "interpreter"}
         return {m: self.generate(role[m], p, n_new, stops) for m, p in prompts.items() if m in wanted}
 
-    def _score(self, batch: list[EvalItem], thoughts: ThoughtBatch) -> tuple:
+    def _score(self, batch: list[EvalItem], thoughts: ThoughtBatch, windows: WindowBatch | None = None) -> tuple:
         """Per item and candidate answer: (logp, logp_reward (N, K+1, C, n), logp_base, mask (N, C, n), likelihood
-        scores or None). GSM8K keeps full distributions for the digit-renormalised score."""
+        scores or None). GSM8K keeps full distributions for the digit-renormalised score; text in parallel passes
+        scores the windows (``WindowScoring``)."""
         contexts = [it.context for it in batch]
         if self.opts.task == "csqa":
             logp, logp_reward, logp_base, _, mask = self.scorer.candidates(
@@ -206,10 +244,14 @@ class Evaluator:
             )
             return logp, logp_reward, logp_base, mask, None
         targets = [it.targets[0] for it in batch]
-        dists = self.scorer.distributions(contexts, targets, thoughts)
-        sc = dists.scores()
         like = None
-        if self.opts.task == "gsm8k":
+        if windows is not None:
+            sc = WindowScoring(self.cfg, self.roles, self.scorer, windows).scores(thoughts)
+        elif self.opts.task == "text":
+            sc = self.scorer.score(contexts, targets, thoughts)
+        else:
+            dists = self.scorer.distributions(contexts, targets, thoughts)
+            sc = dists.scores()
             ids, mask = dists.target_ids, dists.target_mask
             like = {
                 "rows": renormalised_logp(dists.logp, ids[:, None].expand_as(sc.logp), mask[:, None], self.digits),
@@ -220,9 +262,10 @@ class Evaluator:
         return add_c(sc.logp), add_c(sc.logp_reward), add_c(sc.logp_base), add_c(sc.target_mask), like
 
     def _evaluate_batch(self, batch: list[EvalItem]) -> list[dict]:
-        thoughts, described = self._thoughts(batch)
+        windows = self._window_batch(batch)
+        thoughts, described = self._thoughts(batch, windows)
         gens = self._generations(batch, thoughts)
-        logp, logp_reward, logp_base, mask, like = self._score(batch, thoughts)
+        logp, logp_reward, logp_base, mask, like = self._score(batch, thoughts, windows)
         m = mask.float()
         # Per item, candidate-major as the record builders read them: (C, K+1) totals, (C, K+1, n) tokens.
         totals = (logp * m[:, None]).sum(-1).transpose(1, 2).cpu()
@@ -335,14 +378,14 @@ class Evaluator:
 
     # --------------------------------------------------------------------------------------------------------
     def _summarise(self, records: list[dict]) -> dict:
-        values, weights = metric_fns.per_item_metrics(self.opts.task, records, self.opts.modes)
+        values, weights, groups = metric_fns.per_item_metrics(self.opts.task, records, self.opts.modes)
         return {
             "task": self.opts.task,
             "model": self.opts.model,
             "n_items": len(records),
             "seed": self.opts.seed,
             "modes": self.opts.modes,
-            "metrics": stats.summarise(values, weights, seed=self.opts.seed),
+            "metrics": stats.summarise(values, weights, groups, seed=self.opts.seed),
         }
 
     def _write_reports(self, results: dict, records: list[dict]) -> None:
@@ -358,7 +401,10 @@ class Evaluator:
             )
         report.plot_accuracy(results, self.out / "plots" / "accuracy.png")
         report.html_report(
-            self._html_items(records), self.out / "report.html", f"thinkrl eval — {self.opts.task} — {self.opts.model}"
+            self._html_items(records),
+            self.out / "report.html",
+            f"thinkrl eval — {self.opts.task} — {self.opts.model}",
+            self._passages(records) if self.opts.task == "text" else None,
         )
 
     def _html_items(self, records: list[dict], limit: int = 50) -> list[dict]:
@@ -380,6 +426,46 @@ class Evaluator:
                 }
             )
         return items
+
+    def _passages(self, records: list[dict], limit: int = PASSAGES) -> list[dict]:
+        """The first ``limit`` windows as running text: a marker at each evaluated thought position (the best
+        thought by reward), each true token with the Δ log-prob of the nearest thought before it that predicts it."""
+        windows: dict[int, list[dict]] = {}
+        for rec in records:
+            if "doc" not in rec:
+                continue
+            if rec["doc"] not in windows and len(windows) == limit:
+                break
+            windows.setdefault(rec["doc"], []).append(rec)
+        tok, items = self.roles.tokenizer, {it.id: it for it in self.items}
+        passages = []
+        for doc, recs in windows.items():
+            tokens = items[recs[0]["id"]].window.tolist()
+            deltas: list[float | None] = [None] * len(tokens)
+            marks, rewards = [], []
+            for rec in sorted(recs, key=lambda r: r["slot"]):
+                thoughts, slot = rec["thoughts"], rec["slot"]
+                best = max(range(len(thoughts)), key=lambda j: thoughts[j]["reward"], default=None)
+                if best is None:
+                    marks.append({"at": slot, "thought": None, "reward": None})
+                    continue
+                for j, d in enumerate(rec["token_delta"][best]):  # later slots overwrite: the nearest thought
+                    deltas[slot + j] = d
+                reward = thoughts[best]["reward"]
+                marks.append({"at": slot, "thought": thoughts[best]["text"], "reward": reward})
+                rewards.append(reward)
+            note = f"{len(recs)} thought positions"
+            if rewards:
+                note += f"; best-thought reward mean {sum(rewards) / len(rewards):+.3f}"
+            passages.append(
+                {
+                    "title": f"window {doc} ({len(tokens)} tokens)",
+                    "tokens": [[tok.decode([t]), d] for t, d in zip(tokens, deltas)],
+                    "marks": marks,
+                    "note": note,
+                }
+            )
+        return passages
 
 
 def result_view(results: dict) -> dict:

@@ -3,6 +3,11 @@
 Each item's ``context`` is what the interpreter reads; a thought goes at its end, right before the answer (or
 the next true tokens). ``targets`` are the candidate continuations the item is scored on: the gold answer
 (GSM8K), the five letters then the five answer texts (CSQA), or the next true tokens (text).
+
+Text items are single thought positions too, but the slice is drawn window by window (a window is one document of
+the held-out pool: ``context_len + n_ahead`` tokens with its thought positions) so that parallel passes can read
+each window once, and so that the report can show whole passages. ``item_windows`` regroups consecutive items of
+one window as a ``Window``; its positions are exactly the items' (context, target) pairs, in item order.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from thinkrl.data.sources import (
     parse_rows,
     task_template,
 )
+from thinkrl.data.windows import Window
 from thinkrl.errors import DataError
 
 TASKS = ("gsm8k", "csqa", "text")
@@ -34,7 +40,8 @@ class EvalItem:
     context: list[int]
     targets: list[list[int]]
     gold: str  # GSM8K: the number; CSQA: the letter; text: the next tokens' text
-    info: dict = field(default_factory=dict)  # question, choice labels/texts (shown in reports)
+    info: dict = field(default_factory=dict)  # question, choice labels/texts; text: doc, slot (shown in reports)
+    window: np.ndarray | None = None  # text: the whole document (window) the position belongs to
 
 
 def item_seed(seed: int, item_id: int) -> int:
@@ -47,6 +54,23 @@ def choose_slice(n: int, limit: int, seed: int) -> list[int]:
     if not limit or limit >= n:
         return list(range(n))
     return sorted(np.random.default_rng(seed).permutation(n)[:limit].tolist())
+
+
+def choose_windows(spots: np.ndarray, limit: int, seed: int) -> list[int]:
+    """Pool indices of whole windows drawn by ``seed`` until ``limit`` positions (the last window cut short to its
+    first positions), in pool order; all of them when limit is 0 or covers them. ``spots`` (P, 3): doc, t, n."""
+    n = len(spots)
+    if not limit or limit >= n:
+        return list(range(n))
+    chosen, left = [], limit
+    for doc in np.random.default_rng(seed).permutation(np.unique(spots[:, 0])):
+        rows = np.flatnonzero(spots[:, 0] == doc)
+        rows = rows[np.argsort(spots[rows, 1], kind="stable")][:left]
+        chosen += rows.tolist()
+        left -= len(rows)
+        if left <= 0:
+            break
+    return sorted(chosen)
 
 
 def _gsm8k_fields(row: dict, template: str, encode) -> tuple:
@@ -76,13 +100,40 @@ def _task_items(cfg: Config, tokenizer, rows: list[dict], ids: list[int]) -> lis
 
 
 def _text_items(cfg: Config, tokenizer, limit: int, seed: int) -> list[EvalItem]:
-    """Held-out positions of a text corpus (or of the synthetic task): the recipe's own evaluation pool."""
+    """Held-out positions of a text corpus (or of the synthetic task): the recipe's own evaluation pool. Text is
+    sliced by whole windows (``choose_windows``); the synthetic task, one position per document, by positions."""
     _, pool = build_pools(cfg.data, tokenizer, cfg.trainer.seed)
+    if cfg.data.source == "text":
+        ids = choose_windows(pool.spots, limit, seed)
+    else:
+        ids = choose_slice(len(pool), limit, seed)
     items = []
-    for i in choose_slice(len(pool), limit, seed):
-        pos = pool[i]
-        items.append(EvalItem(i, pos.context_ids, [pos.target_ids], tokenizer.decode(pos.target_ids)))
+    for i in ids:
+        pos, (doc, t, _) = pool[i], pool.spots[i]
+        info = {"doc": int(doc), "slot": int(t)}
+        target = pos.target_ids
+        items.append(EvalItem(i, pos.context_ids, [target], tokenizer.decode(target), info, pool.docs[int(doc)]))
     return items
+
+
+def item_windows(items: list[EvalItem]) -> list[Window]:
+    """Consecutive text items of one document (slots ascending) as windows; ``positions_of`` the result gives the
+    items' own (context, target) pairs in item order."""
+    windows: list[Window] = []
+    for it in items:
+        doc, slot = it.info["doc"], it.info["slot"]
+        if len(it.context) != slot:
+            raise DataError(
+                f"text item {it.id}: its context was cut to data.context_len, so it does not start at its window's "
+                "first token; parallel passes need whole windows (rollout.thought_passes=per_position)"
+            )
+        last = windows[-1] if windows else None
+        if last is not None and last.doc_id == doc and last.slots[-1] < slot:
+            last.slots.append(slot)
+            last.n_ahead.append(len(it.targets[0]))
+        else:
+            windows.append(Window(it.window, [slot], [len(it.targets[0])], doc))
+    return windows
 
 
 def load_items(task: str, cfg: Config, tokenizer, limit: int, seed: int) -> list[EvalItem]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from thinkrl.data.windows import WindowBatch, batch_positions
 from thinkrl.errors import ConfigError, ThinkRLError
 from thinkrl.rollout.base import RolloutActor, ThoughtBatch, empty_thoughts
 
@@ -102,6 +103,8 @@ class VLLMRolloutActor(RolloutActor):
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.vllm_kv_cache_gb))
         kwargs = {"gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization} if torch.cuda.is_available() else {}
+        if self.cfg.vllm_block_size:
+            kwargs["block_size"] = self.cfg.vllm_block_size
         start = time.perf_counter()
         try:
             self._llm = llm_cls(
@@ -189,6 +192,33 @@ class VLLMRolloutActor(RolloutActor):
         params = [self._sampling_params(num_thoughts, seed % (2**31 - 1)) for seed in seeds]
         outputs = self._watched("sampling", self._llm.generate, prompts, params, use_tqdm=False)
         return self._to_batch(outputs, num_thoughts, device)
+
+    @torch.no_grad()
+    def sample_windows(self, batch: WindowBatch, num_thoughts: int, seeds: list[int]) -> ThoughtBatch:
+        """One request per position, in two waves so the engine's prefix cache shares each window's text.
+
+        Prompts scheduled in the same engine step cannot reuse each other's blocks (a block is cached once it has
+        been computed), so the last (longest) position of every window goes first; the other positions' prompts are
+        its prefixes and find their full blocks cached. Seeds are per request, so the thoughts do not change."""
+        if num_thoughts == 0:
+            return empty_thoughts(batch.num_positions, self.model.device)
+        contexts, _ = batch_positions(batch)
+        counts = batch.valid.sum(-1).tolist()
+        last = [sum(counts[: b + 1]) - 1 for b in range(len(counts)) if counts[b]]
+        rest = sorted(set(range(len(contexts))) - set(last))
+        outputs = [None] * len(contexts)
+        cached = prompt_tokens = 0
+        for wave in (last, rest):
+            if not wave:
+                continue
+            prompts = [self._prompt_cls(prompt_token_ids=contexts[i] + [self.sot_id]) for i in wave]
+            params = [self._sampling_params(num_thoughts, seeds[i] % (2**31 - 1)) for i in wave]
+            for i, out in zip(wave, self._watched("sampling", self._llm.generate, prompts, params, use_tqdm=False)):
+                outputs[i] = out
+                cached += out.num_cached_tokens or 0
+                prompt_tokens += len(out.prompt_token_ids)
+        self.stats = {"rollout/prefix_cache_hit_rate": cached / max(1, prompt_tokens)}
+        return self._to_batch(outputs, num_thoughts, self.model.device)
 
     def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
         """Greedy continuations with the engine's weights (evaluation: the answer after a thought)."""
