@@ -64,9 +64,7 @@ def _both_paths(overrides: list[str], every_k: int = 1, k: int = 2):
     for parallel in (False, True):
         thoughts = actor.sample_windows(batch, k, seeds) if parallel else actor.sample(contexts, k, seeds)
         scoring = (
-            WindowScoring(cfg, roles, scorer, batch)
-            if parallel
-            else PositionScoring(roles, scorer, contexts, targets)
+            WindowScoring(cfg, roles, scorer, batch) if parallel else PositionScoring(roles, scorer, contexts, targets)
         )
         for p in params:
             p.grad = None
@@ -114,7 +112,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("overrides,every_k,k", CASES, ids=[f"{' '.join(c[0]) or 'default'}-k{c[1]}-K{c[2]}" for c in CASES])
+@pytest.mark.parametrize(
+    "overrides,every_k,k", CASES, ids=[f"{' '.join(c[0]) or 'default'}-k{c[1]}-K{c[2]}" for c in CASES]
+)
 def test_parallel_passes_equal_per_position(overrides, every_k, k):
     ref, par = _both_paths(overrides, every_k, k)
     _assert_equal(ref, par)
@@ -144,7 +144,9 @@ def test_stock_models_one_pass_at_a_time_and_all_at_once(arch):
     equal an uncached forward of window[:t] ⊕ tokens for every row and slot."""
     torch.manual_seed(0)
     if arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0))
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+        )
     else:
         cfg = LlamaConfig(
             vocab_size=40,

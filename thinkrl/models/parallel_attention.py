@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 
 from thinkrl.errors import ConfigError
@@ -34,7 +33,8 @@ ATTN_NAME = "thinkrl_parallel"
 # Model types whose attention modules hand rotated keys/values (B, H, T, D) to the attention interface and accept
 # position_ids: checked, and exercised by tests for llama and gpt2.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "olmo", "olmo2", "phi3", "granite")
-# Largest score block of part (a) held at once, in elements (bounds memory whatever the window length).
+# Slots per fused attention call, and a bound on one call's mask (queries × keys) whatever the window length.
+SLOTS_PER_CALL = 64
 CHUNK_ELEMENTS = 1 << 24
 
 
@@ -80,31 +80,39 @@ def parallel_attention(model):
         config._attn_implementation = previous
 
 
-def _window_part(q, keys, values, slot_len, scaling: float):
-    """Part (a). q (B, Hkv, g, R, P, S, D); keys/values (B, Hkv, L, D); slot_len (B, P).
+def _window_and_merge(q, keys, values, slot_len, scaling: float, out_b, lse_b, slots_per_call: int):
+    """Part (a) and the merge in fused ``scaled_dot_product_attention`` calls.
 
-    Returns (out (B, Hkv, g, R, P, S, D), lse (B, Hkv, g, R, P, S)), computed in slot chunks whose keys stop at
-    the chunk's longest context (causal: later keys are never visible)."""
+    q (B, Hkv, g, R, P, S, D); keys/values (B, Hkv, L, D); slot_len (B, P); part (b)'s out_b (like q) and lse_b
+    (B, Hkv, g, R, P, S). Part (b) enters as one extra *summary key* per query: score lse_b (carried in an extra
+    channel of q against a key that is 1 there and 0 elsewhere) and value out_b (the extra channel of the values
+    returns that key's softmax weight w_b, so out_b itself never has to be a shared value). Then
+    ``out = sdpa[:D] + w_b · out_b`` is exactly ``e^(lse_a - lse) out_a + e^(lse_b - lse) out_b``. The fused
+    kernel never materialises the score matrix and backpropagates into lse_b through q's extra channel.
+    Slots go in chunks whose keys stop at the chunk's longest context (later keys are never visible)."""
     b, hkv, g, r, p, s, d = q.shape
-    per_slot = b * hkv * g * r * s * keys.shape[2]
-    chunk = max(1, CHUNK_ELEMENTS // max(1, per_slot))
-    outs, lses = [], []
-    for p0 in range(0, p, chunk):
-        p1 = min(p, p0 + chunk)
+    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # lse_b needs the precision
+    outs = []
+    for p0 in range(0, p, slots_per_call):
+        p1 = min(p, p0 + slots_per_call)
         lens = slot_len[:, p0:p1]  # (B, c)
         top = int(lens.max())
-        qc = q[:, :, :, :, p0:p1]  # (B, Hkv, g, R, c, S, D)
         c = p1 - p0
-        scores = torch.matmul(qc.reshape(b, hkv, -1, d), keys[:, :, :top].transpose(-1, -2)).float() * scaling
-        scores = scores.view(b, hkv, g, r, c, s, top)
-        hidden = torch.arange(top, device=q.device) >= lens[..., None]  # (B, c, top)
-        scores = scores.masked_fill(hidden[:, None, None, None, :, None, :], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse[..., None]).to(values.dtype)
-        out = torch.matmul(probs.view(b, hkv, -1, top), values[:, :, :top]).view(b, hkv, g, r, c, s, d)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs, dim=4), torch.cat(lses, dim=4)
+        qc = torch.cat([q[:, :, :, :, p0:p1], (lse_b[:, :, :, :, p0:p1, :, None] / scaling).to(q.dtype)], dim=-1)
+        qc = qc.reshape(b, hkv * g, r * c * s, d + 1).to(dtype)
+        summary = torch.zeros(b, hkv, 1, d + 1, dtype=keys.dtype, device=keys.device)
+        summary[..., d] = 1.0
+        kc = torch.cat([torch.nn.functional.pad(keys[:, :, :top], (0, 1)), summary], dim=2)  # (B, Hkv, top+1, D+1)
+        vc = torch.cat([torch.nn.functional.pad(values[:, :, :top], (0, 1)), summary], dim=2)
+        visible = torch.arange(top + 1, device=q.device) < lens[..., None]  # (B, c, top + 1)
+        visible[..., top] = True  # the summary key of part (b)
+        mask = visible[:, None, :, None, :].expand(b, r, c, s, top + 1).reshape(b, 1, r * c * s, top + 1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qc, kc.to(dtype), vc.to(dtype), attn_mask=mask, scale=scaling, enable_gqa=g > 1
+        )
+        out = out.view(b, hkv, g, r, c, s, d + 1)
+        outs.append((out[..., :d] + out[..., d:] * out_b[:, :, :, :, p0:p1].to(dtype)).to(q.dtype))
+    return torch.cat(outs, dim=4)
 
 
 def _diagonal_part(q, keys, values, scaling: float):
@@ -149,12 +157,10 @@ def parallel_attention_forward(module, query, key, value, attention_mask, scalin
     if ctx.keep_history:
         ctx.history[layer] = (k[:, :, 0], v[:, :, 0])
     wk, wv = ctx.window_kv[layer]
-    if torch.is_grad_enabled() and (q.requires_grad or wk.requires_grad):
-        out_a, lse_a = checkpoint(_window_part, q, wk, wv, ctx.slot_len, scaling, use_reentrant=False)
-    else:
-        out_a, lse_a = _window_part(q, wk, wv, ctx.slot_len, scaling)
     out_b, lse_b = _diagonal_part(q, k, v, scaling)
-    out = merge_parts(out_a, lse_a, out_b, lse_b).to(query.dtype)  # (B, Hkv, g, R, P, S, D)
+    per_slot = b * h * r * s * (wk.shape[2] + 1)
+    slots_per_call = max(1, min(SLOTS_PER_CALL, CHUNK_ELEMENTS // per_slot))
+    out = _window_and_merge(q, wk, wv, ctx.slot_len, scaling, out_b, lse_b, slots_per_call)  # (B,Hkv,g,R,P,S,D)
     return out.reshape(b, h, n, d).transpose(1, 2), None
 
 

@@ -9,11 +9,12 @@ learner's and the sampler's values agree and the importance ratio is 1 on-policy
 from __future__ import annotations
 
 import torch
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from thinkrl.errors import NonFiniteLossError
 from thinkrl.models.shared_prefix import forward_shared_prefix
 from thinkrl.rollout.base import ThoughtBatch
+
+CHUNK_ELEMENTS = 1 << 24  # largest (rows × vocabulary) block of log-probabilities held at once
 
 
 def policy_logits(
@@ -94,7 +95,14 @@ def action_terms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw logits (N, K, M, V) predicting ``actions`` (N, K, M) → (logps, entropy), (N, K, M), 0 off the mask."""
     n, k, m = actions.shape
-    flat = policy_logits(logits.reshape(n * k, m, -1), temperature, sot_id, eot_id, fixed_length)
-    logps = selective_log_softmax(flat, actions.reshape(n * k, m)).reshape(n, k, m)
-    entropy = entropy_from_logits(flat).reshape(n, k, m)
+    flat = policy_logits(logits.reshape(n * k * m, -1), temperature, sot_id, eot_id, fixed_length)
+    flat_actions = actions.reshape(-1)
+    logps, entropy = [], []
+    # Row chunks bound the (rows, V) log-softmax held at once (SmolLM2's vocabulary is 49k).
+    rows = max(1, CHUNK_ELEMENTS // flat.shape[-1])
+    for start in range(0, flat.shape[0], rows):
+        logp_all = torch.log_softmax(flat[start : start + rows], dim=-1)
+        logps.append(logp_all.gather(-1, flat_actions[start : start + rows, None]).squeeze(-1))
+        entropy.append(-(logp_all.exp() * logp_all).sum(-1))  # banned actions: exp(-huge) = 0, 0 · -huge = 0
+    logps, entropy = torch.cat(logps).reshape(n, k, m), torch.cat(entropy).reshape(n, k, m)
     return logps.masked_fill(~action_mask, 0.0), entropy.masked_fill(~action_mask, 0.0)
