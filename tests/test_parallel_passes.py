@@ -46,17 +46,19 @@ def _windows(every_k: int, vocab: int, seed: int = 0):
     return [w for w in WindowPool(pool)]
 
 
-def _both_paths(overrides: list[str], every_k: int = 1, k: int = 2):
+def _both_paths(overrides: list[str], every_k: int = 1, k: int = 2, device: str = "cpu"):
     """(per-position, parallel) results: (thoughts, loss output, grads) each."""
     cfg = load_config(None, [*BASE, f"rollout.num_thoughts={k}", *overrides])
     torch.manual_seed(0)
     roles = build_roles(cfg)
+    for module in roles.modules().values():
+        module.to(device)
     pad = roles.tokenizer.pad_token_id
     windows = _windows(every_k, len(roles.tokenizer))
     positions = positions_of(windows)
     contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
     seeds = list(range(1000, 1000 + len(positions)))
-    batch = window_batch(windows, pad)
+    batch = window_batch(windows, pad, device)
     actor = HFRolloutActor(cfg.rollout, roles.model("reasoner"), roles.sot_id, roles.eot_id, pad)
     scorer = Scorer(roles, [], cfg.data.interpreter_window, cfg.reward.source)
     params = [p for m in roles.modules().values() for p in m.parameters() if p.requires_grad]
@@ -118,6 +120,14 @@ CASES = [
 def test_parallel_passes_equal_per_position(overrides, every_k, k):
     ref, par = _both_paths(overrides, every_k, k)
     _assert_equal(ref, par)
+
+
+@pytest.mark.gpu
+def test_parallel_passes_equal_per_position_on_cuda():
+    """The same equivalence on a CUDA device in fp32 (skipped without one)."""
+    for overrides, every_k, k in (CASES[0], CASES[9]):
+        ref, par = _both_paths(overrides, every_k, k, device="cuda")
+        _assert_equal(ref, par)
 
 
 def test_lora_and_frozen_roles_match():

@@ -265,7 +265,9 @@ class RolloutConfig:
     reasoner_template: str = described(
         "'' = the reasoner reads the bare context, or a prompts/ name wrapping it (e.g. thinking/system)", ""
     )
-    batch_positions: int = described("positions sampled together in one batch (memory knob)", 32)
+    batch_positions: int = described(
+        "positions sampled together in one batch (memory knob; parallel passes sample a step's windows at once)", 32
+    )
     thought_passes: str = described(
         "auto | parallel | per_position: parallel reads each text window once and grows the thoughts of all its "
         "positions together (every_k/random positions on text); per_position gives each position its own sequence "
@@ -386,7 +388,11 @@ class TrainerConfig:
         "run folder: config, metrics.jsonl, rollouts/, checkpoint-*/, summary.json", "runs/default"
     )
     max_steps: int = described("optimizer steps", 100)
-    batch_positions: int = described("thought positions per micro-batch", 8)
+    batch_positions: int = described(
+        "thought positions per micro-batch; with parallel passes, whole windows: batch_positions // positions per "
+        "window (at least one)",
+        8,
+    )
     seed: int = described("seed of data order, sampling and initialisation", 0)
     lm_warmup_steps: int = described("plain LM training steps on the training text before RL (for scratch models)", 0)
     log_every: int = described("steps between metric logs and rollout dumps", 1)
