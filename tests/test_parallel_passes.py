@@ -137,12 +137,12 @@ def test_lora_and_frozen_roles_match():
 
 def test_a_thought_that_sees_another_positions_thought_is_caught(monkeypatch):
     """Let each slot's diagonal read the next slot's thought keys: the equality checks above must fail."""
-    original = pa._diagonal_part
+    original = pa._local_part
 
-    def leaky(q, keys, values, scaling):
-        return original(q, keys.roll(1, dims=4), values.roll(1, dims=4), scaling)
+    def leaky(q, diag_k, diag_v, *rest):
+        return original(q, diag_k.roll(1, dims=4), diag_v.roll(1, dims=4), *rest)
 
-    monkeypatch.setattr(pa, "_diagonal_part", leaky)
+    monkeypatch.setattr(pa, "_local_part", leaky)
     ref, par = _both_paths([], 1, 2)
     with pytest.raises(AssertionError):
         _assert_equal(ref, par)

@@ -58,7 +58,8 @@ class WindowPool(Sequence[Window]):
 
 @dataclass
 class WindowBatch:
-    """B windows as tensors. P = most slots in any window; padded slots have ``valid`` False and slot_len 1."""
+    """B windows as tensors. P = most slots in any window; padded slots have ``valid`` False (their slot_len repeats
+    the window's last one)."""
 
     ids: torch.Tensor  # (B, L) right-padded with pad_id
     slot_len: torch.Tensor  # (B, P)
@@ -87,6 +88,7 @@ def window_batch(windows: list[Window], pad_id: int, device="cpu") -> WindowBatc
             y = tokens[t : t + k]
             slot_len[b, p], valid[b, p] = t, True
             target_ids[b, p, : len(y)], target_mask[b, p, : len(y)] = y, True
+        slot_len[b, len(w.slots) :] = w.slots[-1]  # padding slots repeat the last context: slots stay ascending
     return WindowBatch(
         ids.to(device), slot_len.to(device), valid.to(device), target_ids.to(device), target_mask.to(device)
     )

@@ -10,10 +10,14 @@ Each part returns its output and log-normaliser; they merge exactly: with ``lse 
 ``out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b`` — the online-softmax rule, so the result equals one
 softmax over (a) ∪ (b), i.e. the per-position forward of ``window[:t] ⊕ thought``.
 
-Cost per pass: part (a) is the window attention of one plain forward per row; part (b) is R·P·S·(S+S_prev)
-dot products. Nothing of size P × (P·S) exists (the dense mask of the official Quiet-STaR code). Under grad,
-part (a) is recomputed in backward (activation checkpointing) and computed in slot chunks, so no
-L × L × passes tensor is kept.
+How: slots go in chunks of neighbours (``chunk_plan``). The window keys every slot of a chunk sees (``< lo``) are
+shared by all its queries and need no mask: one fused ``scaled_dot_product_attention`` call. The few window keys
+the chunk's slots disagree on (``[lo, hi)``, at most ``SPAN``) and the diagonal are computed by hand; they enter the
+fused call as one *summary key* per query carrying their log-normaliser, which makes the merge exact.
+
+Cost per pass: the window attention of one plain forward per row, plus R·P·S·(SPAN + S_prev + S) dot products.
+Nothing of size P × (P·S) exists (the dense mask of the official Quiet-STaR code), nor any window × window × passes
+tensor: the fused kernel keeps no score matrix and the hand-made part is linear in the window.
 
 The function is registered in transformers' ``AttentionInterface`` and switched on per forward
 (``parallel_attention``); models keep their own modeling code (Llama, Qwen2/3, Mistral, GPT-2, SmolLM2, ...).
@@ -21,6 +25,7 @@ The function is registered in transformers' ``AttentionInterface`` and switched 
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -33,9 +38,9 @@ ATTN_NAME = "thinkrl_parallel"
 # Model types whose attention modules hand rotated keys/values (B, H, T, D) to the attention interface and accept
 # position_ids: checked, and exercised by tests for llama and gpt2.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "olmo", "olmo2", "phi3", "granite")
-# Slots per fused attention call, and a bound on one call's mask (queries × keys) whatever the window length.
+# Slots per fused attention call, and the most window keys a chunk's slots may differ by (handled by hand).
 SLOTS_PER_CALL = 64
-CHUNK_ELEMENTS = 1 << 24
+SPAN = 64
 
 
 @dataclass
@@ -55,6 +60,7 @@ class PassContext:
     tokens: int
     history: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     keep_history: bool = False
+    plan: list[tuple[int, int, int, int]] | None = None  # slot chunks, see ``chunk_plan``
 
 
 def check_supported(model) -> None:
@@ -80,59 +86,86 @@ def parallel_attention(model):
         config._attn_implementation = previous
 
 
-def _window_and_merge(q, keys, values, slot_len, scaling: float, out_b, lse_b, slots_per_call: int):
-    """Part (a) and the merge in fused ``scaled_dot_product_attention`` calls.
-
-    q (B, Hkv, g, R, P, S, D); keys/values (B, Hkv, L, D); slot_len (B, P); part (b)'s out_b (like q) and lse_b
-    (B, Hkv, g, R, P, S). Part (b) enters as one extra *summary key* per query: score lse_b (carried in an extra
-    channel of q against a key that is 1 there and 0 elsewhere) and value out_b (the extra channel of the values
-    returns that key's softmax weight w_b, so out_b itself never has to be a shared value). Then
-    ``out = sdpa[:D] + w_b · out_b`` is exactly ``e^(lse_a - lse) out_a + e^(lse_b - lse) out_b``. The fused
-    kernel never materialises the score matrix and backpropagates into lse_b through q's extra channel.
-    Slots go in chunks whose keys stop at the chunk's longest context (later keys are never visible)."""
-    b, hkv, g, r, p, s, d = q.shape
-    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # lse_b needs the precision
-    outs = []
-    for p0 in range(0, p, slots_per_call):
-        p1 = min(p, p0 + slots_per_call)
-        lens = slot_len[:, p0:p1]  # (B, c)
-        top = int(lens.max())
-        c = p1 - p0
-        qc = torch.cat([q[:, :, :, :, p0:p1], (lse_b[:, :, :, :, p0:p1, :, None] / scaling).to(q.dtype)], dim=-1)
-        qc = qc.reshape(b, hkv * g, r * c * s, d + 1).to(dtype)
-        summary = torch.zeros(b, hkv, 1, d + 1, dtype=keys.dtype, device=keys.device)
-        summary[..., d] = 1.0
-        kc = torch.cat([torch.nn.functional.pad(keys[:, :, :top], (0, 1)), summary], dim=2)  # (B, Hkv, top+1, D+1)
-        vc = torch.cat([torch.nn.functional.pad(values[:, :, :top], (0, 1)), summary], dim=2)
-        visible = torch.arange(top + 1, device=q.device) < lens[..., None]  # (B, c, top + 1)
-        visible[..., top] = True  # the summary key of part (b)
-        mask = visible[:, None, :, None, :].expand(b, r, c, s, top + 1).reshape(b, 1, r * c * s, top + 1)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qc, kc.to(dtype), vc.to(dtype), attn_mask=mask, scale=scaling, enable_gqa=g > 1
-        )
-        out = out.view(b, hkv, g, r, c, s, d + 1)
-        outs.append((out[..., :d] + out[..., d:] * out_b[:, :, :, :, p0:p1].to(dtype)).to(q.dtype))
-    return torch.cat(outs, dim=4)
+def chunk_plan(slot_len: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """Slots in consecutive chunks ``(p0, p1, lo, hi)``: every slot of the chunk sees the window keys ``< lo``
+    (shared, no mask) and a few more of ``[lo, hi)`` (masked, at most ``SPAN`` keys unless one slot alone spans
+    more). Slot contexts ascend within a window, so chunks of neighbouring slots keep ``hi - lo`` small."""
+    lens = slot_len.tolist()
+    lo_at = [min(col) for col in zip(*lens)]
+    hi_at = [max(col) for col in zip(*lens)]
+    plan, p0 = [], 0
+    while p0 < len(lo_at):
+        p1, lo, hi = p0 + 1, lo_at[p0], hi_at[p0]
+        while p1 < len(lo_at) and p1 - p0 < SLOTS_PER_CALL:
+            lo_next, hi_next = min(lo, lo_at[p1]), max(hi, hi_at[p1])
+            if hi_next - lo_next > SPAN:
+                break
+            lo, hi, p1 = lo_next, hi_next, p1 + 1
+        plan.append((p0, p1, lo, hi))
+        p0 = p1
+    return plan
 
 
-def _diagonal_part(q, keys, values, scaling: float):
-    """Part (b). q (B, Hkv, g, R, P, S, D); keys/values (B, Hkv, 1, R, P, T, D) with T = S_prev + S, the last S
-    being this forward's own tokens. Query s sees keys ``<= S_prev + s``. Returns (out, lse) like part (a)."""
-    s, t = q.shape[5], keys.shape[5]
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # (B, Hkv, g, R, P, S, T)
+def _local_part(q, diag_k, diag_v, near_k, near_v, near_hidden, scaling: float):
+    """Exact attention over the keys that differ between the slots of a chunk: the window keys ``[lo, hi)``
+    (``near_*`` (B, Hkv, span, D), ``near_hidden`` (B, c, span) True where a slot's context ends before the key)
+    and each slot's own thought tokens, the diagonal (``diag_*`` (B, Hkv, 1, R, c, T, D), T = S_prev + S, query s
+    sees ``<= S_prev + s``), computed elementwise per (row, slot). q (B, Hkv, g, R, c, S, D).
+
+    Returns (out like q, lse (B, Hkv, g, R, c, S)); the diagonal always holds the query's own token, so no row is
+    empty."""
+    b, hkv, g, r, c, s, d = q.shape
+    t = diag_k.shape[5]
+    diag = torch.matmul(q, diag_k.transpose(-1, -2)).float() * scaling  # (B, Hkv, g, R, c, S, T)
     future = torch.arange(t, device=q.device)[None, :] > (t - s + torch.arange(s, device=q.device))[:, None]
-    scores = scores.masked_fill(future, float("-inf"))
+    diag = diag.masked_fill(future, float("-inf"))
+    span = near_k.shape[2]
+    if span:
+        near = torch.matmul(q.reshape(b, hkv, -1, d), near_k.transpose(-1, -2)).float() * scaling
+        near = near.view(b, hkv, g, r, c, s, span).masked_fill(near_hidden[:, None, None, None, :, None, :], -math.inf)
+        scores = torch.cat([near, diag], dim=-1)
+    else:
+        scores = diag
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]).to(values.dtype), values)
+    probs = torch.exp(scores - lse[..., None]).to(q.dtype)
+    out = torch.matmul(probs[..., span:], diag_v)
+    if span:
+        out = out + torch.matmul(probs[..., :span].reshape(b, hkv, -1, span), near_v).view_as(out)
     return out, lse
 
 
-def merge_parts(out_a, lse_a, out_b, lse_b):
-    """Exact softmax over the union of two key sets from each part's (output, log-normaliser)."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    w_a = torch.exp(lse_a - lse)[..., None].to(out_a.dtype)
-    w_b = torch.exp(lse_b - lse)[..., None].to(out_b.dtype)
-    return w_a * out_a + w_b * out_b
+def _chunk_attention(q, diag_k, diag_v, keys, values, slot_len, scaling: float, p0: int, p1: int, lo: int, hi: int):
+    """One chunk of slots: the local part (window keys [lo, hi) and the diagonal) by hand, then the window keys
+    ``< lo`` — shared by every query of the chunk, no mask — in one fused ``scaled_dot_product_attention`` call.
+
+    The local part enters that call as one extra *summary key* per query: its score is the local log-normaliser
+    (carried in an extra channel of q against a key that is 1 there and 0 elsewhere) and the extra value channel
+    returns that key's softmax weight w, so ``out = sdpa[:D] + w · out_local`` is exactly the softmax over both key
+    sets (the log-sum-exp merge). The fused kernel never materialises the score matrix, and backpropagates into the
+    local log-normaliser through q's extra channel."""
+    b, hkv, g, r, _, s, d = q.shape
+    c = p1 - p0
+    qc = q[:, :, :, :, p0:p1]
+    near_hidden = torch.arange(lo, hi, device=q.device) >= slot_len[:, p0:p1, None]  # (B, c, span)
+    out_l, lse_l = _local_part(
+        qc,
+        diag_k[:, :, :, :, p0:p1],
+        diag_v[:, :, :, :, p0:p1],
+        keys[:, :, lo:hi],
+        values[:, :, lo:hi],
+        near_hidden,
+        scaling,
+    )
+    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # lse_l needs the precision
+    q_ext = torch.cat([qc, (lse_l[..., None] / scaling).to(q.dtype)], dim=-1).reshape(b, hkv * g, r * c * s, d + 1)
+    summary = torch.zeros(b, hkv, 1, d + 1, dtype=keys.dtype, device=keys.device)
+    summary[..., d] = 1.0
+    k_ext = torch.cat([torch.nn.functional.pad(keys[:, :, :lo], (0, 1)), summary], dim=2)  # (B, Hkv, lo + 1, D + 1)
+    v_ext = torch.cat([torch.nn.functional.pad(values[:, :, :lo], (0, 1)), summary], dim=2)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q_ext.to(dtype), k_ext.to(dtype), v_ext.to(dtype), scale=scaling, enable_gqa=g > 1
+    ).view(b, hkv, g, r, c, s, d + 1)
+    return (out[..., :d] + out[..., d:] * out_l.to(dtype)).to(q.dtype)
 
 
 def parallel_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -157,10 +190,11 @@ def parallel_attention_forward(module, query, key, value, attention_mask, scalin
     if ctx.keep_history:
         ctx.history[layer] = (k[:, :, 0], v[:, :, 0])
     wk, wv = ctx.window_kv[layer]
-    out_b, lse_b = _diagonal_part(q, k, v, scaling)
-    per_slot = b * h * r * s * (wk.shape[2] + 1)
-    slots_per_call = max(1, min(SLOTS_PER_CALL, CHUNK_ELEMENTS // per_slot))
-    out = _window_and_merge(q, wk, wv, ctx.slot_len, scaling, out_b, lse_b, slots_per_call)  # (B,Hkv,g,R,P,S,D)
+    if ctx.plan is None:  # the same for every layer of this forward
+        ctx.plan = chunk_plan(ctx.slot_len)
+    out = torch.cat(
+        [_chunk_attention(q, k, v, wk, wv, ctx.slot_len, scaling, *chunk) for chunk in ctx.plan], dim=4
+    )  # (B, Hkv, g, R, P, S, D)
     return out.reshape(b, h, n, d).transpose(1, 2), None
 
 
