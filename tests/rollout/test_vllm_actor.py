@@ -116,6 +116,35 @@ def test_sync_after_a_learner_update(engine):
     assert float((after.sampler_logps - _hf_logps(cfg, roles, after)).abs().max()) < 1e-4
 
 
+def test_windows_sample_per_position_share_the_prefix_cache_and_score_in_parallel(engine):
+    """Every-token windows through vLLM: one request per position (the same thoughts as sampling those positions
+    on their own), the window text found in the prefix cache, and the parallel scorer on the sampled thoughts
+    equal to the per-position one."""
+    import numpy as np
+
+    from thinkrl.data.windows import Window, batch_positions, window_batch
+    from thinkrl.learner import PositionScoring, compute_loss
+    from thinkrl.parallel_scoring import WindowScoring
+    from thinkrl.scoring import Scorer
+
+    cfg, roles, actor = engine
+    rng = np.random.default_rng(0)
+    windows = [Window(rng.integers(3, len(roles.tokenizer) - 2, 42), list(range(2, 41)), [2] * 39) for _ in range(2)]
+    batch = window_batch(windows, roles.tokenizer.pad_token_id)
+    contexts, targets = batch_positions(batch)
+    seeds = position_seeds(len(contexts), torch.Generator().manual_seed(5))
+    thoughts = actor.sample_windows(batch, 2, seeds)
+    assert actor.stats["rollout/prefix_cache_hit_rate"] > 0.3  # contexts of 33..40 tokens reuse a 32-token block
+    alone = actor.sample(contexts, 2, seeds)
+    assert torch.equal(thoughts.thought_ids, alone.thought_ids)
+    scorer = Scorer(roles, [], 0, cfg.reward.source)
+    with torch.no_grad():
+        par = compute_loss(cfg, WindowScoring(cfg, roles, scorer, batch), thoughts)
+        ref = compute_loss(cfg, PositionScoring(roles, scorer, contexts, targets), thoughts)
+    torch.testing.assert_close(par.scores.logp, ref.scores.logp, atol=1e-5, rtol=0)
+    assert par.stats["loss"] == pytest.approx(ref.stats["loss"], abs=1e-5)
+
+
 def test_lora_export_merges_the_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -226,32 +255,3 @@ def test_engine_serves_the_resumed_weights(tmp_path):
     thoughts = actor.sample(contexts, 4, position_seeds(3, torch.Generator().manual_seed(0)))
     logps = _hf_logps(trainer.cfg, roles, thoughts, contexts)
     assert float((logps - thoughts.sampler_logps).abs().max()) < 1e-4
-
-
-def test_windows_sample_per_position_share_the_prefix_cache_and_score_in_parallel(engine):
-    """Every-token windows through vLLM: one request per position (the same thoughts as sampling those positions
-    on their own), the window text found in the prefix cache, and the parallel scorer on the sampled thoughts
-    equal to the per-position one."""
-    import numpy as np
-
-    from thinkrl.data.windows import Window, batch_positions, window_batch
-    from thinkrl.learner import PositionScoring, compute_loss
-    from thinkrl.parallel_scoring import WindowScoring
-    from thinkrl.scoring import Scorer
-
-    cfg, roles, actor = engine
-    rng = np.random.default_rng(0)
-    windows = [Window(rng.integers(3, len(roles.tokenizer) - 2, 42), list(range(2, 41)), [2] * 39) for _ in range(2)]
-    batch = window_batch(windows, roles.tokenizer.pad_token_id)
-    contexts, targets = batch_positions(batch)
-    seeds = position_seeds(len(contexts), torch.Generator().manual_seed(5))
-    thoughts = actor.sample_windows(batch, 2, seeds)
-    assert actor.stats["rollout/prefix_cache_hit_rate"] > 0.3  # contexts of 33..40 tokens reuse a 32-token block
-    alone = actor.sample(contexts, 2, seeds)
-    assert torch.equal(thoughts.thought_ids, alone.thought_ids)
-    scorer = Scorer(roles, [], 0, cfg.reward.source)
-    with torch.no_grad():
-        par = compute_loss(cfg, WindowScoring(cfg, roles, scorer, batch), thoughts)
-        ref = compute_loss(cfg, PositionScoring(roles, scorer, contexts, targets), thoughts)
-    torch.testing.assert_close(par.scores.logp, ref.scores.logp, atol=1e-5, rtol=0)
-    assert par.stats["loss"] == pytest.approx(ref.stats["loss"], abs=1e-5)
