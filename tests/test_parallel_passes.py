@@ -139,6 +139,28 @@ def test_parallel_passes_equal_per_position_on_cuda():
         _assert_equal(ref, par)
 
 
+def test_second_update_on_the_same_rollouts_reads_the_new_weights():
+    """learner.updates_per_rollout > 1: a second loss on the same WindowScoring recomputes its forwards with the
+    updated weights (nothing cached from the first loss, whose graph backward has freed)."""
+    cfg = load_config(None, [*BASE, "rollout.num_thoughts=2"])
+    torch.manual_seed(0)
+    roles = build_roles(cfg)
+    pad = roles.tokenizer.pad_token_id
+    batch = window_batch(_windows(1, len(roles.tokenizer)), pad)
+    actor = HFRolloutActor(cfg.rollout, roles.model("reasoner"), roles.sot_id, roles.eot_id, pad)
+    scorer = Scorer(roles, [], 0, cfg.reward.source)
+    thoughts = actor.sample_windows(batch, 2, list(range(batch.num_positions)))
+    scoring = WindowScoring(cfg, roles, scorer, batch)
+    optimizer = torch.optim.SGD([p for m in roles.modules().values() for p in m.parameters()], lr=0.1)
+    compute_loss(cfg, scoring, thoughts).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    second = compute_loss(cfg, scoring, thoughts)
+    second.loss.backward()
+    fresh = compute_loss(cfg, WindowScoring(cfg, roles, scorer, batch), thoughts)
+    assert float(second.loss) == pytest.approx(float(fresh.loss), abs=1e-6)
+
+
 def test_lora_and_frozen_roles_match():
     ref, par = _both_paths(["model.default.lora.r=4", "model.weight_groups=[A,B,C]", "model.freeze=[base]"], 1, 2)
     _assert_equal(ref, par)

@@ -58,7 +58,9 @@ class WindowScoring:
     def __init__(self, cfg, roles, scorer: Scorer, batch: WindowBatch):
         self.cfg, self.roles, self.scorer, self.batch = cfg, roles, scorer, batch
         self.valid = batch.valid.flatten()
-        self._reads: dict[str, WindowRead] = {}
+        # Forwards shared by the scores and the policy terms of one loss; ``scores`` starts afresh, since the learner
+        # may update the weights (and free these graphs) between losses on the same rollouts.
+        self._reads: dict[int, WindowRead] = {}
         self._interp_hidden: torch.Tensor | None = None  # (B, K, P, S, d) thought rows, reused by the policy
 
     # ---- layout: (B, R, P, ...) passes  <->  (N, R, ...) positions ------------------------------------------
@@ -74,13 +76,13 @@ class WindowScoring:
         return grid.reshape(b, p, *x.shape[1:]).transpose(1, 2)
 
     def _read(self, model) -> WindowRead:
-        key = str(id(model))
-        if key not in self._reads:
-            self._reads[key] = read_window(model, self.batch.ids)
-        return self._reads[key]
+        if id(model) not in self._reads:
+            self._reads[id(model)] = read_window(model, self.batch.ids)
+        return self._reads[id(model)]
 
     # ---- scores ---------------------------------------------------------------------------------------------
     def scores(self, thoughts: ThoughtBatch) -> Scores:
+        self._reads, self._interp_hidden = {}, None
         if self.scorer.window:  # per-position windows of W tokens (see the module docstring)
             return self.scorer.score(*batch_positions(self.batch), thoughts)
         roles, batch, pad = self.roles, self.batch, self.scorer.pad_id
