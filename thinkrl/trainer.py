@@ -80,7 +80,8 @@ class Trainer:
             write_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
 
         self.roles = build_roles(cfg)
-        if cfg.parallel_passes():
+        self.parallel = cfg.parallel_passes()
+        if self.parallel:  # fail before any data is read
             for model in self.roles.models.values():
                 check_supported(model)
         tok = self.roles.tokenizer
@@ -88,15 +89,15 @@ class Trainer:
         # Every process walks the same stream and takes its slice of each global batch (see _next_batch), so a run
         # sees the same data and thoughts whatever the process count, and resumes across process counts.
         world = self.accelerator.num_processes
-        self.parallel = cfg.parallel_passes()
         if self.parallel:  # whole windows: each is read once and all its positions think together
             windows = WindowPool(self.train_pool)
             self.stream = PositionStream(windows, tc.seed)
-            self.batch_windows = max(1, tc.batch_positions // windows.slots_per_window())
+            per_window = windows.slots_per_window()
+            self.batch_windows = max(1, tc.batch_positions // per_window)
             if self.batch_windows % world:
                 raise ConfigError(
                     f"trainer.batch_positions={tc.batch_positions} makes {self.batch_windows} windows of "
-                    f"{windows.slots_per_window()} positions per step, not a multiple of the {world} processes"
+                    f"{per_window} positions per step, not a multiple of the {world} processes"
                 )
         else:
             self.stream = PositionStream(self.train_pool, tc.seed)

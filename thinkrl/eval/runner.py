@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from thinkrl.config import to_dict
-from thinkrl.data.windows import WindowBatch, window_batch
+from thinkrl.data.windows import WindowBatch, group_windows, window_batch
 from thinkrl.errors import ConfigError, DataError
 from thinkrl.eval import metrics as metric_fns
 from thinkrl.eval import report, stats
@@ -173,14 +173,11 @@ class Evaluator:
         size = self.opts.batch_size
         if not self.parallel:
             return [todo[s : s + size] for s in range(0, len(todo), size)]
-        batches, start, current = [], 0, 0
-        for w in item_windows(todo):
-            if current and current + len(w.slots) > size:
-                batches.append(todo[start : start + current])
-                start, current = start + current, 0
-            current += len(w.slots)
-        if current:
-            batches.append(todo[start : start + current])
+        batches, start = [], 0
+        for group in group_windows(item_windows(todo), size):  # a window's slots are consecutive items
+            count = sum(len(w.slots) for w in group)
+            batches.append(todo[start : start + count])
+            start += count
         return batches
 
     def _window_batch(self, batch: list[EvalItem]) -> WindowBatch | None:

@@ -36,7 +36,7 @@ from thinkrl.errors import ConfigError
 
 ATTN_NAME = "thinkrl_parallel"
 # Model types whose attention modules hand rotated keys/values (B, H, T, D) to the attention interface and accept
-# position_ids: checked, and exercised by tests for llama and gpt2.
+# position_ids: checked, and exercised by tests for llama, qwen2, mistral and gpt2.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "olmo", "olmo2", "phi3", "granite")
 # Slots per fused attention call, and the most window keys a chunk's slots may differ by (handled by hand).
 SLOTS_PER_CALL = 64
