@@ -82,11 +82,8 @@ def test_csqa_letter_scoring_picks_the_planted_answer(tmp_path):
     ]
 
 
-def test_interrupted_evaluation_resumes_to_the_same_results(tmp_path, monkeypatch):
-    setup = _setup(tmp_path)
-    kw = {"task": "gsm8k", "thoughts": "none,null,sampled:2", "limit": 5, "seed": 3}
-    _, full = _run(setup, tmp_path / "full", **kw)
-
+def _interrupt_second_batch(monkeypatch):
+    """Make the evaluator stop with KeyboardInterrupt at its second batch; returns (call counter, original method)."""
     calls = {"n": 0}
     original = Evaluator._evaluate_batch
 
@@ -97,6 +94,15 @@ def test_interrupted_evaluation_resumes_to_the_same_results(tmp_path, monkeypatc
         return original(self, batch)
 
     monkeypatch.setattr(Evaluator, "_evaluate_batch", interrupted)
+    return calls, original
+
+
+def test_interrupted_evaluation_resumes_to_the_same_results(tmp_path, monkeypatch):
+    setup = _setup(tmp_path)
+    kw = {"task": "gsm8k", "thoughts": "none,null,sampled:2", "limit": 5, "seed": 3}
+    _, full = _run(setup, tmp_path / "full", **kw)
+
+    calls, original = _interrupt_second_batch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(setup, tmp_path / "cut", **kw)
     assert len((tmp_path / "cut" / "items.jsonl").read_text().splitlines()) == 2  # the first batch survived
@@ -206,16 +212,7 @@ def test_text_eval_in_parallel_passes_matches_per_position(tmp_path, monkeypatch
 def test_text_eval_in_parallel_passes_resumes_and_shows_passages(tmp_path, monkeypatch):
     setup = _text_setup(tmp_path, "auto")
     _, full = _run(setup, tmp_path / "full", **TEXT_RUN)
-    calls = {"n": 0}
-    original = Evaluator._evaluate_batch
-
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(Evaluator, "_evaluate_batch", interrupted)
+    calls, _ = _interrupt_second_batch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(setup, tmp_path / "cut", **TEXT_RUN)
     assert len((tmp_path / "cut" / "items.jsonl").read_text().splitlines()) == 8  # the first window survived
