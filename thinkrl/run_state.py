@@ -31,15 +31,28 @@ def find_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def make_accelerator(trainer_cfg, run_dir: Path):
-    """The Accelerator every trainer runs under: CPU when no GPU, trackers per ``trainer.report_to``."""
+def use_cpu() -> bool:
+    """CPU when there is no GPU or when ``ACCELERATE_USE_CPU`` says so (set by ``accelerate launch --cpu`` and by
+    ``use_cpu: true`` in a launch config; parsed as accelerate parses it: true/yes/1/on ...)."""
     import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def make_accelerator(trainer_cfg, run_dir: Path):
+    """The Accelerator every trainer runs under: CPU per ``use_cpu()``, trackers per ``trainer.report_to``.
+
+    ``step_scheduler_with_optimizer=False``: accelerate's scheduler wrapper otherwise steps the LR schedule once per
+    process on every optimizer step (it assumes each process walks its own dataloader), while ``trainer.max_steps``
+    and the schedule count global steps, so N processes would decay the learning rate N times too fast."""
     from accelerate import Accelerator
 
     return Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=use_cpu(),
         log_with=None if trainer_cfg.report_to == "none" else trainer_cfg.report_to,
         project_dir=str(run_dir),
+        step_scheduler_with_optimizer=False,
     )
 
 
@@ -67,11 +80,13 @@ def log_metrics(accelerator, run_dir: Path, report_to: str, step: int, metrics: 
         accelerator.log(metrics, step=step)
 
 
-def resume(accelerator, run_dir: Path, how: str, trim_metrics: bool = True) -> Path | None:
+def resume(accelerator, run_dir: Path, how: str, trim_metrics: bool = True, load_weights=None) -> Path | None:
     """Load the checkpoint ``how`` names (auto = newest in run_dir, never, or a path); returns it or None.
 
     With ``trim_metrics`` (training), metric lines logged after that checkpoint are dropped: those steps are
-    about to be redone. Evaluation loads without touching the run's history."""
+    about to be redone. Evaluation loads without touching the run's history. ``load_weights(path) -> bool``
+    may load the models and optimizer itself (sharded checkpoints); when it returns True accelerate loads the
+    rest (scheduler, RNG, registered objects) only."""
     if how == "never":
         return None
     path = Path(how) if how != "auto" else (find_checkpoints(run_dir) or [None])[-1]
@@ -81,7 +96,10 @@ def resume(accelerator, run_dir: Path, how: str, trim_metrics: bool = True) -> P
         raise ConfigError(
             f"trainer.resume={how} is not a complete checkpoint folder; use auto, never or a checkpoint-<step> path"
         )
-    accelerator.load_state(str(path))
+    if load_weights is not None and load_weights(path):
+        _load_state_without_models(accelerator, path)
+    else:
+        accelerator.load_state(str(path))
     state = json.loads((path / "trainer_state.json").read_text())
     metrics = Path(run_dir) / "metrics.jsonl"
     if trim_metrics and accelerator.is_main_process and metrics.is_file():
@@ -92,8 +110,24 @@ def resume(accelerator, run_dir: Path, how: str, trim_metrics: bool = True) -> P
     return path
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, tokenizer, trainer_state: dict, keep: int) -> Path:
-    """Write checkpoint-<step>/ atomically and keep only the newest ``keep`` checkpoints."""
+def _load_state_without_models(accelerator, path: Path) -> None:
+    """accelerate's load_state for everything but the prepared models and optimizers (loaded by the caller).
+
+    accelerate has no switch for this; it loads whatever it has prepared, so those lists are hidden meanwhile."""
+    models, optimizers = accelerator._models, accelerator._optimizers
+    accelerator._models, accelerator._optimizers = [], []
+    try:
+        accelerator.load_state(str(path))
+    finally:
+        accelerator._models, accelerator._optimizers = models, optimizers
+
+
+def save_checkpoint(
+    accelerator, run_dir: Path, step: int, tokenizer, trainer_state: dict, keep: int, save_weights=None
+) -> Path:
+    """Write checkpoint-<step>/ atomically and keep only the newest ``keep`` checkpoints.
+
+    ``save_weights(folder)``, called on every process, writes what accelerate does not hold (sharded models)."""
     run_dir = Path(run_dir)
     final = run_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = run_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
@@ -101,6 +135,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, tokenizer, trainer_st
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.save_state(str(tmp))
+    if save_weights is not None:
+        save_weights(tmp)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp / "tokenizer")
         write_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))

@@ -2,16 +2,19 @@
 
 Run: ``thinkrl train --config configs/default.yaml`` (or ``accelerate launch -m thinkrl train ...``).
 The run folder gets ``config.yaml``, ``metrics.jsonl``, ``rollouts/``, ``checkpoint-<step>/`` (accelerate state:
-models, optimizer, scheduler, RNG, data position, trainer state), ``summary.json`` and ``results.md``.
+models, optimizer, scheduler, RNG, data position, trainer state; sharded runs keep models and optimizer in
+``sharded/``), ``summary.json`` and ``results.md``; sharded runs also ``rank<i>/shards.json`` (what each
+process holds).
 A run restarted on the same folder resumes from its newest complete checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -41,6 +44,18 @@ from thinkrl.run_state import (
     save_checkpoint,
 )
 from thinkrl.scoring import Scorer
+from thinkrl.sharded_checkpoint import is_sharded_checkpoint, load_sharded, load_unsharded_into, save_sharded
+from thinkrl.sharding import (
+    check_vllm_fits,
+    clip_gradients,
+    gathered,
+    group_grad_norms,
+    mixed_precision,
+    reshard_all,
+    shard_roles,
+    shard_sizes,
+    uses_fsdp2,
+)
 from thinkrl.warmup import lm_warmup
 
 logger = logging.getLogger(__name__)
@@ -68,11 +83,7 @@ class Trainer:
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
         self.accelerator = make_accelerator(tc, self.run_dir)
-        if self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            raise ConfigError(
-                f"{self.accelerator.distributed_type.value} launches are not supported yet (thinkrl trains "
-                "with plain data parallelism); use configs/accelerate/ddp.yaml or cpu-2proc.yaml"
-            )
+        self.sharded = uses_fsdp2(self.accelerator, tc.sharding)
         set_seed(tc.seed)
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
@@ -84,6 +95,11 @@ class Trainer:
         if self.parallel:  # fail before any data is read
             for model in self.roles.models.values():
                 check_supported(model)
+        if self.sharded:  # before the optimizer: it must hold the sharded parameters
+            shard_roles(self.roles, self.accelerator.device, mixed_precision(self.accelerator.mixed_precision))
+            rank_dir = self.run_dir / f"rank{self.accelerator.process_index}"
+            rank_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(rank_dir / "shards.json", json.dumps(shard_sizes(self.roles), indent=2))
         tok = self.roles.tokenizer
         self.train_pool, self.eval_pool = build_pools(cfg.data, tok, tc.seed)
         # Every process walks the same stream and takes its slice of each global batch (see _next_batch), so a run
@@ -109,14 +125,19 @@ class Trainer:
         self.reasoner_prompt = reasoner_prompt(cfg.rollout.reasoner_template, tok)
         self.scorer = Scorer(self.roles, null_ids, cfg.data.interpreter_window, cfg.reward.source)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.roles)
-        prepared = self.accelerator.prepare(
-            *self.roles.models.values(), self.roles.head, self.optimizer, self.scheduler
-        )
-        self.optimizer, self.scheduler = prepared[-2], prepared[-1]
-        for group, model in zip(list(self.roles.models), prepared):
-            self.roles.models[group] = self.accelerator.unwrap_model(model)
+        if self.sharded:  # FSDP2 already placed and wraps the models; accelerate keeps the schedule and RNG
+            self.scheduler = self.accelerator.prepare(self.scheduler)
+        else:
+            prepared = self.accelerator.prepare(
+                *self.roles.models.values(), self.roles.head, self.optimizer, self.scheduler
+            )
+            self.optimizer, self.scheduler = prepared[-2], prepared[-1]
+            for group, model in zip(list(self.roles.models), prepared):
+                self.roles.models[group] = self.accelerator.unwrap_model(model)
         wrapper = len(self.reasoner_prompt.prefix) + len(self.reasoner_prompt.suffix) if self.reasoner_prompt else 0
         longest = cfg.data.context_len + wrapper + cfg.rollout.max_thought_len + 2
+        if self.sharded and cfg.rollout.backend == "vllm":
+            check_vllm_fits(self.roles, cfg.rollout, self.accelerator.num_processes)
         self.actor = make_actor(
             cfg.rollout, self.roles, self.run_dir / f"rank{self.accelerator.process_index}", longest
         )
@@ -139,10 +160,26 @@ class Trainer:
             self.roles.tokenizer,
             self.state.state_dict(),
             self.cfg.trainer.keep_checkpoints,
+            save_weights=(lambda folder: save_sharded(folder, self.roles, self.optimizer)) if self.sharded else None,
         )
 
+    def _load_weights(self, path: Path) -> bool:
+        """Models and optimizer of a checkpoint written in the other mode (see ``sharded_checkpoint``)."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds the torch one
+        if is_sharded_checkpoint(path):
+            load_sharded(path, self.roles, optimizer)
+            return True
+        if self.sharded:
+            load_unsharded_into(path, self.roles, optimizer)
+            return True
+        return False
+
+    def _gathered(self):
+        """Sampling and evaluation see whole weights and issue no collectives (see ``sharding.gathered``)."""
+        return gathered(self.roles.modules().values()) if self.sharded else nullcontext()
+
     def _evaluate(self) -> dict:
-        with self._timed("eval"):
+        with self._timed("eval"), self._gathered():
             return evaluate(
                 self.cfg,
                 self.roles,
@@ -162,7 +199,7 @@ class Trainer:
         stats_sum: dict[str, float] = {}
         for _ in range(lc.grad_accum_steps):
             positions, scoring, sample = self._next_batch()
-            with self._timed("rollout"):
+            with self._timed("rollout"), self._gathered():
                 try:
                     thoughts = sample(cfg.rollout.num_thoughts)
                 except NonFiniteLossError as exc:
@@ -240,26 +277,47 @@ class Trainer:
         with self._timed("optimizer"):
             max_norm = self.cfg.learner.max_grad_norm
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            self._average_gradients(params)
-            self.group_norms = {
-                f"train/grad_norm/{g['name']}": float(
-                    torch.linalg.vector_norm(
-                        torch.stack(
-                            [torch.linalg.vector_norm(p.grad) for p in g["params"] if p.grad is not None]
-                            or [torch.zeros(())]
-                        )
-                    )
-                )
-                for g in self.optimizer.param_groups
-            }
-            norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-            norm = float(norm) if norm is not None else float("nan")
+            self._before_step(params)
+            if self.sharded:
+                norm = self._clip_sharded(params, max_norm)
+            else:
+                norm = self._clip(params, max_norm)
             if not math.isfinite(norm):
                 self._non_finite(f"gradient norm is {norm}")
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _clip_sharded(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        norms = group_grad_norms(self.optimizer.param_groups)
+        self.group_norms = {f"train/grad_norm/{name}": value for name, value in norms.items()}
+        total = math.sqrt(sum(v * v for v in norms.values()))
+        if max_norm > 0 and math.isfinite(total):
+            clip_gradients(params, total, max_norm)
+        return total
+
+    def _clip(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        self.group_norms = {
+            f"train/grad_norm/{g['name']}": float(
+                torch.linalg.vector_norm(
+                    torch.stack(
+                        [torch.linalg.vector_norm(p.grad) for p in g["params"] if p.grad is not None]
+                        or [torch.zeros(())]
+                    )
+                )
+            )
+            for g in self.optimizer.param_groups
+        }
+        norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return float(norm) if norm is not None else float("nan")
+
+    def _before_step(self, params: list[torch.nn.Parameter]) -> None:
+        """Between backward and an optimizer step: free gathered shards (fsdp2) or average gradients."""
+        if self.sharded:
+            reshard_all(self.roles.modules().values())
+        else:
+            self._average_gradients(params)
 
     def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Data-parallel gradient mean across processes (a no-op with one). Models are used unwrapped, since the
@@ -283,7 +341,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
         tc = self.cfg.trainer
-        if resume(self.accelerator, self.run_dir, tc.resume) is not None:
+        if resume(self.accelerator, self.run_dir, tc.resume, load_weights=self._load_weights) is not None:
             logger.info("resumed at step %d", self.state.step)
         init_tracker(self.accelerator, tc, self.run_dir, self.cfg)
         start_time = time.perf_counter()
@@ -359,7 +417,7 @@ class Trainer:
                 self.cfg.learner.lr,
                 self.roles.tokenizer.pad_token_id,
                 show_progress=self.is_main and tc.progress,
-                average_gradients=self._average_gradients,
+                before_step=self._before_step,
             )
         self._log({"warmup/lm_nll": nll, **self.timings}, step=0)
 

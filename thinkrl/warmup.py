@@ -25,7 +25,7 @@ def lm_warmup(
     lr: float,
     pad_id: int,
     show_progress: bool = True,
-    average_gradients=None,
+    before_step=None,
 ) -> float:
     """Train ``models`` as plain LMs on the stream's items (positions: context+target; windows: the whole window).
 
@@ -42,8 +42,8 @@ def lm_warmup(
         loss = sum(m(input_ids=ids, labels=labels).loss for m in models) / len(models)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if average_gradients is not None:  # data parallel: keep every process's copy identical
-            average_gradients(params)
+        if before_step is not None:  # data parallel averaging, or freeing sharded weights gathered in backward
+            before_step(params)
         optimizer.step()
         loss_value = float(loss.detach())
     return loss_value

@@ -44,9 +44,16 @@ class _Skipped:
 
 
 def load_checkpoint_weights(roles: RoleModels, checkpoint: Path) -> None:
-    """Load a training checkpoint's models and head (accelerate state, same order as the trainer prepared them)."""
+    """Load a training checkpoint's models and head: a sharded checkpoint's ``sharded/`` folder, or accelerate's
+    state (same order as the trainer prepared them)."""
     import torch
     from accelerate import Accelerator
+
+    from thinkrl.sharded_checkpoint import is_sharded_checkpoint, load_sharded
+
+    if is_sharded_checkpoint(checkpoint):
+        load_sharded(checkpoint, roles)
+        return
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     prepared = accelerator.prepare(*roles.models.values(), roles.head)

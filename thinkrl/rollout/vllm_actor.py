@@ -15,8 +15,10 @@ One engine per process: under ``accelerate launch`` each rank samples its own sh
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -52,11 +54,59 @@ def _import_vllm():
     return LLM, SamplingParams, TokensPrompt
 
 
+def _layer_of(name: str) -> str:
+    match = re.match(r"(.*?\.layers\.\d+)\.", name)
+    return match.group(1) if match else ""
+
+
+def export_gathered(model, folder: Path) -> None:
+    """Write a sharded (FSDP2) model as a plain HF folder, gathering one tensor at a time and writing one decoder
+    layer per file, so at most one layer exists in full besides the shards. Collective: every process calls it."""
+    from safetensors.torch import save_file
+
+    from thinkrl.sharding import full_tensors
+
+    folder.mkdir(parents=True)
+    weight_map, part, current = {}, {}, None
+
+    def flush():
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+        part.clear()
+
+    for name, tensor in full_tensors(model):
+        if part and _layer_of(name) != current:
+            flush()
+        current = _layer_of(name)
+        part[name] = tensor.detach().cpu().contiguous()
+    if part:
+        flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model.config.save_pretrained(folder)
+
+
 def export_weights(model, tokenizer, path: Path) -> None:
     """Write the reasoner as a plain HF folder vLLM can load: LoRA merged in, output layer untied."""
+    from thinkrl.sharding import is_sharded
+
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if hasattr(model, "merge_adapter"):  # peft: push merged weights, then restore the adapter
+    if is_sharded(model):
+        if hasattr(model, "merge_adapter"):
+            raise ConfigError(
+                "rollout.backend=vllm cannot merge LoRA adapters of a sharded model yet; set rollout.backend=hf "
+                "or trainer.sharding=none"
+            )
+        try:
+            export_gathered(model, tmp)
+        except Exception as exc:  # a failed gather must end the run with one line, not hang or bury the cause
+            raise VLLMEngineError(
+                f"gathering the sharded weights for vLLM failed ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); the last checkpoint is "
+                "intact: rerun to resume, or set rollout.backend=hf"
+            ) from None
+    elif hasattr(model, "merge_adapter"):  # peft: push merged weights, then restore the adapter
         model.merge_adapter()
         try:
             base = model.get_base_model()

@@ -1,0 +1,194 @@
+"""FSDP2 sharding of the role models and the mixing head (``trainer.sharding=fsdp2``).
+
+Every decoder layer is its own FSDP2 unit and each model is one more (its embeddings, final norm and LM head);
+weights, gradients and optimizer state rest sharded. In a training step a unit's weights are gathered at its
+first forward and stay gathered until ``reshard_all`` after backward (FSDP2's reshard_after_forward=False):
+the scorer computes a shared prefix once and reuses its keys/values through a KV cache, so backward reaches a
+layer's first call through the cache rather than through that call's outputs, where FSDP2 would gather again.
+Gradients are reduce-scattered (averaged) in backward, so the hand-written averaging of unsharded runs is not
+used. The scorer may also call a model's LM head directly on hidden states after that model's forward.
+
+Sampling and evaluation run inside ``gathered``: forwards there issue no collectives, so processes may run
+different numbers of decoding steps (a batch stops when its thoughts have ended).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
+
+from thinkrl.errors import ConfigError
+
+
+def uses_fsdp2(accelerator, setting: str) -> bool:
+    """Whether this run shards: ``trainer.sharding=fsdp2`` or an accelerate FSDP launch (which must be FSDP2).
+
+    thinkrl applies ``fully_shard`` itself either way (accelerate's plugin does not engage on CPU-only machines,
+    and the scorer needs the models unwrapped); a single process gets a process group of its own."""
+    kind = accelerator.distributed_type.value
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(
+            f"{kind} launches are not supported; shard with FSDP2 (configs/accelerate/fsdp2.yaml, or "
+            "trainer.sharding=fsdp2 under any accelerate launch)"
+        )
+    if kind == "FSDP":
+        version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise ConfigError(f"the accelerate config asks for FSDP version {version}; set fsdp_version: 2")
+    elif setting != "fsdp2":
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def vllm_memory_need(param_count: int, world: int, compute_bytes: int) -> int:
+    """Bytes one process needs for training next to a vLLM engine: fp32 weights, gradients and two AdamW moments
+    sharded over ``world`` (16 bytes per parameter), plus the whole model gathered in the compute dtype for
+    evaluation. Activations come on top."""
+    return (16 * param_count) // world + compute_bytes * param_count
+
+
+def check_vllm_fits(roles, rollout_cfg, world: int) -> None:
+    """On a GPU, refuse fsdp2 + a per-process vLLM engine when the engine's share leaves too little for training."""
+    if not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    params = sum(p.numel() for m in roles.modules().values() for p in m.parameters())
+    need = vllm_memory_need(params, world, 2)
+    free = total * (1 - rollout_cfg.vllm_gpu_memory_utilization)
+    if need > free:
+        raise ConfigError(
+            f"fsdp2 training needs about {need / 2**30:.1f} GiB per GPU but rollout.vllm_gpu_memory_utilization="
+            f"{rollout_cfg.vllm_gpu_memory_utilization} leaves {free / 2**30:.1f} GiB next to the vLLM engine; "
+            "lower it, use more processes, or set rollout.backend=hf"
+        )
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers model (LoRA-wrapped or not): the classes it lists in
+    ``_no_split_modules``, the same units accelerate and transformers keep whole when they split a model."""
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    names = set(getattr(hf, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        kind = type(hf or model).__name__
+        raise ConfigError(
+            f"trainer.sharding=fsdp2 cannot find the decoder layers of {kind} (it lists no _no_split_modules "
+            "that occur in the model); use trainer.sharding=none or a transformers model class that lists them"
+        )
+    return layers
+
+
+def mixed_precision(name: str) -> MixedPrecisionPolicy:
+    """accelerate's ``mixed_precision`` → FSDP2 policy: bf16 compute, fp32 master weights and gradient reductions."""
+    if name == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if name in ("no", None):
+        return MixedPrecisionPolicy()
+    raise ConfigError(f"trainer.sharding=fsdp2 supports mixed_precision bf16 or no, not {name}; launch with bf16")
+
+
+def shard_model(model: nn.Module, policy: MixedPrecisionPolicy) -> None:
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+    model.set_reshard_after_backward(False)  # recurses: reshard_all does it once the whole backward is done
+
+
+def shard_roles(roles, device: torch.device, policy: MixedPrecisionPolicy) -> None:
+    """Shard every weight group's model and the mixing head in place (build the optimizer afterwards)."""
+    for model in roles.models.values():
+        model.to(device)
+        shard_model(model, policy)
+    roles.head.to(device)
+    if any(True for _ in roles.head.parameters()):
+        fully_shard(roles.head, mp_policy=policy, reshard_after_forward=False)
+        roles.head.set_reshard_after_backward(False)
+
+
+def shard_sizes(roles) -> dict[str, dict[str, int]]:
+    """Parameters this process holds of each weight group and the head, against their full counts."""
+    sizes = {}
+    for name, module in roles.modules().items():
+        params = list(module.parameters())
+        sizes[name] = {
+            "local": sum(_local(p).numel() for p in params),
+            "full": sum(p.numel() for p in params),
+        }
+    return sizes
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+def _units(roots) -> list[FSDPModule]:
+    return [m for root in roots for m in root.modules() if is_sharded(m)]
+
+
+def reshard_all(roots) -> None:
+    """Free the gathered weights of every unit under ``roots``; gradients are reduced by now. Call it after the
+    last backward before an optimizer step, since a unit that is still gathered would not gather the new weights."""
+    for m in _units(roots):
+        m.reshard()
+
+
+@contextmanager
+def gathered(roots):
+    """Keep the weights of ``roots`` (FSDP2 root modules; unsharded ones are passed over) gathered inside.
+
+    Forwards inside issue no collectives, so each process may call them any number of times. No gradients."""
+    units = _units(roots)
+    for m in units:
+        m.unshard()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m in units:
+            m.reshard()
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
+def group_grad_norms(param_groups: list[dict]) -> dict[str, float]:
+    """L2 norm of each optimizer group's gradients across all shards (one all-reduce; every process gets them)."""
+    squares = torch.stack(
+        [
+            sum(
+                (_local(p.grad).float().pow(2).sum() for p in g["params"] if p.grad is not None),
+                torch.zeros((), device=g["params"][0].device),
+            )
+            for g in param_groups
+        ]
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(squares)
+    return {g["name"]: float(s.sqrt()) for g, s in zip(param_groups, squares)}
+
+
+def clip_gradients(params: list[torch.Tensor], total_norm: float, max_norm: float) -> None:
+    """Scale sharded gradients as torch's clip_grad_norm_ would, given the global norm."""
+    coef = max_norm / (total_norm + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+
+def full_tensors(model: nn.Module):
+    """Yield ``(name, full tensor)`` for the model's state dict, gathering one tensor at a time.
+
+    Every process must consume it in step (each gather is a collective)."""
+    for name, value in model.state_dict().items():
+        yield name, value.full_tensor() if isinstance(value, DTensor) else value
