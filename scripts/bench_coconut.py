@@ -5,6 +5,7 @@ Llama; both forwards give the same logits (tests/coconut/test_latent_forward.py)
 evaluation) and forward+backward (as in training). Tokens/s counts real (unpadded) tokens.
 
 Run: OMP_WAIT_POLICY=PASSIVE python scripts/bench_coconut.py --threads 1
+(on the GPU when there is one, ``--device cpu`` to measure the CPU there; the header says which device ran.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from thinkrl.coconut.latent_forward import latent_forward, naive_latent_forward
-from thinkrl.timing import median_seconds
+from thinkrl.timing import default_device, median_seconds
 
 LATENT, START, END, PAD = 5, 6, 7, 0
 
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--latents", type=int, nargs="+", default=[2, 4, 6])
+    ap.add_argument("--device", default=default_device(), help="cuda | cpu (default: cuda when there is a GPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -61,11 +63,13 @@ def main() -> None:
         pad_token_id=PAD,
     )
     cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(args.device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    cuda = model.device.type == "cuda"
+    where = torch.cuda.get_device_name(model.device) if cuda else f"{args.threads} thread(s)"
     print(
         f"# scratch Llama {params:.1f}M params, batch {args.batch}, question ~{args.question} + answer {args.answer} "
-        f"tokens, {args.threads} thread(s), median of {args.repeats}"
+        f"tokens, device {model.device.type} ({where}), median of {args.repeats}"
     )
     print(
         "| latents | passes | real tokens | fwd cached tok/s | fwd naive tok/s | speed-up | "
@@ -73,7 +77,9 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.latents:
-        ids, mask, latents = make_batch(args.batch, args.question, args.answer, n, cfg.vocab_size)
+        ids, mask, latents = (
+            t.to(model.device) for t in make_batch(args.batch, args.question, args.answer, n, cfg.vocab_size)
+        )
         tokens = int(mask.sum())
         with torch.no_grad():
             cached = latent_forward(model, ids, mask, latents)

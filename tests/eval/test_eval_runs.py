@@ -287,12 +287,12 @@ def test_eval_of_a_training_run_loads_its_newest_checkpoint(tiny_config, tmp_pat
     assert setup.cfg.model.weight_groups == ["A", "B", "A"] and setup.cfg.head.form == "gate"
     for group, model in trainer.roles.models.items():
         for (name, p), q in zip(model.state_dict().items(), setup.roles.models[group].state_dict().values()):
-            assert torch.equal(p, q), name
+            assert torch.equal(p.cpu(), q.cpu()), name
     for p, q in zip(trainer.roles.head.parameters(), setup.roles.head.parameters()):
-        assert torch.equal(p, q)
-    fresh = load_setup(None, str(run_dir / "config.yaml"), [])  # same recipe, untrained weights
+        assert torch.equal(p.cpu(), q.cpu())
+    fresh = load_setup(None, str(run_dir / "config.yaml"), [])  # same recipe, untrained weights (on the CPU)
     assert any(
-        not torch.equal(p, q)
+        not torch.equal(p.cpu(), q.cpu())
         for p, q in zip(fresh.roles.models["B"].parameters(), setup.roles.models["B"].parameters())
     )
     _, results = _run(setup, tmp_path / "ev", task="text", thoughts="none,null,sampled:2", limit=4)

@@ -1,0 +1,57 @@
+"""Real training runs in subprocesses: one process, or 2 processes under `accelerate launch` (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The default recipe, 8 positions per global step, a checkpoint after every step, no evaluation between.
+COMMON = [
+    "--config",
+    "configs/default.yaml",
+    "trainer.lm_warmup_steps=0",
+    "trainer.batch_positions=8",
+    "trainer.report_to=none",
+    "trainer.progress=false",
+    "trainer.eval_every=0",
+    "trainer.save_every=1",
+    "data.eval_positions=8",
+    "trainer.num_threads=1",
+]
+ONE = [sys.executable]
+
+
+def free_port() -> str:
+    """A port nobody listens on now: two launches at once (other tests, other users) must not share 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def two_processes() -> list[str]:
+    config = str(ROOT / "configs/accelerate/cpu-2proc.yaml")
+    port = ["--main_process_port", free_port()]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *port]
+
+
+def train(launcher: list[str], out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    # Hide any GPU: accelerate's wait_for_everyone() calls barrier(device_ids=[local_rank]), and on a CUDA machine
+    # torch then runs even the gloo barrier on cuda:<rank> ("invalid device ordinal" for rank 1 with one GPU).
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [*launcher, "-m", "thinkrl", "train", *COMMON, f"trainer.output_dir={out}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def ok(done: subprocess.CompletedProcess) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def step_metrics(out: Path, step: int) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in rows if r["step"] == step and "train/loss" in r)
