@@ -10,7 +10,7 @@ from pathlib import Path
 from thinkrl.config import Config, load_config
 from thinkrl.errors import ConfigError
 from thinkrl.models.roles import RoleModels, build_roles, set_threads
-from thinkrl.run_state import CHECKPOINT_PREFIX, find_checkpoints
+from thinkrl.run_state import CHECKPOINT_PREFIX, find_checkpoints, use_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ class _Skipped:
 def load_checkpoint_weights(roles: RoleModels, checkpoint: Path) -> None:
     """Load a training checkpoint's models and head: a sharded checkpoint's ``sharded/`` folder, or accelerate's
     state (same order as the trainer prepared them)."""
-    import torch
     from accelerate import Accelerator
 
     from thinkrl.sharded_checkpoint import is_sharded_checkpoint, load_sharded
@@ -55,7 +54,7 @@ def load_checkpoint_weights(roles: RoleModels, checkpoint: Path) -> None:
         load_sharded(checkpoint, roles)
         return
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=use_cpu())
     prepared = accelerator.prepare(*roles.models.values(), roles.head)
     for group, model in zip(list(roles.models), prepared):
         roles.models[group] = accelerator.unwrap_model(model)
