@@ -39,11 +39,13 @@ def two_processes() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *port]
 
 
-def train(launcher: list[str], out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    # Hide any GPU: accelerate's wait_for_everyone() calls barrier(device_ids=[local_rank]), and on a CUDA machine
-    # torch then runs even the gloo barrier on cuda:<rank> ("invalid device ordinal" for rank 1 with one GPU).
-    env["CUDA_VISIBLE_DEVICES"] = ""
+def train(launcher: list[str], out: Path, *extra: str, gpu: bool = False) -> subprocess.CompletedProcess:
+    """``thinkrl train`` on COMMON + extra; on the CPU unless ``gpu`` (then on whatever GPU there is)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    if not gpu:
+        # Hide any GPU: accelerate's wait_for_everyone() calls barrier(device_ids=[local_rank]), and on a CUDA
+        # machine torch then runs even the gloo barrier on cuda:<rank> ("invalid device ordinal" for rank 1).
+        env.update(ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
     cmd = [*launcher, "-m", "thinkrl", "train", *COMMON, f"trainer.output_dir={out}", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
