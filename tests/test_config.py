@@ -51,6 +51,18 @@ def test_bad_config_is_one_clear_line(overrides, fragment):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "text, fragment", [("", "is empty"), ("# only a comment\n", "is empty"), ("- a\n", "mapping")]
+)
+def test_an_empty_config_file_is_refused(tmp_path, text, fragment):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, ["trainer.max_steps=1"])
+    message = str(info.value)
+    assert message.startswith(f"config file {recipe} is") and fragment in message and "\n" not in message
+
+
 def _cli_error(capsys, argv):
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()

@@ -121,8 +121,16 @@ def test_eval_loads_a_sharded_checkpoint_and_a_mismatched_run_gets_one_line(runs
     for group, model in setup.roles.models.items():
         for k, v in model.state_dict().items():
             assert torch.equal(v, exported[f"{group}.{k}"]), k
-    # resuming with other model sizes: one line naming the checkpoint and what to do, nothing overwritten
+    # resuming with other model sizes: the recorded recipe refuses it in one line naming the key, nothing overwritten
     other = _resume_from(sharded, 2, root / "mismatch")
+    recorded = (other / "config.yaml").read_text()
+    done = train(ONE, other, "trainer.max_steps=3", "model.default.scratch.intermediate_size=128")
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert "model.default.scratch.intermediate_size (256 → 128)" in last and "output_dir" in last
+    assert (other / "config.yaml").read_text() == recorded
+    # without a recorded recipe the sharded checkpoint itself says it does not fit
+    (other / "config.yaml").unlink()
     done = train(ONE, other, "trainer.max_steps=3", "model.default.scratch.intermediate_size=128")
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]

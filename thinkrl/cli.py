@@ -1,4 +1,4 @@
-"""Command line: ``thinkrl train|eval|prompts|coconut|export ...`` (``thinkrl <command> --help``).
+"""Command line: ``thinkrl train|eval|prompts|coconut|export|sweep|aggregate ...`` (``thinkrl <command> --help``).
 
 User errors (config, data, model paths, NaN loss) print one line ``thinkrl: error: ...`` and exit 2.
 """
@@ -53,7 +53,13 @@ def _lazy(module: str):
 
 
 # Each entry adds one or more subcommands.
-COMMANDS = [_add_train, _lazy("thinkrl.eval.cli"), _lazy("thinkrl.coconut.cli"), _lazy("thinkrl.export")]
+COMMANDS = [
+    _add_train,
+    _lazy("thinkrl.eval.cli"),
+    _lazy("thinkrl.coconut.cli"),
+    _lazy("thinkrl.export"),
+    _lazy("thinkrl.sweep"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,6 +94,11 @@ class ModelSpec:
     )
     scratch: ScratchModelConfig = described("sizes when path=scratch", factory=ScratchModelConfig)
     lora: LoraSettings = described("LoRA adapter settings", factory=LoraSettings)
+    gradient_checkpointing: bool = described(
+        "recompute each decoder layer's activations in the backward pass instead of keeping them (less memory, "
+        "about one more forward of compute); works with the shared-prefix KV caches",
+        False,
+    )
 
 
 @dataclass
@@ -354,6 +359,11 @@ class LearnerConfig:
         "transformers scheduler name: constant | constant_with_warmup | linear | cosine", "constant"
     )
     warmup_steps: int = described("scheduler warm-up steps", 0)
+    lean_losses: bool = described(
+        "compute target log-probs, policy log-probs and entropies from hidden states through the LM heads in "
+        "checkpointed row chunks, never a (rows x vocabulary) tensor (same values); false = from full logits",
+        True,
+    )
 
     def __post_init__(self):
         check_choice("learner.baseline", self.baseline, ("leave_one_out", "mean", "none"))
@@ -406,9 +416,16 @@ class TrainerConfig:
     dump_rollouts: bool = described("write decoded thoughts, rewards and advantages of logged steps", True)
     num_threads: int = described("torch CPU threads; 0 = torch's default", 0)
     progress: bool = described("show a progress bar", True)
+    sharding: str = described(
+        "none (each process holds whole models; gradients averaged) | fsdp2 (PyTorch FSDP2: every decoder layer, "
+        "each model and the mixing head sharded across the processes; sharded checkpoints). An accelerate launch "
+        "with the FSDP plugin (fsdp_version: 2) selects fsdp2 too",
+        "none",
+    )
 
     def __post_init__(self):
         check_choice("trainer.report_to", self.report_to, ("wandb", "tensorboard", "none"))
+        check_choice("trainer.sharding", self.sharding, ("none", "fsdp2"))
         check_positive("trainer.max_steps", self.max_steps, allow_zero=True)
         check_positive("trainer.batch_positions", self.batch_positions)
         check_positive("trainer.log_every", self.log_every)
@@ -492,7 +509,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file from configs/")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            recipe = OmegaConf.load(path)
+            if not OmegaConf.is_dict(recipe) or not recipe:  # an empty file would silently train the defaults
+                raise ConfigError(
+                    f"config file {path} is {'empty' if not recipe else 'not a YAML mapping'}; "
+                    "give a recipe (e.g. configs/default.yaml) or leave out --config to use only overrides"
+                )
+            merged = OmegaConf.merge(merged, recipe)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:

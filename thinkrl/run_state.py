@@ -31,6 +31,21 @@ def find_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def checkpoint_to_resume(run_dir: Path, how: str) -> Path | None:
+    """The checkpoint ``trainer.resume`` names: auto = the newest complete one in run_dir (None if there is none),
+    never = None, else a path that must be a complete checkpoint folder."""
+    if how == "never":
+        return None
+    if how == "auto":
+        return (find_checkpoints(run_dir) or [None])[-1]
+    path = Path(how)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(
+            f"trainer.resume={how} is not a complete checkpoint folder; use auto, never or a checkpoint-<step> path"
+        )
+    return path
+
+
 def use_cpu() -> bool:
     """CPU when there is no GPU or when ``ACCELERATE_USE_CPU`` says so (set by ``accelerate launch --cpu`` and by
     ``use_cpu: true`` in a launch config; parsed as accelerate parses it: true/yes/1/on ...)."""
@@ -87,15 +102,9 @@ def resume(accelerator, run_dir: Path, how: str, trim_metrics: bool = True, load
     about to be redone. Evaluation loads without touching the run's history. ``load_weights(path) -> bool``
     may load the models and optimizer itself (sharded checkpoints); when it returns True accelerate loads the
     rest (scheduler, RNG, registered objects) only."""
-    if how == "never":
-        return None
-    path = Path(how) if how != "auto" else (find_checkpoints(run_dir) or [None])[-1]
+    path = checkpoint_to_resume(run_dir, how)
     if path is None:
         return None
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(
-            f"trainer.resume={how} is not a complete checkpoint folder; use auto, never or a checkpoint-<step> path"
-        )
     if load_weights is not None and load_weights(path):
         _load_state_without_models(accelerator, path)
     else:

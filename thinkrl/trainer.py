@@ -5,7 +5,8 @@ The run folder gets ``config.yaml``, ``metrics.jsonl``, ``rollouts/``, ``checkpo
 models, optimizer, scheduler, RNG, data position, trainer state; sharded runs keep models and optimizer in
 ``sharded/``), ``summary.json`` and ``results.md``; sharded runs also ``rank<i>/shards.json`` (what each
 process holds).
-A run restarted on the same folder resumes from its newest complete checkpoint.
+A run restarted on the same folder resumes from its newest complete checkpoint; a changed recipe is refused there
+(``run_recipe``: only length, cadence, logging and machine layout may change).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
 from thinkrl.rollout import make_actor
 from thinkrl.rollout.policy import position_seeds
 from thinkrl.run_files import dump_rollouts, mean_or_nan, write_atomic, write_summary
+from thinkrl.run_recipe import check_run_folder, clear_stale_outputs
 from thinkrl.run_state import (
     find_checkpoints,
     init_tracker,
@@ -80,6 +82,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         tc = cfg.trainer
+        stale = check_run_folder(cfg)  # a changed recipe fails here, before anything is written or built
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
         self.accelerator = make_accelerator(tc, self.run_dir)
@@ -87,6 +90,8 @@ class Trainer:
         set_seed(tc.seed)
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
+            if stale:
+                clear_stale_outputs(self.run_dir)
             (self.run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
 

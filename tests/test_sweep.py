@@ -1,0 +1,144 @@
+"""``thinkrl sweep`` and ``thinkrl aggregate``: grid parsing, study files from hand-made folders, a resumed sweep."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+from thinkrl.cli import main
+from thinkrl.config import load_config, to_yaml
+from thinkrl.errors import ConfigError
+from thinkrl.study import aggregate, group_by_point, read_result
+from thinkrl.sweep import parse_grid, plan, split_values, sweep, train_command
+
+
+def test_commas_make_axes_and_brackets_do_not():
+    assert split_values("0,0.05") == ["0", "0.05"]
+    assert split_values("[A,B,C]") == ["[A,B,C]"]
+    assert split_values("[A,A,A],[A,B,C]") == ["[A,A,A]", "[A,B,C]"]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+    fixed, axes = parse_grid(["reward.length_penalty=0,0.05", "trainer.max_steps=40", "model.freeze=[base,head]"])
+    assert fixed == ["trainer.max_steps=40", "model.freeze=[base,head]"]
+    assert axes == [("reward.length_penalty", ["0", "0.05"])]
+    with pytest.raises(ConfigError, match="sets trainer.seed per run"):
+        parse_grid(["trainer.seed=1,2"])
+
+
+def test_plan_names_a_folder_per_point_and_seed(tmp_path):
+    runs, _, _ = plan(["reward.length_penalty=0,0.05", "learner.lr=1e-3,1e-2", "x.y=1"], [0, 1], tmp_path)
+    assert [str(r.folder.relative_to(tmp_path)) for r in runs[:3]] == [
+        "length_penalty=0/lr=1e-3/seed-0",
+        "length_penalty=0/lr=1e-3/seed-1",
+        "length_penalty=0/lr=1e-2/seed-0",
+    ]
+    assert runs[1].overrides == [
+        "x.y=1",
+        "reward.length_penalty=0",
+        "learner.lr=1e-3",
+        "trainer.seed=1",
+        f"trainer.output_dir={tmp_path / 'length_penalty=0/lr=1e-3/seed-1'}",
+    ]
+    shared, _, _ = plan(["rollout.batch_positions=1,2", "trainer.batch_positions=4,8"], [0], tmp_path)
+    assert shared[0].label == "rollout.batch_positions=1/trainer.batch_positions=4"  # same tail: full keys
+    assert [r.label for r in plan([], [3], tmp_path)[0]] == ["all"]
+    assert train_command("accelerate launch --config_file a.yaml", "c.yaml", ["k=v"]) == [
+        *["accelerate", "launch", "--config_file", "a.yaml", "-m", "thinkrl", "train", "--config", "c.yaml", "k=v"]
+    ]
+
+
+def _fake_run(folder: Path, seed: int, null: float, thought: float, rewards: list[float], lr: float = 1e-3) -> Path:
+    """A finished run folder as the trainer writes it, with chosen numbers."""
+    folder.mkdir(parents=True)
+    cfg = load_config(None, [f"trainer.seed={seed}", f"trainer.output_dir={folder}", f"learner.lr={lr}"])
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    evals = {"nll_null": null, "nll_thought": thought, "null_rate": 0.5, "mix_weight": None, "positions": 8}
+    summary = {"initial_eval": {**evals, "nll_thought": null}, "final_eval": evals, "steps": len(rewards)}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    lines = [{"step": 0, "eval/nll_null": null, "eval/nll_thought": null}]
+    lines += [{"step": i + 1, "train/reward": r, "train/null_rate": 0.5} for i, r in enumerate(rewards)]
+    lines += [{"step": len(rewards), "eval/nll_null": null, "eval/nll_thought": thought}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return folder
+
+
+def test_aggregate_run_folders_by_hand(tmp_path, capsys):
+    # final nll_gain = null - thought = 0.1, 0.2, 0.6 → mean 0.3, sd 0.264575, 95% t-interval ±0.657241
+    seeds = [_fake_run(tmp_path / f"s{s}", s, 2.0, 2.0 - gain, [s, s + 1.0]) for s, gain in enumerate((0.1, 0.2, 0.6))]
+    other = _fake_run(tmp_path / "other", 0, 2.0, 1.5, [0.0, 0.0], lr=0.01)
+    points = group_by_point([read_result(f) for f in [*seeds, other]])
+    assert list(points) == ["learner.lr=0.001", "learner.lr=0.01"]
+    study = aggregate(points)
+    first = study["points"][0]
+    gain = first["metrics"]["final_eval/nll_gain"]
+    assert (first["n"], first["seeds"]) == (3, [0, 1, 2])
+    assert gain["mean"] == pytest.approx(0.3) and gain["sd"] == pytest.approx(math.sqrt(0.07))
+    assert (gain["ci_low"], gain["ci_high"]) == pytest.approx((0.3 - 0.657241, 0.3 + 0.657241), abs=1e-6)
+    assert first["metrics"]["initial_eval/nll_gain"]["mean"] == 0.0
+    assert "final_eval/positions" not in first["metrics"] and first["metrics"]["final_eval/mix_weight"]["n"] == 0
+    reward = first["curves"]["reward"]  # seeds' rewards at steps 1, 2: (0,1,2) and (1,2,3)
+    assert reward["steps"] == [1, 2] and reward["mean"] == [1.0, 2.0] and reward["sd"] == [1.0, 1.0]
+    assert first["curves"]["nll_gain"]["steps"] == [0, 2]
+
+    assert main(["aggregate", *map(str, seeds), str(other), "--out", str(tmp_path / "study")]) == 0
+    md = (tmp_path / "study" / "study.md").read_text()
+    assert "| nll_gain | 0.3000 ± 0.2646 [-0.3572, 0.9572] | 0.5000 |" in md
+    assert "Student-t" in md and "## final_eval" in md
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["points"][1]["n"] == 1
+    for curve in ("reward", "nll_gain", "null_rate"):
+        assert (tmp_path / "study" / "plots" / f"{curve}.png").stat().st_size > 1000
+
+
+def test_aggregate_eval_folders_across_seeds(tmp_path):
+    folders = []
+    for seed, acc in enumerate((0.5, 0.6, 0.7)):
+        folder = tmp_path / f"eval{seed}"
+        folder.mkdir()
+        metrics = {"sampled:4/accuracy": {"value": acc, "ci_low": 0, "ci_high": 1, "n": 10}}
+        (folder / "results.json").write_text(json.dumps({"task": "gsm8k", "seed": seed, "metrics": metrics}))
+        settings = {"task": "gsm8k", "model": f"runs/s{seed}", "seed": seed, "limit": 10}
+        (folder / "settings.json").write_text(json.dumps(settings))
+        folders.append(folder)
+    points = group_by_point([read_result(f) for f in folders])
+    assert list(points) == ["all"]
+    acc = aggregate(points)["points"][0]["metrics"]["sampled:4/accuracy"]
+    assert acc["mean"] == pytest.approx(0.6) and acc["sd"] == pytest.approx(0.1)
+    assert acc["ci_high"] - 0.6 == pytest.approx(4.302653 * 0.1 / math.sqrt(3), abs=1e-6)
+    with pytest.raises(ConfigError, match="neither a run's summary.json"):
+        read_result(tmp_path)
+
+
+def test_a_rerun_sweep_skips_the_finished_run_and_resumes_the_interrupted_one(tmp_path, capsys):
+    study = tmp_path / "study"
+    fixed = [
+        *TINY,
+        "trainer.max_steps=2",
+        "trainer.save_every=1",
+        "trainer.dump_rollouts=false",
+        "trainer.num_threads=1",
+    ]
+    sweep(None, fixed, [0], study)  # seed 0 runs to the end
+    done = study / "seed-0" / "metrics.jsonl"
+    before = (done.read_text(), done.stat().st_mtime_ns)
+    # seed 1 stopped after its first checkpoint: no summary.json
+    seed1 = plan(fixed, [1], study)[0][0]
+    from thinkrl.trainer import Trainer
+
+    Trainer(load_config(None, [*seed1.overrides, "trainer.max_steps=1"])).train()
+    (seed1.folder / "summary.json").unlink()
+    capsys.readouterr()
+
+    result = sweep(None, fixed, [0, 1], study)
+    printed = capsys.readouterr().out
+    assert "[1/2] seed-0: done" in printed and "[2/2] seed-1: resume" in printed
+    assert (done.read_text(), done.stat().st_mtime_ns) == before, "the finished run was trained again"
+    rows = [json.loads(line) for line in (seed1.folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2], "seed 1 should resume at step 1"
+    assert json.loads((seed1.folder / "summary.json").read_text())["steps"] == 2
+    assert result["points"][0]["n"] == 2 and result["points"][0]["seeds"] == [0, 1]
+    assert (study / "study.md").is_file() and (study / "plots" / "reward.png").is_file()
+
+    # the same study folder with another recipe stops before anything trains, naming the key
+    with pytest.raises(ConfigError, match=r"rollout.max_thought_len \(4 → 3\)"):
+        sweep(None, [*fixed, "rollout.max_thought_len=3"], [0, 1], study, dry_run=True)

@@ -1,0 +1,297 @@
+"""Reading finished runs and evaluations, aggregating them across seeds, writing a study folder.
+
+A *result* is one folder: a run folder (``summary.json``: ``initial_eval``/``final_eval``, plus ``config.yaml`` and
+``metrics.jsonl``) or a ``thinkrl eval`` folder (``results.json``: one value per ``<mode>/<metric>``, plus
+``settings.json``). Results of one *point* (one recipe, several seeds) are aggregated per metric with
+``study_stats.describe`` (mean, sample sd, Student-t interval over seeds), and the training curves of a point's
+runs (reward, held-out NLL gain of thoughts over the null thought, null rate) become mean ± sd bands.
+
+``write_study`` writes ``study.json`` (everything, per-seed values included), ``study.md`` (tables) and
+``plots/<curve>.png``. The maths is in ``study_stats``; this module only reads and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thinkrl import study_stats
+from thinkrl.errors import ConfigError
+from thinkrl.run_recipe import flatten, may_change, recorded_recipe
+
+# name → (metrics.jsonl key, or (a, b) for a − b; axis label)
+CURVES: dict[str, tuple[Any, str]] = {
+    "reward": ("train/reward", "training reward (mean over thoughts, nats)"),
+    "nll_gain": (("eval/nll_null", "eval/nll_thought"), "held-out NLL gain over the null thought (nats/token)"),
+    "null_rate": ("train/null_rate", "training null rate (no thought beats the null thought)"),
+}
+# Run-folder keys that do not make two runs different points: the seed, and what may change on resume except the
+# length (runs of 40 and 80 steps are different points).
+_SAME_POINT_EXCEPT = ("trainer.seed",)
+
+
+@dataclass
+class Result:
+    """One run or evaluation folder: its metrics (name → value), training curves and what identifies its point."""
+
+    folder: str
+    kind: str  # "run" | "eval"
+    seed: int | None
+    metrics: dict[str, float]
+    identity: dict[str, Any] = field(default_factory=dict)  # flattened recipe minus seed and operational keys
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+def _identity(recipe: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in recipe.items():
+        inner = key[len(prefix) :] if key.startswith(prefix) else None
+        if inner is not None and (inner in _SAME_POINT_EXCEPT or (inner != "trainer.max_steps" and may_change(inner))):
+            continue
+        out[key] = value
+    return out
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def read_curves(metrics_path: Path) -> dict[str, dict[int, float]]:
+    """``CURVES`` from a run's metrics.jsonl: {name: {step: value}} (the last record of a step wins)."""
+    by_step: dict[int, dict] = {}
+    if metrics_path.is_file():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                by_step.setdefault(int(record["step"]), {}).update(record)
+    curves: dict[str, dict[int, float]] = {}
+    for name, (key, _) in CURVES.items():
+        points = {}
+        for step, record in sorted(by_step.items()):
+            if isinstance(key, tuple):
+                a, b = (_number(record.get(k)) for k in key)
+                value = a - b if a is not None and b is not None else None
+            else:
+                value = _number(record.get(key))
+            if value is not None and math.isfinite(value):
+                points[step] = value
+        curves[name] = points
+    return curves
+
+
+def read_run(folder: Path) -> Result:
+    """A finished run folder: every numeric ``initial_eval``/``final_eval`` metric of summary.json (``positions``, a
+    count, left out) and ``<stage>/nll_gain`` = nll_null − nll_thought."""
+    folder = Path(folder)
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    metrics: dict[str, float] = {}
+    for stage in ("initial_eval", "final_eval"):
+        evals = summary.get(stage) or {}
+        if evals.get("nll_null") is not None and evals.get("nll_thought") is not None:
+            metrics[f"{stage}/nll_gain"] = evals["nll_null"] - evals["nll_thought"]
+        for key, value in evals.items():
+            number = _number(value) if value is not None else math.nan  # None: a NaN written as JSON null
+            if key != "positions" and number is not None:
+                metrics[f"{stage}/{key}"] = number
+    recipe = recorded_recipe(folder)
+    recipe = flatten(recipe) if recipe is not None else {}
+    return Result(
+        str(folder),
+        "run",
+        recipe.get("trainer.seed"),
+        metrics,
+        _identity(recipe),
+        read_curves(folder / "metrics.jsonl"),
+    )
+
+
+def read_eval(folder: Path) -> Result:
+    """A ``thinkrl eval`` folder: the value of every ``<mode>/<metric>`` in results.json (its bootstrap interval over
+    items is not carried: the spread across seeds is what a study measures)."""
+    folder = Path(folder)
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    metrics = {}
+    for key, metric in results.get("metrics", {}).items():
+        value = metric.get("value") if isinstance(metric, dict) else metric
+        metrics[key] = math.nan if value is None else float(value)
+    settings_path = folder / "settings.json"
+    settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else {}
+    # The evaluated model's own folder differs per training seed: its recorded recipe (minus seed and operational
+    # keys) and the checkpoint's name identify it; a plain model is named in recipe.model.default.path.
+    flat = {k: v for k, v in flatten(settings).items() if k not in ("seed", "model", "checkpoint", "output_dir")}
+    if settings.get("checkpoint"):
+        flat["checkpoint"] = Path(settings["checkpoint"]).name
+    return Result(str(folder), "eval", settings.get("seed", results.get("seed")), metrics, _identity(flat, "recipe."))
+
+
+def read_result(folder: str | Path) -> Result:
+    folder = Path(folder)
+    if (folder / "summary.json").is_file():
+        return read_run(folder)
+    if (folder / "results.json").is_file():
+        return read_eval(folder)
+    if (folder / "config.yaml").is_file():
+        raise ConfigError(f"{folder} is a run folder without summary.json (unfinished?); finish it or leave it out")
+    raise ConfigError(f"{folder} holds neither a run's summary.json nor an evaluation's results.json")
+
+
+def group_by_point(results: list[Result]) -> dict[str, list[Result]]:
+    """Results with the same identity form one point, labelled by the keys whose values tell the points apart
+    (``all`` when there is one point); points in order of first appearance."""
+    groups: dict[str, list[Result]] = {}
+    identities: dict[str, dict] = {}
+    for result in results:
+        key = json.dumps(result.identity, sort_keys=True, default=str)
+        groups.setdefault(key, []).append(result)
+        identities[key] = result.identity
+    if len(groups) == 1:
+        return {"all": next(iter(groups.values()))}
+    keys: list[str] = []
+    for identity in identities.values():
+        keys += [k for k in identity if k not in keys]
+    differing = [k for k in keys if len({json.dumps(i.get(k), default=str) for i in identities.values()}) > 1]
+    labels = {
+        key: ", ".join(f"{k}={identity.get(k, 'unset')}" for k in differing) for key, identity in identities.items()
+    }
+    return {labels[key]: members for key, members in groups.items()}
+
+
+def aggregate(points: dict[str, list[Result]], level: float = 0.95) -> dict:
+    """Per point: every metric across its results (``study_stats.describe`` + the values) and the curve bands."""
+    out = []
+    for label, results in points.items():
+        names: list[str] = []
+        for r in results:
+            names += [n for n in r.metrics if n not in names]
+        metrics = {}
+        for name in names:
+            values = [r.metrics.get(name) for r in results]
+            metrics[name] = {**study_stats.describe(values, level), "values": values}
+        curve_names = [n for n in CURVES if any(r.curves.get(n) for r in results)]
+        curves = {n: study_stats.band([r.curves.get(n, {}) for r in results]) for n in curve_names}
+        out.append(
+            {
+                "label": label,
+                "n": len(results),
+                "seeds": [r.seed for r in results],
+                "folders": [r.folder for r in results],
+                "metrics": metrics,
+                "curves": curves,
+            }
+        )
+    return {
+        "level": level,
+        "interval": f"{level:.0%} Student-t interval of the mean over seeds: mean ± t_(n-1) · sd / sqrt(n)",
+        "points": out,
+    }
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _fmt(x: float | None, decimals: int = 4) -> str:
+    if x is None or not math.isfinite(x):
+        return "nan"
+    decimals = 1 if abs(x) >= 100 else decimals
+    return f"{x:.{decimals}f}" if round(x, decimals) else f"{0.0:.{decimals}f}"  # no "-0.0000"
+
+
+def format_cell(stats: dict, n_point: int) -> str:
+    """``mean ± sd [low, high]``; the mean alone below two values; ``(n=k)`` when a seed lacks the metric."""
+    text = _fmt(stats["mean"])
+    if stats["n"] >= 2:
+        text += f" ± {_fmt(stats['sd'])} [{_fmt(stats['ci_low'])}, {_fmt(stats['ci_high'])}]"
+    if stats["n"] != n_point:
+        text += f" (n={stats['n']})"
+    return text
+
+
+def _relative(folder: str, base: Path | None) -> str:
+    if base is None:
+        return folder
+    try:
+        return str(Path(folder).resolve().relative_to(Path(base).resolve()))
+    except ValueError:
+        return folder
+
+
+def markdown(study: dict, title: str, notes: list[str] | None = None, base: Path | None = None) -> str:
+    """study.md's text; folders are shown relative to ``base`` (the study folder) when they lie inside it."""
+    points = study["points"]
+    lines = [f"# {title}", ""] + [f"{note}  " for note in notes or []]
+    lines += [
+        "",
+        f"Across seeds: mean ± sd (sample sd, n − 1) [{study['interval']}]. Seeds are the unit; "
+        f"with n = 3 the t quantile is {study_stats.t_critical(2, study['level']):.2f}.",
+        "",
+        "| point | n | seeds | folders |",
+        "|---|---|---|---|",
+    ]
+    for p in points:
+        folders = ", ".join(f"`{_relative(f, base)}`" for f in p["folders"])
+        lines.append(f"| {p['label']} | {p['n']} | {', '.join(str(s) for s in p['seeds'])} | {folders} |")
+    sections: dict[str, list[str]] = {}  # "final_eval/nll_gain" → section final_eval, row nll_gain
+    for p in points:
+        for name in p["metrics"]:
+            section = name.split("/", 1)[0] if "/" in name else "metrics"
+            if name not in sections.setdefault(section, []):
+                sections[section].append(name)
+    for section, names in sections.items():
+        lines += ["", f"## {section}", "", "| metric | " + " | ".join(p["label"] for p in points) + " |"]
+        lines.append("|---|" + "---|" * len(points))
+        for name in names:
+            cells = [format_cell(p["metrics"][name], p["n"]) if name in p["metrics"] else "" for p in points]
+            lines.append(f"| {name.split('/', 1)[-1]} | " + " | ".join(cells) + " |")
+    plotted = [n for n in CURVES if any(p["curves"].get(n, {}).get("steps") for p in points)]
+    if plotted:
+        lines += ["", "## Curves (mean over seeds, band ± 1 sd)", ""]
+        lines += [f"![{n}](plots/{n}.png)" for n in plotted]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(study: dict, out: Path) -> list[str]:
+    """plots/<curve>.png: one line per point (mean over seeds) with a ± 1 sd band; returns the curves drawn."""
+    try:
+        from thinkrl.eval.report import _new_figure, _save_png
+    except ImportError:  # pragma: no cover - matplotlib is a dependency; a stripped install still gets the tables
+        print("thinkrl: matplotlib is not installed: no plots (tables are in study.md)")
+        return []
+    drawn = []
+    for name, (_, ylabel) in CURVES.items():
+        bands = [(p["label"], p["curves"].get(name)) for p in study["points"]]
+        bands = [(label, b) for label, b in bands if b and b["steps"]]
+        if not bands:
+            continue
+        fig = _new_figure(7, 4)
+        ax = fig.add_subplot()
+        for label, b in bands:
+            (line,) = ax.plot(
+                b["steps"], b["mean"], label=f"{label} (n={b['n']})", marker="." if len(b["steps"]) < 30 else None
+            )
+            if b["n"] >= 2:
+                low = [m - s for m, s in zip(b["mean"], b["sd"])]
+                high = [m + s for m, s in zip(b["mean"], b["sd"])]
+                ax.fill_between(b["steps"], low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name}: mean over seeds, band ± 1 sd")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        _save_png(fig, out / "plots" / f"{name}.png")
+        drawn.append(name)
+    return drawn
+
+
+def write_study(out: str | Path, study: dict, title: str, notes: list[str] | None = None) -> None:
+    """``study.json`` (with ``title`` and ``notes``), ``study.md`` and ``plots/`` into ``out``."""
+    from thinkrl.eval.report import _atomic_write, write_json
+
+    out = Path(out)
+    write_json(out / "study.json", {"title": title, "notes": notes or [], **study})
+    plot_curves(study, out)
+    _atomic_write(out / "study.md", markdown(study, title, notes, out).encode("utf-8"))
