@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import thinkrl.prompts as prompts
@@ -67,3 +72,15 @@ def test_every_shipped_template_loads():
             load_template(name, set(MARKER_FIELDS))
     assert load_template("null/default") == "I will stick with my default distribution"
     assert load_template("null/empty") == ""
+
+
+def test_prompts_sit_below_the_data_layer():
+    """``thinkrl.data.sources`` reads templates and ``bos_prefix`` from here; nothing here imports ``thinkrl.data``
+    (not even inside a function), so each module imports alone in a fresh interpreter."""
+    tree = ast.parse(Path(prompts.__file__).read_text(encoding="utf-8"))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [name for name in imported if name.startswith("thinkrl.data")]
+    check = "import sys, thinkrl.prompts; assert not [m for m in sys.modules if m.startswith('thinkrl.data')]"
+    for code in (check, "import thinkrl.data.sources"):
+        subprocess.run([sys.executable, "-c", code], check=True)

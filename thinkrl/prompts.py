@@ -110,12 +110,21 @@ def null_thought_ids(name: str, tokenizer) -> list[int]:
     return tokenizer.encode(load_template(name, set()), add_special_tokens=False) if name else []
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer itself starts texts with it (Llama-style), else [] (SmolLM2, GPT-2, ByT5).
+
+    Every tokenised prompt starts with it: task contexts (``thinkrl.data``), Coconut questions and the reasoner's
+    wrapped context. It lives here, below the data layer, so that ``thinkrl.data.sources`` can import this module
+    and nothing here imports data."""
+    ids = tokenizer("a")["input_ids"]
+    return ids[:1] if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else []
+
+
 def reasoner_prompt(name: str, tokenizer) -> ReasonerPrompt | None:
     """The ``rollout.reasoner_template`` wrapper, or None when the reasoner reads the bare context."""
     if not name:
         return None
-    from thinkrl.data.sources import bos_prefix  # sources imports this module
-    from thinkrl.models.roles import EOT, SOT
+    from thinkrl.models.roles import EOT, SOT  # models import torch: only when a wrapper is asked for
 
     return ReasonerPrompt(name, tokenizer, SOT, EOT, bos_prefix(tokenizer))
 

@@ -15,7 +15,7 @@ from transformers import ByT5Tokenizer
 
 import thinkrl.prompts as prompts
 from thinkrl.config import DataConfig, SyntheticTaskConfig
-from thinkrl.data.sources import _csqa_item, _gsm8k_item, build_pools, gsm8k_answer, read_jsonl
+from thinkrl.data.sources import CSQA_LABELS, _csqa_item, _gsm8k_item, build_pools, gsm8k_answer, read_jsonl
 from thinkrl.data.synthetic import SPECIALS, synthetic_documents, synthetic_tokenizer
 from thinkrl.errors import ConfigError, DataError
 from thinkrl.prompts import load_template, render
@@ -268,7 +268,7 @@ CSQA_CONTEXT = "Question: Where does a cat sleep?\nChoices: (A) bed (B) car (C) 
 
 
 def test_csqa_item_official_and_hub_formats():
-    template = load_template("tasks/csqa", {"question", "choices"})
+    template = load_template("tasks/csqa", {"question", "choices", *CSQA_LABELS})
     expected = (CSQA_CONTEXT, " C", {"answer": "C"})
     assert _csqa_item(CSQA_OFFICIAL, template) == expected
     assert _csqa_item(CSQA_HUB, template) == expected
@@ -423,10 +423,8 @@ def test_shipped_templates_load_exactly():
     gsm = load_template("tasks/gsm8k", {"question"})
     assert gsm.endswith("Answer (a number):")  # no trailing newline added
     assert prompts.placeholders("tasks/gsm8k", gsm) == {"question"}
-    assert prompts.placeholders("tasks/csqa", load_template("tasks/csqa", {"question", "choices"})) == {
-        "question",
-        "choices",
-    }
+    csqa = load_template("tasks/csqa", {"question", "choices", *CSQA_LABELS})
+    assert prompts.placeholders("tasks/csqa", csqa) == {"question", *CSQA_LABELS}  # the layout is the template's
     with pytest.raises(ConfigError, match="'tasks/gsm8k'"):
         load_template("tasks/gsm8k", set())
 

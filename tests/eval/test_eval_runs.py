@@ -40,9 +40,10 @@ def test_gsm8k_likelihood_score_matches_hand_computation(tmp_path):
         with torch.no_grad():
             probs = torch.softmax(model(torch.tensor([ids])).logits[0].float(), -1)
         score = 1.0
-        for j, y in enumerate(item.targets[0]):  # " 750": the space keeps its plain probability
+        assert tok.decode(item.targets[0][:1]) == " "
+        for j, y in enumerate(item.targets[0][1:], 1):  # " 750": the space is the prompt's side, not scored
             p = probs[len(item.context) - 1 + j]
-            score *= float(p[y] / p[sorted(digits)].sum()) if y in digits else float(p[y])
+            score *= float(p[y] / p[sorted(digits)].sum())
         assert rec["none"]["likelihood"] == pytest.approx(score, rel=1e-4)
         scores.append(score)
     metric = results["metrics"]["none/likelihood_score"]
@@ -80,6 +81,54 @@ def test_csqa_letter_scoring_picks_the_planted_answer(tmp_path):
     assert [r["labels"][int(torch.tensor(r["none"]["letter_logp"]).argmax())] for r in records] == [
         r["gold"] for r in records
     ]
+
+
+@pytest.mark.parametrize(
+    "task,passes,rows_per_item",
+    [  # per position: the context, then the answer(s) (CSQA: 5 letters + 5 texts); parallel: one read per window
+        ("gsm8k", "per_position", 2),
+        ("csqa", "per_position", 2 + 10),
+        ("text", "per_position", 2),
+        ("text", "parallel", None),
+    ],
+)
+def test_thoughts_none_computes_no_thought_row(tmp_path, task, passes, rows_per_item):
+    """``--thoughts none`` runs the base model alone (not even the null thought's row), with the numbers ``none``
+    gets beside the null thought, and records and metrics without a ``null`` entry."""
+    text = tmp_path / "held_out.txt"
+    text.write_text(HAMLET)
+    extra = ("data.source=text", f"data.train_file={text}", "data.positions=every_k", "data.every_k=16")
+    setup = _setup(tmp_path, f"rollout.thought_passes={passes}", *(extra if task == "text" else ()))
+    rows: list[int] = []  # batch rows of every forward of the (one, shared) model
+    count = lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0])  # noqa: E731
+    handle = setup.roles.model("interpreter").register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        kw = {"task": task, "generate": False, "limit": 4}
+        alone, results = _run(setup, tmp_path / "none", thoughts="none", **kw)
+        rows_alone, rows[:] = sum(rows), []
+        both, results_both = _run(setup, tmp_path / "both", thoughts="none,null", **kw)
+        rows_both = sum(rows)
+    finally:
+        handle.remove()
+    windows = len({rec.get("doc") for rec in alone.records})
+    assert rows_alone == (rows_per_item * 4 if rows_per_item else windows) < rows_both
+    assert all("null" not in rec and "null" not in rec.get("logp", {}) for rec in alone.records)
+    assert not any(key.startswith("null/") for key in results["metrics"])
+    assert any(key.startswith("null/") for key in results_both["metrics"])
+    for rec, ref in zip(alone.records, both.records):
+        assert rec["id"] == ref["id"] and rec["target_tokens"] == ref["target_tokens"]
+        got, want = (
+            ({"logp": rec["logp"]["none"]}, {"logp": ref["logp"]["none"]})
+            if task == "text"
+            else (rec["none"], ref["none"])
+        )
+        assert set(got) == set(want)
+        for key in want:
+            assert torch.allclose(torch.tensor(got[key]), torch.tensor(want[key]), atol=1e-5), key
+    none_metrics = {k: v for k, v in results_both["metrics"].items() if k.startswith("none/")}
+    assert set(results["metrics"]) == set(none_metrics)
+    for key, value in none_metrics.items():
+        assert results["metrics"][key]["value"] == pytest.approx(value["value"], abs=1e-5), key
 
 
 def _interrupt_second_batch(monkeypatch):

@@ -24,8 +24,9 @@ import torch
 
 from thinkrl.coconut.config import CoconutDataConfig
 from thinkrl.coconut.curriculum import StagePlan
-from thinkrl.data.sources import bos_prefix, read_text, resolve_data_file
+from thinkrl.data.sources import read_text, resolve_data_file
 from thinkrl.errors import DataError
+from thinkrl.prompts import bos_prefix
 
 IGNORE = -100
 # source → default (train, valid, test) files under data_dir, hub (id, config, train split, eval split)

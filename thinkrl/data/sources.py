@@ -16,7 +16,7 @@ from thinkrl.config import DataConfig
 from thinkrl.data.positions import PositionPool, task_pool, text_pool
 from thinkrl.data.synthetic import synthetic_documents
 from thinkrl.errors import DataError
-from thinkrl.prompts import load_template
+from thinkrl.prompts import bos_prefix, load_template, placeholders
 
 # task → (local train file, local held-out file, hub id, hub config, hub train split, hub held-out split)
 TASK_FILES = {
@@ -31,6 +31,7 @@ TASK_FILES = {
     ),
 }
 SYNTHETIC_TRAIN_DOCS = 20_000
+CSQA_LABELS = ("A", "B", "C", "D", "E")  # every CSQA question has five choices; templates name them {A} … {E}
 
 
 def resolve_data_file(cfg: DataConfig, name: str) -> Path:
@@ -92,12 +93,6 @@ def load_task_rows(cfg: DataConfig, split: str) -> list[dict]:
     return rows
 
 
-def bos_prefix(tokenizer) -> list[int]:
-    """[bos] when the tokenizer itself starts texts with it (Llama-style), else [] (SmolLM2, GPT-2, ByT5)."""
-    ids = tokenizer("a")["input_ids"]
-    return ids[:1] if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else []
-
-
 def gsm8k_answer(solution: str) -> str:
     """The gold number after ``####``, commas stripped."""
     match = re.search(r"####\s*(.+)\s*$", solution.strip())
@@ -125,8 +120,17 @@ def csqa_fields(row: dict) -> tuple[str, list[str], list[str], str]:
 
 
 def csqa_prompt(template: str, stem: str, labels: list[str], texts: list[str]) -> str:
+    """A CSQA template filled: ``{question}``, each choice's text by its label (``{A}`` … ``{E}``), and
+    ``{choices}``, the one-line ``(A) text (B) text ...`` list that templates written before the per-label fields
+    use. The layout is the template's: ``tasks/csqa`` (the default), ``tasks/csqa_harness`` (lm-evaluation-harness)."""
     choices = " ".join(f"({label}) {text}" for label, text in zip(labels, texts))
-    return template.format(question=stem, choices=choices)
+    return template.format(question=stem, choices=choices, **dict(zip(labels, texts)))
+
+
+def csqa_lists_choices(template: str) -> bool:
+    """Whether a CSQA template shows the lettered choices (scored: the gold letter) or is a cloze prompt that
+    shows the question alone (scored: the gold answer text)."""
+    return bool(placeholders("csqa", template) & {"choices", *CSQA_LABELS})
 
 
 def _csqa_item(row: dict, template: str) -> tuple[str, str, dict]:
@@ -134,7 +138,7 @@ def _csqa_item(row: dict, template: str) -> tuple[str, str, dict]:
     return csqa_prompt(template, stem, labels, texts), " " + answer, {"answer": answer}
 
 
-TASK_ITEMS = {"gsm8k": (_gsm8k_item, {"question"}), "csqa": (_csqa_item, {"question", "choices"})}
+TASK_ITEMS = {"gsm8k": (_gsm8k_item, {"question"}), "csqa": (_csqa_item, {"question", "choices", *CSQA_LABELS})}
 
 
 def task_template(cfg: DataConfig) -> str:

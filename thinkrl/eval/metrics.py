@@ -5,8 +5,9 @@ or ``sampled:K``. Token-level NLLs carry a weight (the item's token count) so th
 
   accuracy          GSM8K: greedy answer correct (sampled: mean over the K thoughts)
   accuracy_maj      majority vote of the K answers; accuracy_best: the answer after the highest-reward thought
-  likelihood_score  Quiet-STaR's score: probability of the gold answer renormalised over digits (GSM8K) or
-                    the letters (CSQA); likelihood_best: after the highest-reward thought
+  likelihood_score  Quiet-STaR's score: probability of the gold answer renormalised over digits (GSM8K; the
+                    space before the answer is the prompt's side, not scored) or the letters (CSQA);
+                    likelihood_best: after the highest-reward thought
   letter_accuracy   CSQA: argmax over the letters' log-likelihood; text_accuracy: over the answer texts
                     (summed log-prob), text_norm_accuracy: per token; gen_accuracy: the letter a generation names
   nll / nll_hard    per-token NLL of the answer (tasks) or next tokens (text); hard = tokens in the top decile

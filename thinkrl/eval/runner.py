@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 from thinkrl.config import to_dict
 from thinkrl.data.windows import WindowBatch, group_windows, window_batch
 from thinkrl.errors import ConfigError, DataError
+from thinkrl.eval import base_scores, report, stats
 from thinkrl.eval import metrics as metric_fns
-from thinkrl.eval import report, stats
 from thinkrl.eval.answers import extract_choice, extract_number, numbers_equal
 from thinkrl.eval.generate import Generator
-from thinkrl.eval.likelihood import answer_token_ids, renormalised_logp
+from thinkrl.eval.likelihood import answer_token_ids, digit_likelihood_logp
 from thinkrl.eval.setup import EvalSetup
 from thinkrl.eval.tasks import TASKS, EvalItem, item_seed, item_windows, load_items
+from thinkrl.models.shared_prefix import right_pad
 from thinkrl.parallel_scoring import WindowScoring
 from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
 from thinkrl.rollout import make_actor
@@ -89,6 +90,12 @@ class EvalOptions:
     def k(self) -> int:
         return next((int(m[8:]) for m in self.modes if m.startswith("sampled")), 0)
 
+    @property
+    def null_row(self) -> bool:
+        """Whether the null thought is scored: asked for, or needed as the sampled thoughts' reference. Without
+        it (``--thoughts none``) only the base model runs and records and metrics hold no ``null`` entry."""
+        return "null" in self.modes
+
 
 class Evaluator:
     def __init__(self, opts: EvalOptions, setup: EvalSetup):
@@ -110,7 +117,9 @@ class Evaluator:
         longest = max(len(it.context) for it in self.items) + wrapper + ro.max_thought_len + len(self.null_ids)
         self.actor = make_actor(ro, self.roles, self.out, longest + opts.max_new_tokens + 8)
         self.generate = Generator(self.roles, self.actor, opts.batch_size)
-        self.digits = answer_token_ids(tok, "digits") if opts.task == "gsm8k" else None
+        gsm8k = opts.task == "gsm8k"
+        self.digits = answer_token_ids(tok, "digits") if gsm8k else None
+        self.delimiter = answer_token_ids(tok, "space") if gsm8k else None  # not scored: the prompt's side
         self.settings = {
             **{k: v for k, v in asdict(opts).items() if k not in ("batch_size", "output_dir")},
             "recipe": to_dict(self.cfg),
@@ -233,7 +242,9 @@ class Evaluator:
     def _score(self, batch: list[EvalItem], thoughts: ThoughtBatch, windows: WindowBatch | None = None) -> tuple:
         """Per item and candidate answer: (logp, logp_reward (N, K+1, C, n), logp_base, mask (N, C, n), likelihood
         scores or None). GSM8K keeps full distributions for the digit-renormalised score; text in parallel passes
-        scores the windows (``WindowScoring``)."""
+        scores the windows (``WindowScoring``). Without the null row: the base alone, K+1 = 0 (``_score_base``)."""
+        if not self.opts.null_row:
+            return self._score_base(batch, windows)
         contexts = [it.context for it in batch]
         if self.opts.task == "csqa":
             logp, logp_reward, logp_base, _, mask = self.scorer.candidates(
@@ -251,12 +262,46 @@ class Evaluator:
             sc = dists.scores()
             ids, mask = dists.target_ids, dists.target_mask
             like = {
-                "rows": renormalised_logp(dists.logp, ids[:, None].expand_as(sc.logp), mask[:, None], self.digits),
-                "base": renormalised_logp(dists.logp_base, ids, mask, self.digits),
+                "rows": self._likelihood(dists.logp, ids[:, None].expand_as(sc.logp), mask[:, None]),
+                "base": self._likelihood(dists.logp_base, ids, mask),
             }
-            like = {k: v.exp()[:, None] for k, v in like.items()}  # one candidate axis, like CSQA's
         add_c = lambda t: t.unsqueeze(-2)  # noqa: E731  (…, n) → (…, 1, n)
         return add_c(sc.logp), add_c(sc.logp_reward), add_c(sc.logp_base), add_c(sc.target_mask), like
+
+    def _likelihood(self, logp: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """GSM8K's likelihood score (digits renormalised, the leading space not scored), (N, ...) → (N, 1, ...):
+        one candidate axis, like CSQA's."""
+        return digit_likelihood_logp(logp, ids, mask, self.digits, self.delimiter).exp()[:, None]
+
+    def _score_base(self, batch: list[EvalItem], windows: WindowBatch | None) -> tuple:
+        """``_score`` for the base model alone (``--thoughts none``): the same tensors with an empty thought axis,
+        (N, 0, C, n), so no thought row, not even the null thought's, is computed. Parallel passes: one read per
+        window (unless ``interpreter_window`` cuts each position's context, as in ``WindowScoring``)."""
+        model, pad = self.roles.model("base"), self.scorer.pad_id
+        lm_head = model.get_output_embeddings()
+        contexts = [self.scorer.window_of(it.context) for it in batch]
+        candidates = [it.targets for it in batch]
+        n_pos, c = len(batch), len(candidates[0])
+        ids, lengths = right_pad([y for cands in candidates for y in cands], pad, model.device)
+        mask = torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]
+        ids, mask = ids.reshape(n_pos, c, -1), mask.reshape(n_pos, c, -1)  # (N, C, n)
+        like = None
+        if self.opts.task == "csqa":
+            hidden = base_scores.candidate_states(model, contexts, candidates, pad)  # (N, C, n, d)
+            logp_base = base_scores.target_logps(lm_head, hidden, ids)
+        elif windows is not None and not self.scorer.window:
+            hidden = base_scores.window_states(model, windows, ids.shape[-1])  # (N, n, d)
+            logp_base = base_scores.target_logps(lm_head, hidden, ids[:, 0])[:, None]
+        else:
+            hidden = base_scores.target_states(model, contexts, [cands[0] for cands in candidates], pad)  # (N, n, d)
+            if self.opts.task == "gsm8k":  # full distributions for the digit-renormalised score
+                dists = base_scores.log_distributions(lm_head, hidden)  # (N, n, V)
+                logp_base = dists.gather(-1, ids[:, 0, :, None]).squeeze(-1)[:, None]
+                like = {"rows": dists.new_zeros(n_pos, 1, 0), "base": self._likelihood(dists, ids[:, 0], mask[:, 0])}
+            else:
+                logp_base = base_scores.target_logps(lm_head, hidden, ids[:, 0])[:, None]
+        no_rows = logp_base.new_zeros(n_pos, 0, c, ids.shape[-1])
+        return no_rows, no_rows, logp_base, mask, like
 
     def _evaluate_batch(self, batch: list[EvalItem]) -> list[dict]:
         windows = self._window_batch(batch)
@@ -307,7 +352,8 @@ class Evaluator:
         rec = self._common(it, thoughts, 0, ctx)
         tot, rows, gens = ctx["totals"][0], ctx["like"]["rows"][0], ctx["gens"]
         rec["none"] = {"answer_logp": float(ctx["base"][0]), "likelihood": float(ctx["like"]["base"][0])}
-        rec["null"] = {"answer_logp": float(tot[k]), "likelihood": float(rows[k])}
+        if self.opts.null_row:
+            rec["null"] = {"answer_logp": float(tot[k]), "likelihood": float(rows[k])}
         if k:
             rec["sampled"] = {"answer_logp": tot[:k].tolist(), "likelihood": rows[:k].tolist()}
         for mode, text in gens.items():
@@ -341,22 +387,22 @@ class Evaluator:
             "letter_logp": base[letters].tolist(),
             "text_logp": base[texts].tolist(),
             "text_norm_logp": (base / lengths)[texts].tolist(),
+            "gold_logp": float(base[gold_row]),
         }
-        rec["null"] = {
-            "letter_logp": tot[letters, k].tolist(),
-            "text_logp": tot[texts, k].tolist(),
-            "text_norm_logp": per_tok[texts, k].tolist(),
-        }
+        if self.opts.null_row:
+            rec["null"] = {
+                "letter_logp": tot[letters, k].tolist(),
+                "text_logp": tot[texts, k].tolist(),
+                "text_norm_logp": per_tok[texts, k].tolist(),
+                "gold_logp": float(tot[gold_row, k]),
+            }
         if k:
             rec["sampled"] = {
                 "letter_logp": tot[letters, :k].T.tolist(),
                 "text_logp": tot[texts, :k].T.tolist(),
                 "text_norm_logp": per_tok[texts, :k].T.tolist(),
+                "gold_logp": tot[gold_row, :k].tolist(),
             }
-        rec["none"]["gold_logp"] = float(base[gold_row])
-        rec["null"]["gold_logp"] = float(tot[gold_row, k])
-        if k:
-            rec["sampled"]["gold_logp"] = tot[gold_row, :k].tolist()
         for mode, text in ctx["gens"].items():
             texts_ = text if isinstance(text, list) else [text]
             rec[mode].update(generation=texts_, gen_letters=[extract_choice(t, "".join(labels)) for t in texts_])
@@ -368,7 +414,9 @@ class Evaluator:
         n = rec["answer_tokens"]
         lp = ctx["logp"][0][:, :n]
         rec["context"] = self.roles.tokenizer.decode(it.context[-120:])
-        rec["logp"] = {"none": ctx["logp_base"][0][:n].tolist(), "null": lp[k].tolist()}
+        rec["logp"] = {"none": ctx["logp_base"][0][:n].tolist()}
+        if self.opts.null_row:
+            rec["logp"]["null"] = lp[k].tolist()
         if k:
             rec["logp"]["sampled"] = lp[:k].tolist()
         return rec

@@ -19,9 +19,9 @@ import numpy as np
 
 from thinkrl.config import Config
 from thinkrl.data.sources import (
-    bos_prefix,
     build_pools,
     csqa_fields,
+    csqa_lists_choices,
     csqa_prompt,
     gsm8k_answer,
     load_task_rows,
@@ -30,6 +30,7 @@ from thinkrl.data.sources import (
 )
 from thinkrl.data.windows import Window
 from thinkrl.errors import DataError
+from thinkrl.prompts import bos_prefix
 
 TASKS = ("gsm8k", "csqa", "text")
 
@@ -83,7 +84,7 @@ def _csqa_fields(row: dict, template: str, encode) -> tuple:
     letters = [encode(" " + label) for label in labels]
     answers = [encode(" " + text) for text in texts]
     # Rewards and NLLs score the gold letter when the prompt lists the choices, else (cloze) the answer text.
-    info = {"question": stem, "labels": labels, "texts": texts, "gold_is_text": "{choices}" not in template}
+    info = {"question": stem, "labels": labels, "texts": texts, "gold_is_text": not csqa_lists_choices(template)}
     return csqa_prompt(template, stem, labels, texts), letters + answers, answer, info
 
 
