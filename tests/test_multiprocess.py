@@ -54,6 +54,10 @@ def test_two_processes_equal_one_process_and_resume_across_counts(tmp_path, sing
         *grad_keys,
     ):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    # Compute accounting sums the processes' tokens (each did half): the global FLOPs of the step. Padding is counted,
+    # and it depends on each process's batch; in this batch every half pads to the same widths as the whole.
+    assert b["compute/tokens/A/score_and_loss"] == a["compute/tokens/A/score_and_loss"]
+    assert b["compute/flops_total"] == a["compute/flops_total"] > 0
     # After one AdamW step (update ~ lr * g / |g|) weights agree to float noise except where a gradient is ~0,
     # where Adam's normalisation amplifies 1e-7 differences up to lr: compare the mean, bound the max by lr.
     wa, wb = _weights(single_run, 1), _weights(double, 1)

@@ -142,3 +142,38 @@ def test_a_rerun_sweep_skips_the_finished_run_and_resumes_the_interrupted_one(tm
     # the same study folder with another recipe stops before anything trains, naming the key
     with pytest.raises(ConfigError, match=r"rollout.max_thought_len \(4 → 3\)"):
         sweep(None, [*fixed, "rollout.max_thought_len=3"], [0, 1], study, dry_run=True)
+
+
+def test_compute_matched_baseline_follows_each_seed_and_is_its_own_point(tmp_path, capsys):
+    study = tmp_path / "study"
+    fixed = [*TINY, "trainer.max_steps=2", "trainer.dump_rollouts=false", "trainer.num_threads=1"]
+    runs, _, _ = plan(fixed, [0, 1], study, baseline=True)
+    assert [str(r.folder.relative_to(study)) for r in runs] == [
+        "seed-0",
+        "baseline/seed-0",
+        "seed-1",
+        "baseline/seed-1",
+    ]
+    assert runs[1].label == "baseline" and runs[1].matches == study / "seed-0"
+    assert {f"trainer.compute_match={study / 'seed-0'}", "learner.objective=lm"} <= set(runs[1].overrides)
+
+    result = sweep(None, fixed, [0], study, baseline=True)  # one seed keeps it short; plan() pairs every seed
+    thought = json.loads((study / "seed-0" / "summary.json").read_text())
+    lm = json.loads((study / "baseline" / "seed-0" / "summary.json").read_text())
+    budget = thought["compute"]["flops_total"]
+    lm_step = lm["compute"]["flops_total"] / lm["steps"]  # every step of the baseline costs the same here
+    assert lm["stopped_by"] == "max_flops" and lm["compute"]["max_flops"] == budget
+    assert budget <= lm["compute"]["flops_total"] < budget + lm_step  # stopped at the step that reached it
+    assert lm["steps"] > thought["steps"] == 2 and lm["final_eval"]["thought_len_mean"] == 0.0
+    assert [p["label"] for p in result["points"]] == ["all", "baseline"]
+    thoughts, baseline = result["points"]
+    assert baseline["n"] == 1 and baseline["folders"] == [str(study / "baseline" / "seed-0")]
+    gain = thoughts["metrics"]["matched_lm/nll_gain"]["values"]
+    assert gain == [pytest.approx(lm["final_eval"]["nll_base"] - thought["final_eval"]["nll_thought"])]
+    md = (study / "study.md").read_text()
+    assert "## matched_lm" in md and "## compute" in md and "| baseline | 1 | 0 |" in md
+
+    capsys.readouterr()
+    sweep(None, fixed, [0], study, baseline=True)  # a rerun trains nothing
+    printed = capsys.readouterr().out
+    assert printed.count(": done") == 2 and "training" not in printed

@@ -327,6 +327,12 @@ class RewardConfig:
 class LearnerConfig:
     """TRICE-style policy gradient for the reasoner, NLL for the interpreter, optimisation."""
 
+    objective: str = described(
+        "thoughts (the thought RL loss below) | lm (the no-thought baseline: plain continued LM training of the base "
+        "and interpreter models on the same positions' target tokens, no thought, no RL, no mixing head; sets "
+        "rollout.num_thoughts=0, so evaluation scores the null thought and the base only)",
+        "thoughts",
+    )
     baseline: str = described(
         "leave_one_out (TRICE) | mean (Quiet-STaR: group mean incl. self) | none", "leave_one_out"
     )
@@ -366,6 +372,7 @@ class LearnerConfig:
     )
 
     def __post_init__(self):
+        check_choice("learner.objective", self.objective, ("thoughts", "lm"))
         check_choice("learner.baseline", self.baseline, ("leave_one_out", "mean", "none"))
         check_choice("learner.normalize", self.normalize, ("none", "std"))
         check_choice("learner.scheduler", self.scheduler, ("constant", "constant_with_warmup", "linear", "cosine"))
@@ -398,6 +405,15 @@ class TrainerConfig:
         "run folder: config, metrics.jsonl, rollouts/, checkpoint-*/, summary.json", "runs/default"
     )
     max_steps: int = described("optimizer steps", 100)
+    max_flops: float = described(
+        "also stop once the run's training FLOPs (compute/flops_total, see thinkrl/compute.py) reach this; 0 = off",
+        0.0,
+    )
+    compute_match: str = described(
+        "a finished run folder: stop once this run's training FLOPs reach that run's (its summary.json "
+        "compute.flops_total), e.g. a learner.objective=lm baseline matched to a thought run; '' = off",
+        "",
+    )
     batch_positions: int = described(
         "thought positions per micro-batch; with parallel passes, whole windows: batch_positions // positions per "
         "window (at least one)",
@@ -432,6 +448,9 @@ class TrainerConfig:
         for name in ("eval_every", "save_every", "num_threads", "lm_warmup_steps"):
             check_positive(f"trainer.{name}", getattr(self, name), allow_zero=True)
         check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
+        check_positive("trainer.max_flops", self.max_flops, allow_zero=True)
+        if self.max_flops and self.compute_match:
+            raise ConfigError("set trainer.max_flops or trainer.compute_match (which reads the budget), not both")
 
 
 @dataclass
@@ -447,13 +466,19 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self):
+        if self.learner.objective == "lm":  # the no-thought baseline: nothing is sampled or scored after a thought
+            self.rollout.num_thoughts = 0
+            self.rollout.backend = "hf"  # the HF actor samples nothing at K=0; a vLLM engine would idle
+            if all(r in self.model.freeze for r in ("base", "interpreter")):
+                raise ConfigError("learner.objective=lm trains the base and interpreter models: unfreeze one")
         k = self.rollout.num_thoughts
         if self.learner.baseline == "leave_one_out" and k == 1 and not self.learner.include_null:
             raise ConfigError(
                 "leave-one-out needs at least 2 thoughts per group: set rollout.num_thoughts>=2 or "
                 "learner.include_null=true"
             )
-        if k == 0 and self.learner.policy_weight > 0 and "reasoner" not in self.model.freeze:
+        lm = self.learner.objective == "lm"
+        if k == 0 and self.learner.policy_weight > 0 and "reasoner" not in self.model.freeze and not lm:
             raise ConfigError(
                 "rollout.num_thoughts=0 (control run) has no policy to train: set learner.policy_weight=0"
             )

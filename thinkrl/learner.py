@@ -92,10 +92,10 @@ class PositionScoring:
         self.contexts, self.targets = contexts, targets
         self.reasoner_contexts = reasoner_contexts or contexts
 
-    def scores(self, thoughts: ThoughtBatch) -> Scores:
-        return self.scorer.score(self.contexts, self.targets, thoughts)
+    def scores(self, thoughts: ThoughtBatch, lean: bool = True) -> Scores:
+        return self.scorer.score(self.contexts, self.targets, thoughts, lean)
 
-    def policy(self, thoughts: ThoughtBatch, temperature: float, fixed_length: bool):
+    def policy(self, thoughts: ThoughtBatch, temperature: float, fixed_length: bool, lean: bool = True):
         roles = self.roles
         return thought_logps(
             roles.model("reasoner"),
@@ -106,20 +106,24 @@ class PositionScoring:
             self.scorer.pad_id,
             temperature,
             fixed_length,
+            lean=lean,
         )
 
 
 def compute_loss(cfg: Config, scoring, thoughts: ThoughtBatch) -> LossOutput:
     """The TRICE loss of one batch; ``scoring`` is a ``PositionScoring`` or a ``WindowScoring``."""
     lc = cfg.learner
-    scores = scoring.scores(thoughts)
+    # learner.lean_losses: target log-probs and policy terms in checkpointed LM-head chunks, never (rows, V) tensors.
+    scores = scoring.scores(thoughts, lean=lc.lean_losses)
     per_token, rewards, advantages = rewards_and_advantages(cfg, scores, thoughts)
     mask = scores.target_mask
     stats: dict[str, float] = {}
     loss = scores.logp.sum() * 0.0  # keeps every term on the graph even when weights are 0
 
     if thoughts.num_thoughts and (lc.policy_weight > 0 or lc.entropy_coef > 0):
-        logps, entropy = scoring.policy(thoughts, cfg.rollout.temperature, cfg.rollout.length_mode == "fixed")
+        logps, entropy = scoring.policy(
+            thoughts, cfg.rollout.temperature, cfg.rollout.length_mode == "fixed", lean=lc.lean_losses
+        )
         action_mask = thoughts.thought_mask.to(logps.device)
         pg, pg_stats = core_algos.policy_loss(
             logps, thoughts.sampler_logps.to(logps.device), action_mask, advantages, lc.ratio_clip

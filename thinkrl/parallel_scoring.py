@@ -23,7 +23,7 @@ import torch
 from thinkrl.data.windows import WindowBatch, batch_positions
 from thinkrl.models.parallel_passes import WindowRead, read_window, run_passes
 from thinkrl.rollout.base import ThoughtBatch
-from thinkrl.rollout.policy import action_terms
+from thinkrl.rollout.policy import action_terms, hidden_action_terms
 from thinkrl.scoring import Scorer, Scores
 
 
@@ -81,10 +81,11 @@ class WindowScoring:
         return self._reads[id(model)]
 
     # ---- scores ---------------------------------------------------------------------------------------------
-    def scores(self, thoughts: ThoughtBatch) -> Scores:
+    def scores(self, thoughts: ThoughtBatch, lean: bool = True) -> Scores:
+        """``Scores`` (N, K+1, n); ``lean``: see ``Scorer.target_scores``."""
         self._reads, self._interp_hidden = {}, None
         if self.scorer.window:  # per-position windows of W tokens (see the module docstring)
-            return self.scorer.score(*batch_positions(self.batch), thoughts)
+            return self.scorer.score(*batch_positions(self.batch), thoughts, lean=lean)
         roles, batch, pad = self.roles, self.batch, self.scorer.pad_id
         device = batch.ids.device
         interp = roles.model("interpreter")
@@ -111,12 +112,12 @@ class WindowScoring:
         index = ((batch.slot_len - 1)[..., None] + torch.arange(n, device=device)).clamp_max(h.shape[1] - 1)
         base = h.gather(1, index.flatten(1)[..., None].expand(-1, -1, h.shape[-1])).view(*index.shape, -1)
         h_base = self.to_positions(base[:, None])  # (N, 1, n, d)
-        dist = self.scorer.mix(h_base, torch.cat(rows, dim=1), targets, target_mask)
-        return dist.scores()
+        return self.scorer.target_scores(h_base, torch.cat(rows, dim=1), targets, target_mask, lean=lean)
 
     # ---- policy ---------------------------------------------------------------------------------------------
-    def policy(self, thoughts: ThoughtBatch, temperature: float, fixed_length: bool):
-        """(logps, entropy) of the sampled actions, (N, K, M), differentiable."""
+    def policy(self, thoughts: ThoughtBatch, temperature: float, fixed_length: bool, lean: bool = True):
+        """(logps, entropy) of the sampled actions, (N, K, M), differentiable; ``lean``: from the hidden states in
+        checkpointed chunks (``policy.hidden_action_terms``), else from full logits (``policy.action_terms``)."""
         roles, batch = self.roles, self.batch
         device = batch.ids.device
         reasoner = roles.model("reasoner")
@@ -130,5 +131,11 @@ class WindowScoring:
             inputs = torch.cat([torch.full_like(actions[..., :1], roles.sot_id), actions[..., : m - 1]], dim=-1)
             slots = self.to_slots(inputs, self.scorer.pad_id)
             hidden, _ = run_passes(reasoner, self._read(reasoner), slots, batch.slot_len)
-        logits = reasoner.get_output_embeddings()(self.to_positions(hidden))  # (N, K, M, V)
+        lm_head = reasoner.get_output_embeddings()
+        hidden = self.to_positions(hidden)  # (N, K, M, d)
+        if lean:
+            return hidden_action_terms(
+                lm_head, hidden, actions, mask, temperature, roles.sot_id, roles.eot_id, fixed_length
+            )
+        logits = lm_head(hidden)  # (N, K, M, V)
         return action_terms(logits, actions, mask, temperature, roles.sot_id, roles.eot_id, fixed_length)

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 MAY_CHANGE_ON_RESUME = (
     # length and place: a longer max_steps continues the same run; a moved folder records its old output_dir
     "trainer.max_steps",
+    "trainer.max_flops",
+    "trainer.compute_match",
     "trainer.output_dir",
     "trainer.resume",
     # cadence and logging (held-out evaluation draws from its own generator, not the training RNG)

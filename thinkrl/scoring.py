@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from thinkrl.models import chunked_logps
 from thinkrl.models.roles import RoleModels
 from thinkrl.models.shared_prefix import forward_shared_prefix, forward_two_level
 from thinkrl.rollout.base import ThoughtBatch
@@ -96,13 +97,21 @@ class Scorer:
         rows = [seqs[i] + [self.null_seq] + ([[]] if base_in_batch else []) for i in range(len(contexts))]
         return windows, rows, base_in_batch
 
-    def score(self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch) -> Scores:
-        return self.distributions(contexts, targets, thoughts).scores()
+    def score(
+        self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch, lean: bool = True
+    ) -> Scores:
+        """Target log-probs (teacher-forced on ``targets``); ``lean=False`` gathers them from full distributions."""
+        return self.target_scores(*self._states(contexts, targets, thoughts), lean=lean)
 
     def distributions(
         self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch
     ) -> Distributions:
         """Full next-token log-distributions at every target position (teacher-forced on ``targets``)."""
+        return self.mix(*self._states(contexts, targets, thoughts))
+
+    def _states(self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch):
+        """Last hidden states predicting the targets: (base (N, 1, n, d), interpreter (N, K+1, n, d), target ids and
+        mask (N, n))."""
         roles, pad = self.roles, self.pad_id
         n_pos = len(contexts)
         device = roles.model("interpreter").device
@@ -129,13 +138,31 @@ class Scorer:
                 need_logits=False,
             )
             h_base = _gather_targets(hb, torch.zeros(n_pos, dtype=torch.long, device=device), n)[:, None]
+        return h_base, h_interp, target_ids, target_mask
 
-        return self.mix(h_base, h_interp, target_ids, target_mask)
+    def target_scores(self, h_base, h_interp, target_ids, target_mask, lean: bool = True) -> Scores:
+        """Scores from last hidden states: base (N, 1, n, d), interpreter (N, K+1, n, d) (null row last); any further
+        axes before n (e.g. candidates) ride along.
+
+        Lean (the default): only the targets' log-probs, the LM heads run in checkpointed row chunks, so no
+        (N, K+1, n, V) tensor exists in the forward or the backward. ``lean=False``: gathered from ``mix``'s full
+        distributions (the reference; values and gradients are the same). Shared by the per-position forwards above
+        and the parallel passes (``parallel_scoring``)."""
+        if not lean:
+            return self.mix(h_base, h_interp, target_ids, target_mask).scores()
+        roles = self.roles
+        lm_base = roles.model("base").get_output_embeddings()
+        lm_interp = roles.model("interpreter").get_output_embeddings()
+        logp_base = chunked_logps.target_logps(lm_base, h_base[:, 0], target_ids)  # (N, n)
+        need_interp = self.reward_source == "interpreter"
+        logp, weight, logp_interp = roles.head(
+            h_base, h_interp, lm_base, lm_interp, target_ids=target_ids[:, None], need_interp=need_interp
+        )
+        logp_reward = logp_interp if need_interp and logp_interp is not None else logp
+        return Scores(logp, logp_reward, logp_base, weight, target_ids, target_mask)
 
     def mix(self, h_base, h_interp, target_ids, target_mask) -> Distributions:
-        """Distributions from last hidden states: base (N, 1, n, d), interpreter (N, K+1, n, d) (null row last).
-
-        Shared by the per-position forwards above and the parallel passes (``parallel_scoring``)."""
+        """Distributions from last hidden states: base (N, 1, n, d), interpreter (N, K+1, n, d) (null row last)."""
         roles = self.roles
         lm_base = roles.model("base").get_output_embeddings()
         lm_interp = roles.model("interpreter").get_output_embeddings()
@@ -154,7 +181,7 @@ class Scorer:
         answers costs little more than one. Returns ``Scores``-like tensors with a candidate axis:
         logp / logp_reward (N, K+1, C, n), logp_base (N, C, n), target_ids and target_mask (N, C, n)."""
         roles, pad = self.roles, self.pad_id
-        n_pos, k, c = len(contexts), thoughts.num_thoughts, len(candidates[0])
+        n_pos, c = len(contexts), len(candidates[0])
         if any(len(cands) != c for cands in candidates):
             raise ValueError("every position needs the same number of candidates")
         device = roles.model("interpreter").device
@@ -176,24 +203,8 @@ class Scorer:
             h_interp, h_base = h[:, :-1], h[:, -1:]
         else:
             h_interp, h_base = h, states(roles.model("base"), [[[]] for _ in contexts])
-        lm_base = roles.model("base").get_output_embeddings()
-        lm_interp = roles.model("interpreter").get_output_embeddings()
-        ids = target_ids[:, None].expand(-1, k + 1, -1, -1)
-        flat_i, flat_b = h_interp.flatten(0, 2), h_base.expand_as(h_interp).flatten(0, 2)
-        flat_ids = ids.flatten(0, 2)
-        logp, logp_reward = torch.empty(flat_ids.shape, device=device), None
-        if self.reward_source == "interpreter" and roles.head.form != "none":
-            logp_reward = torch.empty(flat_ids.shape, device=device)
-        for s in range(0, flat_ids.shape[0], 64):  # (rows, n, V) log-distributions in bounded chunks
-            ch = slice(s, s + 64)
-            mixed, _ = roles.head(flat_b[ch], flat_i[ch], lm_base, lm_interp)
-            logp[ch] = _pick(mixed, flat_ids[ch])
-            if logp_reward is not None:
-                logp_reward[ch] = _pick(torch.log_softmax(lm_interp(flat_i[ch]).float(), -1), flat_ids[ch])
-        logp = logp.reshape(ids.shape)
-        logp_reward = logp if logp_reward is None else logp_reward.reshape(ids.shape)
-        logp_base = _pick(torch.log_softmax(lm_base(h_base[:, 0]).float(), -1), target_ids)
-        return logp, logp_reward, logp_base, target_ids, target_mask
+        s = self.target_scores(h_base, h_interp, target_ids, target_mask)  # (N, K+1, C, n) in bounded chunks
+        return s.logp, s.logp_reward, s.logp_base, target_ids, target_mask
 
 
 def _pick(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,10 @@ def read_run(folder: Path) -> Result:
             number = _number(value) if value is not None else math.nan  # None: a NaN written as JSON null
             if key != "positions" and number is not None:
                 metrics[f"{stage}/{key}"] = number
+    compute = summary.get("compute") or {}
+    if compute.get("flops_total") is not None:  # training FLOPs (thinkrl/compute.py) and the steps they bought
+        metrics["compute/flops_total"] = float(compute["flops_total"])
+        metrics["compute/steps"] = float(summary.get("steps", math.nan))
     recipe = recorded_recipe(folder)
     recipe = flatten(recipe) if recipe is not None else {}
     return Result(
@@ -197,6 +201,8 @@ def aggregate(points: dict[str, list[Result]], level: float = 0.95) -> dict:
 def _fmt(x: float | None, decimals: int = 4) -> str:
     if x is None or not math.isfinite(x):
         return "nan"
+    if abs(x) >= 1e6:  # FLOP counts
+        return f"{x:.4g}"
     decimals = 1 if abs(x) >= 100 else decimals
     return f"{x:.{decimals}f}" if round(x, decimals) else f"{0.0:.{decimals}f}"  # no "-0.0000"
 

@@ -13,6 +13,13 @@ runs one after another in this process, or as ``<launcher> -m thinkrl train ...`
 recipe stops the sweep before anything trains (``run_recipe``). At the end ``<out>`` gets ``study.json``,
 ``study.md`` and ``plots/`` (``thinkrl.study``).
 
+``--compute-matched-baseline`` adds, after each seed's thought run, the no-thought LM baseline of the same recipe and
+seed (``learner.objective=lm``, ``lm_baseline``) in ``<point>/baseline/seed-<s>``, trained until it has used that
+run's training FLOPs (``trainer.compute_match=<the thought run>``; its ``max_steps`` is only a cap). The baselines
+form their own points (``<point>/baseline``), and each thought point gets ``matched_lm/nll_gain``: per seed, the
+baseline's held-out ``nll_base`` minus the thought run's ``nll_thought`` (> 0: thoughts beat equal compute spent on
+plain LM training).
+
     thinkrl aggregate runs/a runs/b runs/c --out runs/study-abc
 
 reads run folders (summary.json) or ``thinkrl eval`` folders (results.json), forms points by recipe (every recorded
@@ -34,6 +41,7 @@ from pathlib import Path
 from thinkrl.errors import ConfigError, ThinkRLError
 
 RESERVED = ("trainer.output_dir", "trainer.seed")  # the sweep sets these per run
+BASELINE_MAX_STEPS = 10**9  # a compute-matched baseline stops on its FLOP budget; this only caps its steps
 
 
 @dataclass
@@ -42,6 +50,7 @@ class SweepRun:
     seed: int
     folder: Path
     overrides: list[str]  # every dotted override of this run, output_dir and seed included
+    matches: Path | None = None  # a compute-matched baseline: the thought run whose training FLOPs it spends
 
 
 def split_values(text: str) -> list[str]:
@@ -101,8 +110,11 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def plan(overrides: list[str], seeds: list[int], out: Path) -> tuple[list[SweepRun], list[str], list]:
-    """Every (grid point, seed) run in order (points in the order of the axes' values, seeds innermost)."""
+def plan(
+    overrides: list[str], seeds: list[int], out: Path, baseline: bool = False
+) -> tuple[list[SweepRun], list[str], list]:
+    """Every (grid point, seed) run in order (points in the order of the axes' values, seeds innermost); with
+    ``baseline`` each thought run is followed by its compute-matched LM baseline."""
     fixed, axes = parse_grid(overrides)
     tails = [key.rsplit(".", 1)[-1] for key, _ in axes]
     names = [tail if tails.count(tail) == 1 else key for tail, (key, _) in zip(tails, axes)]
@@ -118,21 +130,40 @@ def plan(overrides: list[str], seeds: list[int], out: Path) -> tuple[list[SweepR
             runs.append(
                 SweepRun(label, seed, folder, [*fixed, *point, f"trainer.seed={seed}", f"trainer.output_dir={folder}"])
             )
+            if baseline:
+                lm_folder = folder.parent / "baseline" / f"seed-{seed}"
+                lm = [
+                    "learner.objective=lm",
+                    f"trainer.max_steps={BASELINE_MAX_STEPS}",
+                    f"trainer.compute_match={folder}",
+                    f"trainer.seed={seed}",
+                    f"trainer.output_dir={lm_folder}",
+                ]
+                lm_label = "baseline" if label == "all" else f"{label}/baseline"
+                runs.append(SweepRun(lm_label, seed, lm_folder, [*fixed, *point, *lm], matches=folder))
     return runs, fixed, axes
 
 
 def run_status(cfg) -> str:
-    """done (summary.json at max_steps), resume (from a checkpoint), restart (outputs but no checkpoint: starts
-    again at step 0) or new. Raises the one-line ConfigError of ``run_recipe.check_run_folder`` when the folder
-    holds another recipe."""
+    """done (summary.json at max_steps, or stopped by a FLOP budget equal to today's), resume (from a checkpoint),
+    restart (outputs but no checkpoint: starts again at step 0) or new. Raises the one-line ConfigError of
+    ``run_recipe.check_run_folder`` when the folder holds another recipe."""
+    from thinkrl.compute import run_flops_total
     from thinkrl.run_recipe import check_run_folder, held_outputs
     from thinkrl.run_state import find_checkpoints
 
     check_run_folder(cfg)
-    folder = Path(cfg.trainer.output_dir)
-    summary = folder / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("steps") == cfg.trainer.max_steps:
-        return "done"
+    tc = cfg.trainer
+    folder = Path(tc.output_dir)
+    summary_path = folder / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("steps") == tc.max_steps:
+            return "done"
+        budget = run_flops_total(tc.compute_match) if tc.compute_match else tc.max_flops
+        spent = (summary.get("compute") or {}).get("max_flops")
+        if budget and summary.get("stopped_by") == "max_flops" and spent == budget:
+            return "done"
     if find_checkpoints(folder):
         return "resume"
     return "restart" if held_outputs(folder) else "new"
@@ -172,36 +203,69 @@ def sweep(
     launcher: str | None = None,
     dry_run: bool = False,
     level: float = 0.95,
+    baseline: bool = False,
 ) -> dict | None:
     """Plan, check every run folder, train what is not done, then write the study; returns the study (None on a
-    dry run, which only prints the plan)."""
+    dry run, which only prints the plan). ``baseline``: add the compute-matched LM baselines (module docstring)."""
     from thinkrl.config import load_config
     from thinkrl.study import aggregate, read_run, write_study
 
     out = Path(out)
-    runs, fixed, axes = plan(overrides, seeds, out)
+    runs, fixed, axes = plan(overrides, seeds, out, baseline)
+    if baseline and load_config(config, runs[0].overrides).learner.scheduler in ("linear", "cosine"):
+        print(
+            f"note: the compute-matched baselines stop on FLOPs with max_steps={BASELINE_MAX_STEPS} as a cap, so a "
+            "linear/cosine learning-rate schedule (which decays over max_steps) stays near its peak there",
+            flush=True,
+        )
     statuses = [run_status(load_config(config, run.overrides)) for run in runs]  # every recipe valid, folders agree
     for i, (run, status) in enumerate(zip(runs, statuses), 1):
         print(f"[{i}/{len(runs)}] {run.folder.relative_to(out)}: {status}", flush=True)
     if dry_run:
         return None
     for i, (run, status) in enumerate(zip(runs, statuses), 1):
+        if run.matches is not None:  # its budget is the thought run's total, which may have changed just now
+            status = run_status(load_config(config, run.overrides))
         if status != "done":
             print(f"[{i}/{len(runs)}] {run.folder.relative_to(out)}: training ({status})", flush=True)
             _train(run, config, launcher)
     points: dict[str, list] = {}
+    results = {run.folder: read_run(run.folder) for run in runs}
     for run in runs:
-        points.setdefault(run.label, []).append(read_run(run.folder))
+        points.setdefault(run.label, []).append(results[run.folder])
+    for run in runs:
+        if run.matches is not None:
+            add_matched_gain(results[run.matches], results[run.folder])
     study = aggregate(points, level)
-    study["sweep"] = {"config": config, "fixed": fixed, "axes": dict(axes), "seeds": seeds, "launcher": launcher}
+    study["sweep"] = {
+        "config": config,
+        "fixed": fixed,
+        "axes": dict(axes),
+        "seeds": seeds,
+        "launcher": launcher,
+        "compute_matched_baseline": baseline,
+    }
     notes = [
         f"recipe: `{config or '(defaults)'}` {' '.join(f'`{o}`' for o in fixed)}",
         "axes: " + ("; ".join(f"`{k}` = {', '.join(v)}" for k, v in axes) or "none"),
         f"seeds: {', '.join(map(str, seeds))}",
     ]
+    if baseline:
+        notes.append(
+            "`<point>/baseline`: the no-thought LM baseline (`learner.objective=lm`) of each seed, trained to the "
+            "thought run's training FLOPs; `matched_lm/nll_gain` = baseline `nll_base` − thought run `nll_thought`"
+        )
     write_study(out, study, f"Study {out.name}", notes)
     print(f"study in {out}/study.md")
     return study
+
+
+def add_matched_gain(thought, lm) -> None:
+    """Into the thought run's result: ``matched_lm/nll_gain`` = its compute-matched baseline's held-out NLL with no
+    thought (final ``nll_base``) minus its own after thoughts (final ``nll_thought``); > 0: thoughts win."""
+    a, b = lm.metrics.get("final_eval/nll_base"), thought.metrics.get("final_eval/nll_thought")
+    if a is not None and b is not None:
+        thought.metrics["matched_lm/nll_gain"] = a - b
 
 
 def aggregate_folders(folders: list[str], out: str | Path, level: float = 0.95) -> dict:
@@ -222,7 +286,16 @@ def aggregate_folders(folders: list[str], out: str | Path, level: float = 0.95) 
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    sweep(args.config, args.overrides, parse_seeds(args.seeds), args.out, args.launcher, args.dry_run, args.level)
+    sweep(
+        args.config,
+        args.overrides,
+        parse_seeds(args.seeds),
+        args.out,
+        args.launcher,
+        args.dry_run,
+        args.level,
+        args.compute_matched_baseline,
+    )
     return 0
 
 
@@ -249,6 +322,12 @@ def add_parser(sub) -> None:
         f"(default: in this process; '{Path(sys.executable).name}' gives one subprocess per run)",
     )
     sw.add_argument("--dry-run", action="store_true", help="print the runs and whether each is done, then stop")
+    sw.add_argument(
+        "--compute-matched-baseline",
+        action="store_true",
+        help="after each thought run, train the no-thought LM baseline (learner.objective=lm) of the same recipe and "
+        "seed to the same training FLOPs, in <point>/baseline/seed-<s>; aggregated as its own point",
+    )
     sw.add_argument("--level", type=_level, default=0.95, help="interval level across seeds (default 0.95)")
     sw.add_argument("--config", default=None, help="YAML recipe (e.g. configs/default.yaml)")
     sw.add_argument(

@@ -7,6 +7,9 @@ models, optimizer, scheduler, RNG, data position, trainer state; sharded runs ke
 process holds).
 A run restarted on the same folder resumes from its newest complete checkpoint; a changed recipe is refused there
 (``run_recipe``: only length, cadence, logging and machine layout may change).
+Every step logs the tokens each weight group's model processed per phase and their FLOPs (``compute``); the
+cumulative training FLOPs are kept in checkpoints, ``trainer.max_flops``/``compute_match`` stop a run at a budget,
+and ``learner.objective=lm`` runs the no-thought baseline step instead of the thought RL step (``lm_baseline``).
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import logging
 import math
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from thinkrl.compute import ComputeCounter, flops_budget, merge_metrics
 from thinkrl.config import Config, to_yaml
 from thinkrl.data.positions import PositionStream
 from thinkrl.data.sources import build_pools
@@ -29,6 +34,7 @@ from thinkrl.data.windows import WindowPool, positions_of, window_batch
 from thinkrl.errors import ConfigError, NonFiniteLossError
 from thinkrl.evaluation import evaluate
 from thinkrl.learner import PositionScoring, build_optimizer, compute_loss
+from thinkrl.lm_baseline import lm_loss, lm_models, position_target_logps, window_target_logps
 from thinkrl.models.parallel_attention import check_supported
 from thinkrl.models.roles import build_roles, set_threads
 from thinkrl.parallel_scoring import WindowScoring
@@ -64,12 +70,14 @@ logger = logging.getLogger(__name__)
 
 
 class TrainerState:
-    """Loop counters and the initial evaluation, saved in every checkpoint (accelerate custom object)."""
+    """Loop counters, the initial evaluation and the compute totals, saved in every checkpoint (accelerate custom
+    object), so a resumed run continues its FLOP count (steps redone after a crash are counted once)."""
 
     def __init__(self):
         self.step = 0
         self.initial_eval: dict | None = None
         self.last_eval: dict | None = None
+        self.compute: dict = {}  # global totals across processes, see compute.add_into
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -149,13 +157,33 @@ class Trainer:
         self.state = TrainerState()
         self.accelerator.register_for_checkpointing(self.stream, self.state)
         self.timings: dict[str, float] = {}
+        # Tokens and FLOPs per weight group and phase (thinkrl/compute.py); a vLLM engine reports its own tokens.
+        self.compute = ComputeCounter(self.roles.models, self.roles.role_group)
+        self.actor.on_engine_tokens = lambda n: self.compute.add(self.roles.role_group["reasoner"], n)
+        self.max_flops = flops_budget(tc.max_flops, tc.compute_match)
+        self.lm_models = lm_models(self.roles) if cfg.learner.objective == "lm" else {}
 
     # ------------------------------------------------------------------------------------------------------------
     @contextmanager
     def _timed(self, phase: str):
+        """Times the phase (``timing/<phase>``) and attributes the tokens of its forwards to it (``compute``)."""
         start = time.perf_counter()
-        yield
+        with self.compute.in_phase(phase):
+            yield
         self.timings[f"timing/{phase}"] = self.timings.get(f"timing/{phase}", 0.0) + time.perf_counter() - start
+
+    def _account(self) -> dict:
+        """The compute metrics since the last call, summed over processes, added into the run's totals."""
+        if self.accelerator.num_processes == 1:
+            return self.compute.flush(self.state.compute)
+        device = self.accelerator.device
+        return self.compute.flush(
+            self.state.compute, lambda v: self.accelerator.reduce(v.to(device), reduction="sum").cpu()
+        )
+
+    def _budget_spent(self) -> bool:
+        """``trainer.max_flops``/``compute_match``: the run's training FLOPs have reached the budget."""
+        return self.max_flops > 0 and self.state.compute.get("flops_total", 0) >= self.max_flops
 
     def _save(self) -> Path:
         return save_checkpoint(
@@ -201,6 +229,8 @@ class Trainer:
 
         Returns (metrics, positions, thoughts, loss output) of the last micro-batch for dumping."""
         cfg, lc = self.cfg, self.cfg.learner
+        if lc.objective == "lm":
+            return self._lm_step()
         stats_sum: dict[str, float] = {}
         for _ in range(lc.grad_accum_steps):
             positions, scoring, sample = self._next_batch()
@@ -240,6 +270,48 @@ class Trainer:
             "train/lr": self.scheduler.get_last_lr()[0],
             **self.actor.stats,
         }
+        self._mean_over_processes(metrics)
+        metrics.update(self._account())  # token counts and FLOPs: summed over processes, not averaged
+        return metrics, positions, thoughts, out
+
+    def _lm_step(self) -> tuple[dict, list, None, None]:
+        """The no-thought baseline's optimizer step (``learner.objective=lm``, see ``lm_baseline``): the batches a
+        thought run takes, the target tokens' NLL under the base/interpreter models, no thought."""
+        lc = self.cfg.learner
+        stats_sum: dict[str, float] = {}
+        for _ in range(lc.grad_accum_steps):
+            positions, scoring, _ = self._next_batch()
+            with self._timed("score_and_loss"):
+                loss, stats = lm_loss(self.lm_models, self._target_logps(positions, scoring))
+            if not torch.isfinite(loss):
+                self._non_finite(f"loss is {float(loss)}")
+            with self._timed("backward"):
+                self.accelerator.backward(loss / lc.grad_accum_steps)
+            for key, value in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
+        grad_norm = self._optimizer_step()
+        self.state.step += 1
+        metrics = {
+            **{f"train/{k}": v for k, v in stats_sum.items()},
+            "train/grad_norm": grad_norm,
+            **self.group_norms,
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
+        self._mean_over_processes(metrics)
+        metrics.update(self._account())
+        return metrics, positions, None, None
+
+    def _target_logps(self, positions, scoring):
+        """``model → (target log-probs, mask)`` of the LM baseline's batch: each window read once (parallel passes
+        over whole windows), else each position's interpreter window then its targets."""
+        if isinstance(scoring, WindowScoring) and not self.scorer.window:
+            return partial(window_target_logps, batch=scoring.batch)
+        windows = [self.scorer.window_of(p.context_ids) for p in positions]
+        targets = [p.target_ids for p in positions]
+        return partial(position_target_logps, windows=windows, targets=targets, pad_id=self.scorer.pad_id)
+
+    def _mean_over_processes(self, metrics: dict) -> None:
+        """Float metrics averaged over processes in place (grad norms are already global)."""
         if self.accelerator.num_processes > 1:  # report the global batch, not this process's share
             keys = sorted(
                 k_ for k_, v in metrics.items() if isinstance(v, float) and not k_.startswith("train/grad_norm")
@@ -248,7 +320,6 @@ class Trainer:
                 torch.tensor([metrics[k_] for k_ in keys], device=self.accelerator.device), reduction="mean"
             )
             metrics.update(zip(keys, values.tolist()))
-        return metrics, positions, thoughts, out
 
     def _next_batch(self):
         """This process's share of the next global batch: (positions, scoring, sample(K) → ThoughtBatch).
@@ -357,31 +428,36 @@ class Trainer:
             self.actor.sync_weights()
         if self.state.initial_eval is None:
             self.state.initial_eval = self._evaluate()
-            self._log({f"eval/{k}": v for k, v in self.state.initial_eval.items()}, step=0)
+            self._log({**{f"eval/{k}": v for k, v in self.state.initial_eval.items()}, **self._account()}, step=0)
         bar = tqdm(
-            total=tc.max_steps,
+            total=None if self.max_flops else tc.max_steps,  # a FLOP budget ends it; max_steps only caps it
             initial=self.state.step,
             disable=not (self.is_main and tc.progress),
             desc="thinkrl",
             dynamic_ncols=True,
         )
         saved_step = None
-        while self.state.step < tc.max_steps:
+        while self.state.step < tc.max_steps and not self._budget_spent():
             self.timings = {}
             metrics, positions, thoughts, out = self.step()
             step = self.state.step
+            last = step >= tc.max_steps or self._budget_spent()
             bar.update(1)
-            bar.set_postfix(
-                reward=f"{metrics['train/reward']:.3f}",
-                null=f"{metrics['train/null_rate']:.2f}",
-                len=f"{metrics['train/thought_len']:.1f}",
-            )
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps:
+            if thoughts is None:  # learner.objective=lm
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            else:
+                bar.set_postfix(
+                    reward=f"{metrics['train/reward']:.3f}",
+                    null=f"{metrics['train/null_rate']:.2f}",
+                    len=f"{metrics['train/thought_len']:.1f}",
+                )
+            if tc.eval_every and step % tc.eval_every == 0 and not last:
                 self.state.last_eval = self._evaluate()
                 metrics.update({f"eval/{k}": v for k, v in self.state.last_eval.items()})
-            if step % tc.log_every == 0 or step == tc.max_steps:
+                merge_metrics(metrics, self._account())
+            if step % tc.log_every == 0 or last:
                 self._log({**metrics, **self.timings}, step=step)
-                if tc.dump_rollouts and self.is_main:
+                if tc.dump_rollouts and self.is_main and thoughts is not None:
                     dump_rollouts(
                         self.run_dir / "rollouts" / f"step-{step:06d}.jsonl",
                         step,
@@ -397,15 +473,24 @@ class Trainer:
         bar.close()
         final = self._evaluate()
         self.state.last_eval = final
+        final_compute = self._account()  # before the save, so a checkpoint written now includes the final eval
         if saved_step != self.state.step:
             self._save()
-        self._log({f"eval/{k}": v for k, v in final.items()}, step=self.state.step)
+        self._log({**{f"eval/{k}": v for k, v in final.items()}, **final_compute}, step=self.state.step)
         if self.is_main:
+            compute = {**self.state.compute, "groups": self.compute.describe()}
+            if self.max_flops:
+                compute.update(max_flops=self.max_flops, compute_match=tc.compute_match)
             write_summary(
                 self.run_dir,
                 self.state.initial_eval,
                 final,
-                {"steps": self.state.step, "train_seconds_this_session": round(time.perf_counter() - start_time, 2)},
+                {
+                    "steps": self.state.step,
+                    "stopped_by": "max_flops" if self._budget_spent() else "max_steps",
+                    "train_seconds_this_session": round(time.perf_counter() - start_time, 2),
+                    "compute": compute,
+                },
             )
         self.accelerator.end_training()
         return {"initial_eval": self.state.initial_eval, "final_eval": final}
@@ -424,7 +509,7 @@ class Trainer:
                 show_progress=self.is_main and tc.progress,
                 before_step=self._before_step,
             )
-        self._log({"warmup/lm_nll": nll, **self.timings}, step=0)
+        self._log({"warmup/lm_nll": nll, **self.timings, **self._account()}, step=0)
 
     def _log(self, metrics: dict, step: int) -> None:
         log_metrics(self.accelerator, self.run_dir, self.cfg.trainer.report_to, step, metrics)

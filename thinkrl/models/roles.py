@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from thinkrl.config import ROLES, Config, ModelSpec
 from thinkrl.errors import ModelLoadError
+from thinkrl.models.checkpointing import enable_checkpointing
 from thinkrl.models.mixing_head import MixingHead
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ def build_model(spec: ModelSpec, tokenizer, cfg: Config) -> PreTrainedModel:
             trainable_token_indices=[sot, eot],  # the markers are new: their embeddings must learn too
         )
         model = get_peft_model(model, lora)
+    if spec.gradient_checkpointing:  # thinkrl's own, cache-aware (see models/checkpointing.py for why not HF's)
+        enable_checkpointing(model)
     return model
 
 

@@ -88,6 +88,9 @@ def forward_shared_prefix(
     mask = torch.cat([prefix_mask.repeat_interleave(reps, 0), torch.ones_like(ids)], dim=1)
     positions = prefix_len.repeat_interleave(reps)[:, None] + torch.arange(ids.shape[1], device=ids.device)
     out = decode_step(model, cache, mask, positions, ids, logits_to_keep=0 if need_logits else 1)
+    # Autograd keeps what the backward needs; with gradient checkpointing (models/checkpointing.py) the layers keep
+    # the cache object for their recompute, which needs only the prefix: drop the continuation's keys/values now.
+    cache.reset()
     return (out.logits if need_logits else None), out.hidden_states[-1], lengths
 
 

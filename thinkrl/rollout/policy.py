@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from thinkrl.errors import NonFiniteLossError
+from thinkrl.models.chunked_logps import CHUNK_ELEMENTS, map_row_chunks, vocab_size
 from thinkrl.models.shared_prefix import forward_shared_prefix
 from thinkrl.rollout.base import ThoughtBatch
-
-CHUNK_ELEMENTS = 1 << 24  # largest (rows × vocabulary) block of log-probabilities held at once
 
 
 def policy_logits(
@@ -63,25 +62,41 @@ def thought_logps(
     pad_id: int,
     temperature: float,
     fixed_length: bool,
+    lean: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Learner-side log-probs and entropies of the sampled actions, differentiable.
 
     Each context is computed once and shared by its K thoughts. Returns (logps, entropy), both (N, K, M)
-    and zero where ``thought_mask`` is False."""
+    and zero where ``thought_mask`` is False. ``lean`` (default): from the last hidden states through the LM head in
+    checkpointed chunks (``hidden_action_terms``); ``lean=False``: from the model's full logits (the reference)."""
     n, k, m = thoughts.thought_ids.shape
     actions = thoughts.thought_ids.to(model.device)
     action_mask = thoughts.thought_mask.to(model.device)
-    # Suffix = [last context token, sot, actions...]: the logits at index 1 + j predict action j.
+    # Suffix = [last context token, sot, actions...]: the state at index 1 + j predicts action j.
     suffixes = [
         [contexts[i][-1], sot_id, *actions[i, j, : int(action_mask[i, j].sum())].tolist()]
         for i in range(n)
         for j in range(k)
     ]
-    logits, _, _ = forward_shared_prefix(model, [c[:-1] for c in contexts], suffixes, pad_id)
-    logits = logits[:, 1 : 1 + m]
-    if logits.shape[1] < m:  # every thought shorter than the slot width
-        logits = torch.nn.functional.pad(logits, (0, 0, 0, m - logits.shape[1]))
-    return action_terms(logits.reshape(n, k, m, -1), actions, action_mask, temperature, sot_id, eot_id, fixed_length)
+    logits, hidden, _ = forward_shared_prefix(
+        model, [c[:-1] for c in contexts], suffixes, pad_id, need_logits=not lean
+    )
+    states = hidden if lean else logits
+    states = states[:, 1 : 1 + m]
+    if states.shape[1] < m:  # every thought shorter than the slot width
+        states = torch.nn.functional.pad(states, (0, 0, 0, m - states.shape[1]))
+    states = states.reshape(n, k, m, -1)
+    if lean:
+        lm_head = model.get_output_embeddings()
+        return hidden_action_terms(lm_head, states, actions, action_mask, temperature, sot_id, eot_id, fixed_length)
+    return action_terms(states, actions, action_mask, temperature, sot_id, eot_id, fixed_length)
+
+
+def _log_softmax_terms(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy logits (r, V), actions (r,) → (log-probs of the actions, entropies), both (r,)."""
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logps = logp_all.gather(-1, actions[:, None]).squeeze(-1)
+    return logps, -(logp_all.exp() * logp_all).sum(-1)  # banned actions: exp(-huge) = 0, 0 · -huge = 0
 
 
 def action_terms(
@@ -101,8 +116,31 @@ def action_terms(
     # Row chunks bound the (rows, V) log-softmax held at once (SmolLM2's vocabulary is 49k).
     rows = max(1, CHUNK_ELEMENTS // flat.shape[-1])
     for start in range(0, flat.shape[0], rows):
-        logp_all = torch.log_softmax(flat[start : start + rows], dim=-1)
-        logps.append(logp_all.gather(-1, flat_actions[start : start + rows, None]).squeeze(-1))
-        entropy.append(-(logp_all.exp() * logp_all).sum(-1))  # banned actions: exp(-huge) = 0, 0 · -huge = 0
+        lp, ent = _log_softmax_terms(flat[start : start + rows], flat_actions[start : start + rows])
+        logps.append(lp)
+        entropy.append(ent)
     logps, entropy = torch.cat(logps).reshape(n, k, m), torch.cat(entropy).reshape(n, k, m)
     return logps.masked_fill(~action_mask, 0.0), entropy.masked_fill(~action_mask, 0.0)
+
+
+def hidden_action_terms(
+    lm_head,
+    hidden: torch.Tensor,
+    actions: torch.Tensor,
+    action_mask: torch.Tensor,
+    temperature: float,
+    sot_id: int,
+    eot_id: int,
+    fixed_length: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``action_terms`` from last hidden states (N, K, M, d) and the LM head (called as a module): only the rows on
+    ``action_mask``, in checkpointed chunks of at most ``CHUNK_ELEMENTS`` logits (``chunked_logps``), so no
+    (N, K, M, V) tensor exists in the forward or the backward. Same values and gradients as ``action_terms``."""
+
+    def chunk(h, a):
+        return _log_softmax_terms(policy_logits(lm_head(h), temperature, sot_id, eot_id, fixed_length), a)
+
+    logps, entropy = map_row_chunks(chunk, hidden[action_mask], actions[action_mask], vocab=vocab_size(lm_head))
+    out_logps = logps.new_zeros(actions.shape).masked_scatter(action_mask, logps)
+    out_entropy = entropy.new_zeros(actions.shape).masked_scatter(action_mask, entropy)
+    return out_logps, out_entropy

@@ -241,7 +241,16 @@ class VLLMRolloutActor(RolloutActor):
         prompts = [self._prompt_cls(prompt_token_ids=c + [self.sot_id]) for c in contexts]
         params = [self._sampling_params(num_thoughts, seed % (2**31 - 1)) for seed in seeds]
         outputs = self._watched("sampling", self._llm.generate, prompts, params, use_tqdm=False)
+        self._count_engine_tokens(outputs)
         return self._to_batch(outputs, num_thoughts, device)
+
+    def _count_engine_tokens(self, outputs) -> None:
+        """Report the engine's work to compute accounting: the prompt tokens its prefix cache did not serve (once per
+        request, shared by its n samples) and every generated token."""
+        if self.on_engine_tokens is None:
+            return
+        prompt = sum(len(out.prompt_token_ids) - (out.num_cached_tokens or 0) for out in outputs)
+        self.on_engine_tokens(prompt + sum(len(c.token_ids) for out in outputs for c in out.outputs))
 
     @torch.no_grad()
     def sample_windows(self, batch: WindowBatch, num_thoughts: int, seeds: list[int]) -> ThoughtBatch:
@@ -267,6 +276,7 @@ class VLLMRolloutActor(RolloutActor):
                 outputs[i] = out
                 cached += out.num_cached_tokens or 0
                 prompt_tokens += len(out.prompt_token_ids)
+        self._count_engine_tokens(outputs)
         self.stats = {"rollout/prefix_cache_hit_rate": cached / max(1, prompt_tokens)}
         return self._to_batch(outputs, num_thoughts, self.model.device)
 
@@ -283,6 +293,7 @@ class VLLMRolloutActor(RolloutActor):
         )
         requests = [self._prompt_cls(prompt_token_ids=p) for p in prompts]
         outputs = self._watched("generating", self._llm.generate, requests, params, use_tqdm=False)
+        self._count_engine_tokens(outputs)
         return [list(out.outputs[0].token_ids) for out in outputs]
 
     def _to_batch(self, outputs, k: int, device) -> ThoughtBatch:

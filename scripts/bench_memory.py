@@ -1,0 +1,401 @@
+"""Peak memory of one training step: full-logits losses vs memory-lean losses, with and without gradient checkpointing.
+
+Run from the repository root:
+
+    .venv/bin/python scripts/bench_memory.py                      # SmolLM2-135M, CUDA if available, else CPU
+    .venv/bin/python scripts/bench_memory.py --device cpu --threads 2 --json memory.json
+    .venv/bin/python scripts/bench_memory.py --quick --json /tmp/quick.json   # tiny scratch model (the test)
+
+Setting (the default): ``smollm2-135m-instruct`` as one shared model (base = reasoner = interpreter), the
+``configs/smollm2/gsm8k_cpu.yaml`` recipe (gate head at 0.5, null thought in the baseline group, GSM8K
+positions just before the answer, context up to 256 tokens, n_ahead 6), but K = 8 thoughts of exactly 32 tokens
+(``rollout.length_mode=fixed``) at the first 8 GSM8K training positions, in float32.
+
+One training step = sampling the K thoughts (HF actor, no grad) + scoring (interpreter/base forwards, mixing head)
++ ``compute_loss`` + ``loss.backward()`` + gradient clipping + AdamW step + ``zero_grad`` — the trainer's
+rollout → score_and_loss → backward → optimizer phases, from its own functions. Sampling seeds are fixed, so every
+variant samples the same thoughts and must compute the same loss (the table's last column; a difference above
+1e-4 · max(1, |loss|) fails the run with exit code 1).
+
+Variants (``--variants``, comma-separated; the first is the baseline the ratios divide by):
+  full        learner.lean_losses=false: log-distributions (rows, V) of scores and policy from full logits
+  full+gc     the same, with model.default.gradient_checkpointing=true
+  lean        learner.lean_losses=true (the default): target log-probs, policy log-probs and entropies from hidden
+              states through the LM heads in checkpointed row chunks, never a (rows, V) float32 tensor
+  lean+gc     lean losses and gradient checkpointing of every decoder layer
+
+Each variant runs in a fresh process (forked from a forkserver that has only imported the libraries), builds the
+models, optimizer and batch, then runs two steps. Step 1 is the step right after the build (AdamW allocates its
+state in it); step 2 is a steady-state step (the optimizer state exists, gradients were set to None). Memory:
+  CUDA  ``torch.cuda.max_memory_allocated()`` over the step (peak counter reset just before) minus the memory
+        allocated just before it; the JSON also holds the absolute peak.
+  CPU   resident-set growth: before each step free heap pages go back to the system (glibc ``malloc_trim``), the
+        peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``) and the figure is VmHWM after the step minus
+        VmRSS before it — for step 1 that is the peak RSS minus the RSS after the models were built. Where
+        clear_refs cannot be written, ``getrusage(RUSAGE_SELF).ru_maxrss`` growth over the step (a lower bound);
+        the output says which. The measuring process sets glibc's mmap threshold to 64 KiB first, so that every
+        tensor of that size has its own mapping, returned when freed: with glibc's default (a threshold that rises
+        to 32 MiB as large blocks are freed) freed activations stay in the heap, and the peak RSS then says more
+        about fragmentation than about what the step holds (it put lean+gc level with full+gc). This makes CPU
+        steps slower (a page fault per touched page of every new tensor), in every variant alike.
+Wall time of each step is printed too (on CUDA after a synchronize).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see bench_rollout.py)
+
+import torch
+
+# transformers and the project's model code take seconds to import: only the forkserver imports them, once.
+HEAVY_MODULES = [
+    "transformers",
+    "thinkrl.config",
+    "thinkrl.data.sources",
+    "thinkrl.learner",
+    "thinkrl.models.roles",
+    "thinkrl.prompts",
+    "thinkrl.rollout.hf_actor",
+    "thinkrl.scoring",
+]
+VARIANTS = {
+    "full": ["learner.lean_losses=false"],
+    "full+gc": ["learner.lean_losses=false", "model.default.gradient_checkpointing=true"],
+    "lean": ["learner.lean_losses=true"],
+    "lean+gc": ["learner.lean_losses=true", "model.default.gradient_checkpointing=true"],
+}
+SMOLLM2 = [  # configs/smollm2/gsm8k_cpu.yaml, with the benchmark's K, thought length and batch
+    "model.weight_groups=[A,A,A]",
+    "model.default.path=smollm2-135m-instruct",
+    "head.form=gate",
+    "head.init_weight=0.5",
+    "data.source=gsm8k",
+    "data.context_len=256",
+    "data.n_ahead=6",
+    "data.max_docs=64",  # the benchmark reads 8 positions: no need to tokenize all of GSM8K
+    "learner.include_null=true",
+    "learner.lr=1.0e-5",
+    "learner.role_lr={head: 1.0e-3}",
+]
+QUICK = [  # a tiny scratch Llama on the synthetic task: the smoke test's setting
+    "model.weight_groups=[A,A,A]",
+    "model.default.scratch.hidden_size=32",
+    "model.default.scratch.num_layers=2",
+    "model.default.scratch.num_heads=2",
+    "model.default.scratch.intermediate_size=64",
+    "head.form=gate",
+    "data.source=synthetic",
+    "data.interpreter_window=0",
+    "data.n_ahead=2",
+]
+LOSS_TOLERANCE = 1e-4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
+    p.add_argument(
+        "--variants", default="full,full+gc,lean,lean+gc", help=f"comma-separated, of {', '.join(VARIANTS)}"
+    )
+    p.add_argument("--k", type=int, default=8, help="K thoughts per position")
+    p.add_argument("--thought-len", type=int, default=32, help="thought tokens (fixed length)")
+    p.add_argument("--positions", type=int, default=8, help="thought positions in the step's batch")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="", help="write the settings and every row here")
+    p.add_argument("--quick", action="store_true", help="tiny scratch model, K=4, thoughts of 8, 4 positions (test)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted config overrides applied last, e.g. a SmolLM2-shaped scratch model where the package is absent",
+    )
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown --variants {unknown}; known: {', '.join(VARIANTS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
+    if args.quick:
+        args.k, args.thought_len, args.positions = 4, 8, 4
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One variant (runs in a fresh process)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    variant: str
+    device: str
+    quick: bool
+    k: int
+    thought_len: int
+    positions: int
+    threads: int
+    seed: int
+    output_dir: str
+    overrides: tuple = ()
+
+
+def build_config(job: Job):
+    from thinkrl.config import load_config
+
+    return load_config(
+        None,
+        [
+            *(QUICK if job.quick else SMOLLM2),
+            f"rollout.num_thoughts={job.k}",
+            f"rollout.max_thought_len={job.thought_len}",
+            "rollout.length_mode=fixed",
+            f"rollout.batch_positions={job.positions}",
+            f"trainer.batch_positions={job.positions}",
+            "trainer.report_to=none",
+            f"trainer.output_dir={job.output_dir}",
+            f"trainer.seed={job.seed}",
+            *VARIANTS[job.variant],
+            *job.overrides,
+        ],
+    )
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _maxrss_kb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform == "darwin" else rss  # bytes on macOS, KiB on Linux
+
+
+def _follow_live_memory() -> bool:
+    """glibc: serve every allocation of 64 KiB or more with its own mapping, returned to the system when freed (a
+    fixed ``M_MMAP_THRESHOLD`` also stops glibc from raising it as large blocks are freed). Then the resident set
+    follows the live tensors instead of what the heap kept from earlier phases. Returns whether it took."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16) == 1  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(step, device: torch.device) -> dict:
+    """Run ``step`` once: {loss, seconds, peak_mb, peak_abs_mb, memory_method} (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        loss = step()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated()
+        method = "cuda max_memory_allocated - allocated before the step"
+        return dict(
+            loss=loss, seconds=seconds, peak_mb=(peak - before) / 2**20, peak_abs_mb=peak / 2**20, method=method
+        )
+    _trim_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+        before = _proc_status_kb("VmRSS")
+        method = "cpu rss: VmHWM after - VmRSS before (peak mark reset)"
+    except OSError:
+        before = None
+    if before is None:
+        before, method = _maxrss_kb(), "cpu ru_maxrss growth over the step (lower bound)"
+    start = time.perf_counter()
+    loss = step()
+    seconds = time.perf_counter() - start
+    peak = _proc_status_kb("VmHWM") if method.startswith("cpu rss") else _maxrss_kb()
+    return dict(loss=loss, seconds=seconds, peak_mb=(peak - before) / 1024, peak_abs_mb=peak / 1024, method=method)
+
+
+def run_job(job: Job) -> dict:
+    """Build models, optimizer and batch; then two measured training steps."""
+    import transformers
+
+    from thinkrl.data.sources import build_pools
+    from thinkrl.learner import PositionScoring, build_optimizer, compute_loss
+    from thinkrl.models.roles import build_roles
+    from thinkrl.prompts import null_thought_ids
+    from thinkrl.rollout.hf_actor import HFRolloutActor
+    from thinkrl.scoring import Scorer
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    device = torch.device(job.device)
+    live_rss = device.type == "cpu" and _follow_live_memory()
+    cfg = build_config(job)
+    torch.manual_seed(job.seed)
+    roles = build_roles(cfg)
+    for module in roles.modules().values():
+        module.to(device)
+    pool, _ = build_pools(cfg.data, roles.tokenizer, job.seed)
+    if len(pool) < job.positions:
+        raise SystemExit(f"the data has {len(pool)} positions, fewer than --positions {job.positions}")
+    positions = [pool[i] for i in range(job.positions)]
+    contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
+    pad = roles.tokenizer.pad_token_id
+    actor = HFRolloutActor(cfg.rollout, roles.model("reasoner"), roles.sot_id, roles.eot_id, pad)
+    null_ids = null_thought_ids(cfg.rollout.null_thought, roles.tokenizer)
+    scorer = Scorer(roles, null_ids, cfg.data.interpreter_window, cfg.reward.source)
+    optimizer, scheduler = build_optimizer(cfg, roles)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    seeds = list(range(1000 + job.seed, 1000 + job.seed + job.positions))  # the same thoughts in every step/variant
+
+    def step() -> float:
+        thoughts = actor.sample(contexts, cfg.rollout.num_thoughts, seeds)
+        out = compute_loss(cfg, PositionScoring(roles, scorer, contexts, targets), thoughts)
+        out.loss.backward()
+        if cfg.learner.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.learner.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    first = measure(step, device)
+    second = measure(step, device)
+    if live_rss:
+        for figures in (first, second):
+            figures["method"] += ", glibc mmap threshold 64 KiB"
+    return {
+        **asdict(job),
+        "params_m": sum(p.numel() for m in roles.models.values() for p in m.parameters()) / 1e6,
+        "vocab": len(roles.tokenizer),
+        "context_tokens": sum(len(c) for c in contexts),
+        "step1": first,
+        "step2": second,
+    }
+
+
+def run_fresh(pool_ctx, job: Job) -> dict:
+    """``run_job`` in a fresh process (forked from the forkserver, which holds only the imported libraries)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=pool_ctx) as pool:
+        return pool.submit(run_job, job).result()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+def print_table(rows: list[dict]) -> bool:
+    """The table of every variant against the first; returns whether every loss agrees with the baseline's."""
+    base = rows[0]
+    ok = True
+    print()
+    print(
+        f"{'variant':<9} {'step1 MB':>9} {'ratio':>6} {'step2 MB':>9} {'ratio':>6} {'step1 s':>8} {'step2 s':>8} "
+        f"{'loss':>10} {'|dloss|':>8}"
+    )
+    for row in rows:
+        s1, s2 = row["step1"], row["step2"]
+        r1 = s1["peak_mb"] / base["step1"]["peak_mb"] if base["step1"]["peak_mb"] > 0 else float("nan")
+        r2 = s2["peak_mb"] / base["step2"]["peak_mb"] if base["step2"]["peak_mb"] > 0 else float("nan")
+        dloss = abs(s1["loss"] - base["step1"]["loss"])
+        ok &= dloss <= LOSS_TOLERANCE * max(1.0, abs(base["step1"]["loss"]))
+        print(
+            f"{row['variant']:<9} {s1['peak_mb']:>9.1f} {r1:>6.2f} {s2['peak_mb']:>9.1f} {r2:>6.2f} "
+            f"{s1['seconds']:>8.2f} {s2['seconds']:>8.2f} {s1['loss']:>10.5f} {dloss:>8.1e}"
+        )
+    return ok
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = args.device
+    where = (
+        torch.cuda.get_device_name(0)
+        if device == "cuda"
+        else f"{os.cpu_count()} cores, threads {args.threads or torch.get_num_threads()}"
+    )
+    model = (
+        "tiny scratch Llama (hidden 32, 2 layers), synthetic task" if args.quick else "smollm2-135m-instruct, GSM8K"
+    )
+    print(f"device    {device} ({where})  torch {torch.__version__}  transformers {version('transformers')}")
+    print(
+        f"settings  {model}  K={args.k} thoughts x {args.thought_len} tokens (fixed)  {args.positions} positions  "
+        f"float32  variants {','.join(args.variants)} (baseline {args.variants[0]})"
+        + (f"  overrides {' '.join(args.overrides)}" if args.overrides else "")
+    )
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", *HEAVY_MODULES])  # imported once; each variant forks a fresh child
+    rows = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
+        for variant in args.variants:
+            job = Job(
+                variant,
+                device,
+                args.quick,
+                args.k,
+                args.thought_len,
+                args.positions,
+                args.threads,
+                args.seed,
+                tmp,
+                tuple(args.overrides),
+            )
+            row = run_fresh(ctx, job)
+            rows.append(row)
+            print(
+                f"  {variant:<8} step1 +{row['step1']['peak_mb']:.1f} MB {row['step1']['seconds']:.2f} s  "
+                f"step2 +{row['step2']['peak_mb']:.1f} MB {row['step2']['seconds']:.2f} s  "
+                f"loss {row['step1']['loss']:.6f}",
+                flush=True,
+            )
+    ok = print_table(rows)
+    print(
+        f"\nMB: peak memory of the step above what was held just before it ({rows[0]['step1']['method']}); "
+        "step1 = the first step after building the models (AdamW allocates its state in it), step2 = a "
+        "steady-state step. "
+        f"ratio: / {args.variants[0]}. |dloss|: |loss - {args.variants[0]}'s loss| (same seeds, same thoughts)."
+    )
+    print(
+        f"context tokens of the batch {rows[0]['context_tokens']}, vocabulary {rows[0]['vocab']}, "
+        f"{rows[0]['params_m']:.1f}M parameters; total wall time {time.perf_counter() - start:.0f} s"
+    )
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        with open(args.json, "w") as f:
+            json.dump({"settings": settings, "device": device, "device_name": where, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    if not ok:
+        print("WARNING: the variants' losses differ; they did not do the same work", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
