@@ -65,7 +65,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -80,7 +79,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 import numpy as np
 import torch
 
-from thinkrl.timing import default_device, timed_runs
+from thinkrl.timing import default_device, max_rss_kb, proc_status_kb, timed_runs
 
 # transformers and the project's model code take ~8 s to import: only the forkserver imports them (once), and every
 # measurement process is forked from it (see ``main``); the parent never needs them.
@@ -235,22 +234,6 @@ def make_step(job: Job, cfg, roles, actor, scorer, windows: list, device):
     return step
 
 
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _maxrss_kb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if sys.platform == "darwin" else rss  # bytes on macOS, KiB on Linux
-
-
 def measure_memory(step, device) -> tuple[float, dict]:
     """Run ``step`` once; (its loss, {peak_mb, memory_method, ...}) — see the module docstring."""
     if device.type == "cuda":
@@ -267,20 +250,20 @@ def measure_memory(step, device) -> tuple[float, dict]:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-        rss0 = _proc_status_kb("VmRSS")
+        rss0 = proc_status_kb("VmRSS")
     except OSError:
         rss0 = None
     if rss0 is not None:
         loss = step()
-        peak = _proc_status_kb("VmHWM")
+        peak = proc_status_kb("VmHWM")
         return loss, {
             "peak_mb": (peak - rss0) / 1024,
             "peak_abs_mb": peak / 1024,
             "memory_method": "rss: VmHWM after - VmRSS before (peak mark reset)",
         }
-    before = _maxrss_kb()
+    before = max_rss_kb()
     loss = step()
-    after = _maxrss_kb()
+    after = max_rss_kb()
     return loss, {
         "peak_mb": (after - before) / 1024,
         "peak_abs_mb": after / 1024,

@@ -48,7 +48,6 @@ import ctypes
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -61,6 +60,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see bench_rollout.py)
 
 import torch
+
+from thinkrl.timing import max_rss_kb, proc_status_kb
 
 # transformers and the project's model code take seconds to import: only the forkserver imports them, once.
 HEAVY_MODULES = [
@@ -176,22 +177,6 @@ def build_config(job: Job):
     )
 
 
-def _proc_status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _maxrss_kb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if sys.platform == "darwin" else rss  # bytes on macOS, KiB on Linux
-
-
 def _follow_live_memory() -> bool:
     """glibc: serve every allocation of 64 KiB or more with its own mapping, returned to the system when freed (a
     fixed ``M_MMAP_THRESHOLD`` also stops glibc from raising it as large blocks are freed). Then the resident set
@@ -228,16 +213,16 @@ def measure(step, device: torch.device) -> dict:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-        before = _proc_status_kb("VmRSS")
+        before = proc_status_kb("VmRSS")
         method = "cpu rss: VmHWM after - VmRSS before (peak mark reset)"
     except OSError:
         before = None
     if before is None:
-        before, method = _maxrss_kb(), "cpu ru_maxrss growth over the step (lower bound)"
+        before, method = max_rss_kb(), "cpu ru_maxrss growth over the step (lower bound)"
     start = time.perf_counter()
     loss = step()
     seconds = time.perf_counter() - start
-    peak = _proc_status_kb("VmHWM") if method.startswith("cpu rss") else _maxrss_kb()
+    peak = proc_status_kb("VmHWM") if method.startswith("cpu rss") else max_rss_kb()
     return dict(loss=loss, seconds=seconds, peak_mb=(peak - before) / 1024, peak_abs_mb=peak / 1024, method=method)
 
 

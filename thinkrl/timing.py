@@ -4,7 +4,9 @@ CUDA kernels run asynchronously, so the clock is read only after the GPU has fin
 
 from __future__ import annotations
 
+import resource
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -37,3 +39,21 @@ def timed_runs(fn: Callable[[], Any], repeats: int) -> list[tuple[Any, float]]:
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(seconds for _, seconds in timed_runs(fn, repeats))
+
+
+def proc_status_kb(key: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM...); None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def max_rss_kb() -> float:
+    """This process's peak resident set so far, in KiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform == "darwin" else rss  # bytes on macOS, KiB on Linux
