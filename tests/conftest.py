@@ -50,6 +50,30 @@ def tiny_config(tmp_path):
     return make
 
 
+DEFAULT_RUN_120 = [  # the embedded default recipe for 120 steps, evaluated on 64 held-out positions
+    "trainer.max_steps=120",
+    "trainer.eval_every=0",
+    "trainer.save_every=0",
+    "trainer.report_to=none",
+    "trainer.progress=false",
+    "trainer.dump_rollouts=false",
+    "data.eval_positions=64",
+]
+
+
+@pytest.fixture(scope="session")
+def default_hf_run(tmp_path_factory):
+    """``Trainer.train()``'s result for the default recipe over ``DEFAULT_RUN_120`` with the HF sampler: the
+    learning test's run and the reference of the vLLM training test (one 30-second run instead of two)."""
+    from pathlib import Path
+
+    from thinkrl.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("default-hf") / "run"
+    recipe = Path(__file__).resolve().parents[1] / "configs/default.yaml"
+    return Trainer(load_config(recipe, [*DEFAULT_RUN_120, f"trainer.output_dir={out}"])).train()
+
+
 @pytest.fixture(scope="session")
 def single_run(tmp_path_factory):
     """Two steps of the default recipe in one unsharded process (``launching.COMMON``): the reference run of the

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +50,30 @@ def train(launcher: list[str], out: Path, *extra: str, gpu: bool = False) -> sub
         # machine torch then runs even the gloo barrier on cuda:<rank> ("invalid device ordinal" for rank 1).
         env.update(ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
     cmd = [*launcher, "-m", "thinkrl", "train", *COMMON, f"trainer.output_dir={out}", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    with one_launch_at_a_time(launcher is not ONE):
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@contextmanager
+def one_launch_at_a_time(multi: bool):
+    """Multi-process launches of parallel test workers (pytest -n) take turns: on 2 cores, two 2-process gloo jobs
+    beside a third worker's test only make every process wait on the others."""
+    if not multi:
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / "thinkrl-tests-launch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ok(done: subprocess.CompletedProcess) -> None:
-    assert done.returncode == 0, done.stderr[-3000:]
+    """Exit 0, else the failure: each process's error lines (a rank's own traceback can sit far above the tail
+    that torchrun adds) and the tail."""
+    errors = [line for line in done.stderr.splitlines() if "Error" in line and "ChildFailedError" not in line]
+    assert done.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + done.stderr[-3000:]
 
 
 def step_metrics(out: Path, step: int) -> dict:

@@ -118,7 +118,11 @@ def test_lm_baseline_scores_the_base_without_thoughts(tiny_config):
     positions, scoring, sample = trainer._next_batch()
     windows = [trainer.scorer.window_of(p.context_ids) for p in positions]
     logp, mask = position_target_logps(
-        trainer.roles.model("base"), windows, [p.target_ids for p in positions], trainer.scorer.pad_id
+        trainer.roles.model("base"),
+        windows,
+        [p.target_ids for p in positions],
+        trainer.scorer.pad_id,
+        [trainer.roles.sot_id, trainer.roles.eot_id],
     )
     reference = compute_loss(cfg, scoring, sample(0)).scores.logp_base
     torch.testing.assert_close(logp, reference, atol=1e-5, rtol=1e-5)
@@ -184,11 +188,12 @@ def test_lm_baseline_reads_each_window_once_with_the_per_position_values(tiny_co
     windows = list(WindowPool(text_pool(docs, "every_k", n_ahead=2, context_len=16, every_k=3)))
     batch = window_batch(windows, pad)
     counter = ComputeCounter(roles.models, roles.role_group)
-    logp, mask = window_target_logps(model, batch)
+    markers = [roles.sot_id, roles.eot_id]
+    logp, mask = window_target_logps(model, batch, markers)
     assert counter.flush({})["compute/tokens/A/other"] == batch.ids.numel()  # (B, L): each window once
     positions = positions_of(windows)
     ref, ref_mask = position_target_logps(
-        model, [p.context_ids for p in positions], [p.target_ids for p in positions], pad
+        model, [p.context_ids for p in positions], [p.target_ids for p in positions], pad, markers
     )
     assert torch.equal(mask[batch.valid], ref_mask)
     torch.testing.assert_close(logp[batch.valid][ref_mask], ref[ref_mask], atol=1e-5, rtol=1e-5)

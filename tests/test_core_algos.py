@@ -97,3 +97,35 @@ def test_nll_loss_with_row_weights():
     assert math.isclose(float(ca.nll_loss(logp, mask)), 1.5)
     assert math.isclose(float(ca.nll_loss(logp, mask, torch.tensor([[0.0, 1.0]]))), 2.0)
     assert math.isclose(float(ca.masked_mean(torch.tensor([1.0, 3.0]), torch.tensor([True, False]))), 1.0)
+
+
+def test_reward_references_by_hand():
+    logp_thoughts = torch.tensor([[[-1.0, -2.0], [-3.0, -0.5]]])  # (N=1, K=2, n=2)
+    null, base, ema = torch.tensor([[-2.0, -1.0]]), torch.tensor([[-1.5, -0.5]]), torch.tensor([[-4.0, -3.0]])
+    mask = torch.tensor([[1.0, 1.0]])
+
+    def rewards(kind):
+        ref = ca.reference_logps(kind, null, base, ema)
+        return ca.sequence_rewards(ca.token_rewards(logp_thoughts, ref, mask), mask)
+
+    # null: (-1+2) + (-2+1) = 0, (-3+2) + (-0.5+1) = -0.5
+    assert torch.allclose(rewards("null"), torch.tensor([[0.0, -0.5]]))
+    # no thought (base): (-1+1.5) + (-2+0.5) = -1, (-3+1.5) + (-0.5+0.5) = -1.5
+    assert torch.allclose(rewards("no_thought"), torch.tensor([[-1.0, -1.5]]))
+    # EMA: (-1+4) + (-2+3) = 4, (-3+4) + (-0.5+3) = 3.5
+    assert torch.allclose(rewards("ema"), torch.tensor([[4.0, 3.5]]))
+    with pytest.raises(ValueError, match="EMA"):
+        ca.reference_logps("ema", null, base, None)
+    with pytest.raises(ValueError, match="unknown reward baseline"):
+        ca.reference_logps("mean", null, base, ema)
+
+
+def test_ema_update_by_hand():
+    ema, live = [torch.tensor([1.0, -2.0]), torch.tensor([[0.0]])], [torch.tensor([3.0, 2.0]), torch.tensor([[10.0]])]
+    ca.ema_update_(ema, live, decay=0.75)  # 0.75 * ema + 0.25 * live
+    assert torch.allclose(ema[0], torch.tensor([1.5, -1.0])) and torch.allclose(ema[1], torch.tensor([[2.5]]))
+    ca.ema_update_(ema, live, decay=0.75)
+    assert torch.allclose(ema[0], torch.tensor([1.875, -0.25]))
+    frozen = [torch.tensor([4.0])]
+    ca.ema_update_(frozen, [torch.tensor([9.0])], decay=1.0)  # decay 1 keeps the start
+    assert torch.equal(frozen[0], torch.tensor([4.0]))

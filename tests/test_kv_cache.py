@@ -3,6 +3,7 @@
 import torch
 
 from thinkrl.models.roles import build_roles
+from thinkrl.models.true_tokens import mask_markers
 from thinkrl.rollout.hf_actor import HFRolloutActor
 from thinkrl.rollout.policy import policy_logits, position_seeds
 from thinkrl.scoring import Scorer
@@ -12,10 +13,12 @@ CONTEXTS = [[1, 4, 5, 14, 13, 6, 20, 18, 7, 5], [1, 4, 9, 9, 6, 7, 5], [1, 4, 5,
 TARGETS = [[14, 13], [9, 9], [12]]
 
 
-def _full_logprobs(model, seq):
-    """log-softmax of a single unpadded sequence, no cache: (len, V)."""
+def _full_logprobs(model, seq, markers=()):
+    """log-softmax of a single unpadded sequence, no cache: (len, V); ``markers`` get no probability, as in every
+    prediction of a true token (``models/true_tokens``)."""
     with torch.no_grad():
-        return torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].float(), -1)
+        logits = model(input_ids=torch.tensor([seq])).logits[0].float()
+        return torch.log_softmax(mask_markers(logits, torch.tensor(list(markers), dtype=torch.long)), -1)
 
 
 def _roles(tiny_config, *overrides):
@@ -67,14 +70,15 @@ def test_cached_scoring_equals_uncached(tiny_config):
             scores = scorer.score(CONTEXTS, TARGETS, thoughts)
         seqs = thoughts.interpreter_sequences(roles.sot_id, roles.eot_id)
         window = cfg.data.interpreter_window
+        markers = [roles.sot_id, roles.eot_id]
         for i, (ctx, y) in enumerate(zip(CONTEXTS, TARGETS)):
             w = ctx[-window:]
             for k, z in enumerate(seqs[i] + [[roles.sot_id, roles.eot_id]]):
-                logp = _full_logprobs(roles.model("interpreter"), w + z + y)
+                logp = _full_logprobs(roles.model("interpreter"), w + z + y, markers)
                 start = len(w) + len(z) - 1
                 expected = logp[start : start + len(y)].gather(-1, torch.tensor(y)[:, None]).squeeze(-1)
                 assert torch.allclose(scores.logp[i, k, : len(y)], expected, atol=1e-5)
-            base = _full_logprobs(roles.model("base"), w + y)
+            base = _full_logprobs(roles.model("base"), w + y, markers)
             expected = base[len(w) - 1 : len(w) - 1 + len(y)].gather(-1, torch.tensor(y)[:, None]).squeeze(-1)
             assert torch.allclose(scores.logp_base[i, : len(y)], expected, atol=1e-5)
             assert not scores.target_mask[i, len(y) :].any()

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import DEFAULT_RUN_120
 
 from thinkrl import core_algos
 from thinkrl.config import load_config
@@ -16,26 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_REWARD = 2 * math.log(8)  # two key symbols out of eight
 
 
-def _train(tmp_path, name):
-    cfg = load_config(
-        ROOT / "configs/default.yaml",
-        [
-            f"trainer.output_dir={tmp_path / name}",
-            "trainer.max_steps=120",
-            "trainer.eval_every=0",
-            "trainer.save_every=0",
-            "trainer.report_to=none",
-            "trainer.progress=false",
-            "trainer.dump_rollouts=false",
-            "data.eval_positions=64",
-        ],
-    )
-    return Trainer(cfg).train()
-
-
 @pytest.mark.slow
-def test_reward_rises_on_key_recall_and_a_flipped_estimator_cannot(tmp_path, monkeypatch):
-    result = _train(tmp_path, "correct")
+def test_reward_rises_on_key_recall_and_a_flipped_estimator_cannot(tmp_path, monkeypatch, default_hf_run):
+    result = default_hf_run  # the default recipe, 120 steps (conftest.DEFAULT_RUN_120)
     initial, final = result["initial_eval"], result["final_eval"]
     assert final["reward_mean"] > 0.6 * MAX_REWARD, final
     assert final["reward_mean"] - initial["reward_mean"] > 2.0
@@ -44,6 +28,7 @@ def test_reward_rises_on_key_recall_and_a_flipped_estimator_cannot(tmp_path, mon
 
     original = core_algos.compute_advantages
     monkeypatch.setattr(core_algos, "compute_advantages", lambda *a, **k: -original(*a, **k))
-    broken = _train(tmp_path, "flipped")["final_eval"]
+    cfg = load_config(ROOT / "configs/default.yaml", [*DEFAULT_RUN_120, f"trainer.output_dir={tmp_path / 'flipped'}"])
+    broken = Trainer(cfg).train()["final_eval"]
     assert broken["reward_mean"] < 0.3 * MAX_REWARD, broken
     assert final["reward_mean"] - broken["reward_mean"] > 2.0

@@ -10,7 +10,7 @@ from conftest import TINY
 from thinkrl.cli import main
 from thinkrl.config import load_config, to_yaml
 from thinkrl.errors import ConfigError
-from thinkrl.study import aggregate, group_by_point, read_result
+from thinkrl.study import aggregate, group_by_point, pooled_items, read_result
 from thinkrl.sweep import parse_grid, plan, split_values, sweep, train_command
 
 
@@ -107,6 +107,50 @@ def test_aggregate_eval_folders_across_seeds(tmp_path):
     assert acc["ci_high"] - 0.6 == pytest.approx(4.302653 * 0.1 / math.sqrt(3), abs=1e-6)
     with pytest.raises(ConfigError, match="neither a run's summary.json"):
         read_result(tmp_path)
+
+
+def _gsm8k_record(item: str, n_tok: int, none: float, null: float, sampled: list[float]) -> dict:
+    thoughts = [{"reward": t - null, "length": 3, "finished": True} for t in sampled]
+    return {
+        "id": item,
+        "answer_tokens": n_tok,
+        "none": {"answer_logp": none, "likelihood": 0.1},
+        "null": {"answer_logp": null, "likelihood": 0.1},
+        "sampled": {"answer_logp": sampled, "likelihood": [0.1] * len(sampled)},
+        "thoughts": thoughts,
+    }
+
+
+def test_eval_folders_pool_their_items_across_seeds_by_hand(tmp_path):
+    """Per-token Δ NLL against no thought, per item: a: (mean sampled − none) / 2 tokens, b: the same over 1 token.
+    seed 0: a (−3 + 4) / 2 = 0.5, b (−1 + 1) / 1 = 0; seed 1: a (−1 + 4) / 2 = 1.5, b (−3 + 1) / 1 = −2.
+    Pooled, token-weighted: (0.5·2 + 0·1 + 1.5·2 − 2·1) / 6 = 1/3, over 2 units (items a and b)."""
+    records = {
+        0: [_gsm8k_record("a", 2, -4.0, -3.0, [-2.0, -4.0]), _gsm8k_record("b", 1, -1.0, -2.0, [-1.5, -0.5])],
+        1: [_gsm8k_record("a", 2, -4.0, -3.0, [-1.0, -1.0]), _gsm8k_record("b", 1, -1.0, -2.0, [-3.0, -3.0])],
+    }
+    folders = []
+    for seed, recs in records.items():
+        folder = tmp_path / f"eval{seed}"
+        folder.mkdir()
+        results = {"task": "gsm8k", "seed": seed, "modes": ["none", "null", "sampled:2"], "metrics": {}}
+        (folder / "results.json").write_text(json.dumps(results))
+        (folder / "settings.json").write_text(json.dumps({"task": "gsm8k", "seed": seed}))
+        (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        folders.append(folder)
+    study = aggregate(group_by_point([read_result(f) for f in folders]))
+    pooled = study["points"][0]["metrics"]
+    gain = pooled["sampled:2/delta_nll_none"]["pooled"]
+    assert gain["value"] == pytest.approx(1 / 3) and gain["n"] == 4 and gain["groups"] == 2
+    assert gain["ci_low"] <= gain["value"] <= gain["ci_high"]
+    # Δ vs the null thought: a (−3 + 3) / 2 = 0, (−1 + 3) / 2 = 1; b (−1 + 2) = 1, (−3 + 2) = −1: (0 + 1 + 2 − 1) / 6
+    assert pooled["sampled:2/delta_nll"]["pooled"]["value"] == pytest.approx(2 / 6)
+    # best of K per item: a −max(−2, −4) / 2 = 1, b 0.5; seed 1: a 0.5, b 3 → (2 + 0.5 + 1 + 3) / 6
+    assert pooled["sampled:2/nll_best"]["pooled"]["value"] == pytest.approx(6.5 / 6)
+    # An item is one resampling unit whatever the number of seeds that saw it: the same seed's items twice give
+    # the one seed's interval, not a narrower one.
+    one = read_result(folders[0]).items["sampled:2/delta_nll_none"]
+    assert pooled_items([one, one]) == pooled_items([one]) | {"n": 4}
 
 
 def test_a_rerun_sweep_skips_the_finished_run_and_resumes_the_interrupted_one(tmp_path, capsys):

@@ -307,8 +307,17 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    """r(z) = log q(y|x,z) - log q(y|x,z0), then shaping used by the advantages."""
+    """r(z) = log q(y|x,z) - log q(y|x,reference), then shaping used by the advantages."""
 
+    baseline: str | None = described(
+        "what a thought's prediction is compared with: null (the null thought, TRICE; YAML's null means it too) | "
+        "no_thought (the base model reading no thought, Quiet-STaR) | ema (an exponential moving average of the "
+        "interpreter's weights reading no thought, RLP; unsharded runs)",
+        "null",
+    )
+    ema_decay: float = described(
+        "reward.baseline=ema: EMA weight kept per optimizer step (1 = frozen at the start)", 0.999
+    )
     source: str = described("mixed (through the mixing head) | interpreter (the interpreter alone)", "mixed")
     discount: float = described("weight gamma^j of the j-th predicted token in the summed reward (1 = plain sum)", 1.0)
     clip: float = described("clip rewards to [-clip, clip] before advantages; 0 = off", 0.0)
@@ -317,6 +326,11 @@ class RewardConfig:
 
     def __post_init__(self):
         check_choice("reward.source", self.source, ("mixed", "interpreter"))
+        if self.baseline is None:  # `baseline: null` in YAML parses to None: it names the null thought
+            self.baseline = "null"
+        check_choice("reward.baseline", self.baseline, ("null", "no_thought", "ema"))
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ConfigError(f"reward.ema_decay must be in [0, 1], got {self.ema_decay}")
         if not 0.0 < self.discount <= 1.0:
             raise ConfigError(f"reward.discount must be in (0, 1], got {self.discount}")
         for name in ("clip", "length_penalty", "unfinished_penalty"):
@@ -482,6 +496,8 @@ class Config:
             raise ConfigError(
                 "rollout.num_thoughts=0 (control run) has no policy to train: set learner.policy_weight=0"
             )
+        if self.reward.baseline == "ema" and self.trainer.sharding != "none":
+            raise ConfigError("reward.baseline=ema keeps a whole copy of the interpreter: use trainer.sharding=none")
         if self.head.form == "none" and self.reward.source == "mixed":
             self.reward.source = "interpreter"  # nothing to mix: both names mean the interpreter's prediction
         if self.model.tokenizer == "synthetic" and self.data.source != "synthetic":

@@ -2,8 +2,11 @@
 
 Shapes: N positions, K sampled thoughts, n target tokens y, M thought-action slots.
 
-Reward (DESIGN §2): r(z) = log q(y | x, z) - log q(y | x, z0), kept per token and summed (optionally
-discounted). Advantages are TRICE's leave-one-out control variate by default; the Quiet-STaR recipe is
+Reward (DESIGN §2): r(z) = log q(y | x, z) - log q(y | x, ref), kept per token and summed (optionally
+discounted). The reference (``reward.baseline``) is the null thought z0 (TRICE, the default), the base model with
+no thought at all (Quiet-STaR), or an exponential moving average of the interpreter reading no thought (RLP).
+
+Advantages are TRICE's leave-one-out control variate by default; the Quiet-STaR recipe is
 ``baseline=mean, positive_only=True``. The policy loss is REINFORCE on thought tokens with a PPO-style
 clipped importance ratio, which reduces to ``-A * log pi`` when sampler and learner agree.
 """
@@ -13,11 +16,33 @@ from __future__ import annotations
 import torch
 
 ADVANTAGE_BASELINES = ("leave_one_out", "mean", "none")
+REWARD_BASELINES = ("null", "no_thought", "ema")
 
 
-def token_rewards(logp_thoughts: torch.Tensor, logp_null: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token improvement over the null thought. (N, K, n), (N, n), (N, n) → (N, K, n), 0 off-target."""
-    return (logp_thoughts - logp_null[:, None, :]) * target_mask[:, None, :]
+def reference_logps(
+    baseline: str, logp_null: torch.Tensor, logp_base: torch.Tensor, logp_ema: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The target log-probs a thought's reward is measured against, (N, n) each:
+    null → log q(y | x, z0); no_thought → log p_base(y | x); ema → log p_EMA(y | x)."""
+    if baseline == "null":
+        return logp_null
+    if baseline == "no_thought":
+        return logp_base
+    if baseline == "ema":
+        if logp_ema is None:
+            raise ValueError("reward.baseline=ema needs the EMA model's log-probs")
+        return logp_ema
+    raise ValueError(f"unknown reward baseline {baseline!r}; expected one of {REWARD_BASELINES}")
+
+
+def token_rewards(logp_thoughts: torch.Tensor, logp_ref: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token improvement over the reference. (N, K, n), (N, n), (N, n) → (N, K, n), 0 off-target."""
+    return (logp_thoughts - logp_ref[:, None, :]) * target_mask[:, None, :]
+
+
+def ema_update_(ema: list[torch.Tensor], current: list[torch.Tensor], decay: float) -> None:
+    """In place: ema ← decay · ema + (1 − decay) · current, tensor by tensor."""
+    torch._foreach_lerp_(ema, current, 1.0 - decay)
 
 
 def sequence_rewards(per_token: torch.Tensor, target_mask: torch.Tensor, discount: float = 1.0) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Held-out evaluation of thoughts on a fixed slice of positions, with a fixed sampling seed.
 
 Metrics (per target token where it is an NLL):
-  reward_mean        mean over positions and thoughts of log q(y|x,z) - log q(y|x,z0)
+  reward_mean        mean over positions and thoughts of log q(y|x,z) - log q(y|x,z0) (against the null thought,
+                     whatever reward.baseline the training used)
   nll_thought        NLL of y after the sampled thoughts (mixed prediction)
   nll_best           NLL after the best of the K thoughts per position (an upper bound on what search gives)
   nll_null           NLL of y after the null thought

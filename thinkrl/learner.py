@@ -53,15 +53,18 @@ class LossOutput:
     loss: torch.Tensor
     stats: dict[str, float]
     scores: Scores
-    rewards: torch.Tensor  # (N, K) raw improvement over the null thought
+    rewards: torch.Tensor  # (N, K) raw improvement over the reference (reward.baseline)
     per_token_rewards: torch.Tensor  # (N, K, n)
     advantages: torch.Tensor  # (N, K)
+    null_rewards: torch.Tensor  # (N, K) improvement over the null thought (= rewards when that is the baseline)
 
 
-def rewards_and_advantages(cfg: Config, scores: Scores, thoughts: ThoughtBatch):
-    """Detached (per-token rewards, rewards, advantages) from a scored batch."""
+def rewards_and_advantages(cfg: Config, scores: Scores, thoughts: ThoughtBatch, reference: torch.Tensor | None = None):
+    """Detached (per-token rewards, rewards, advantages) from a scored batch, measured against ``reference``
+    (N, n) target log-probs (``reward_reference``); None: the null thought."""
     with torch.no_grad():
-        per_token = core_algos.token_rewards(scores.logp_thoughts, scores.logp_null, scores.target_mask.float())
+        reference = scores.logp_null if reference is None else reference
+        per_token = core_algos.token_rewards(scores.logp_thoughts, reference, scores.target_mask.float())
         rewards = core_algos.sequence_rewards(per_token, scores.target_mask.float(), cfg.reward.discount)
         if thoughts.num_thoughts == 0:
             return per_token, rewards, rewards.clone()
@@ -110,12 +113,26 @@ class PositionScoring:
         )
 
 
-def compute_loss(cfg: Config, scoring, thoughts: ThoughtBatch) -> LossOutput:
-    """The TRICE loss of one batch; ``scoring`` is a ``PositionScoring`` or a ``WindowScoring``."""
+def reward_reference(cfg: Config, scores: Scores, logp_ema: torch.Tensor | None = None) -> torch.Tensor:
+    """The (N, n) target log-probs rewards are measured against (``reward.baseline``), detached."""
+    return core_algos.reference_logps(cfg.reward.baseline, scores.logp_null, scores.logp_base, logp_ema).detach()
+
+
+def compute_loss(cfg: Config, scoring, thoughts: ThoughtBatch, logp_ema: torch.Tensor | None = None) -> LossOutput:
+    """The TRICE loss of one batch; ``scoring`` is a ``PositionScoring`` or a ``WindowScoring``; ``logp_ema``: the
+    EMA reference's target log-probs (``reward.baseline=ema``)."""
     lc = cfg.learner
     # learner.lean_losses: target log-probs and policy terms in checkpointed LM-head chunks, never (rows, V) tensors.
     scores = scoring.scores(thoughts, lean=lc.lean_losses)
-    per_token, rewards, advantages = rewards_and_advantages(cfg, scores, thoughts)
+    per_token, rewards, advantages = rewards_and_advantages(
+        cfg, scores, thoughts, reward_reference(cfg, scores, logp_ema)
+    )
+    null_rewards = rewards
+    if cfg.reward.baseline != "null":  # the null rate and the dumps still compare with the null thought
+        with torch.no_grad():
+            mask_f = scores.target_mask.float()
+            per_null = core_algos.token_rewards(scores.logp_thoughts, scores.logp_null, mask_f)
+            null_rewards = core_algos.sequence_rewards(per_null, mask_f, cfg.reward.discount)
     mask = scores.target_mask
     stats: dict[str, float] = {}
     loss = scores.logp.sum() * 0.0  # keeps every term on the graph even when weights are 0
@@ -147,4 +164,4 @@ def compute_loss(cfg: Config, scoring, thoughts: ThoughtBatch) -> LossOutput:
         loss = loss + lc.base_weight * base_nll
         stats["base_nll"] = float(base_nll.detach())
     stats["loss"] = float(loss.detach())
-    return LossOutput(loss, stats, scores, rewards, per_token, advantages)
+    return LossOutput(loss, stats, scores, rewards, per_token, advantages, null_rewards)

@@ -28,6 +28,7 @@ from thinkrl.data.windows import WindowBatch
 from thinkrl.models import chunked_logps
 from thinkrl.models.roles import RoleModels
 from thinkrl.models.shared_prefix import forward_shared_prefix
+from thinkrl.models.true_tokens import TrueTokenHead
 
 
 def lm_models(roles: RoleModels) -> dict[str, nn.Module]:
@@ -42,9 +43,10 @@ def lm_models(roles: RoleModels) -> dict[str, nn.Module]:
 
 
 def position_target_logps(
-    model: nn.Module, windows: list[list[int]], targets: list[list[int]], pad_id: int
+    model: nn.Module, windows: list[list[int]], targets: list[list[int]], pad_id: int, marker_ids: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position: ``windows[i]`` (the context the model sees) then ``targets[i]``, teacher-forced.
+    """Per position: ``windows[i]`` (the context the model sees) then ``targets[i]``, teacher-forced; the thought
+    markers get no probability (``TrueTokenHead``), as in the thought run's scores.
 
     Returns (log-probs of the targets (N, n), float32; mask (N, n) bool)."""
     n = max(len(y) for y in targets)
@@ -55,11 +57,13 @@ def position_target_logps(
     mask = torch.zeros((len(targets), n), dtype=torch.bool, device=device)
     for i, y in enumerate(targets):
         ids[i, : len(y)], mask[i, : len(y)] = torch.tensor(y, device=device), True
-    logp = chunked_logps.target_logps(model.get_output_embeddings(), hidden[:, :n], ids)
+    logp = chunked_logps.target_logps(TrueTokenHead(model.get_output_embeddings(), marker_ids), hidden[:, :n], ids)
     return logp, mask
 
 
-def window_target_logps(model: nn.Module, batch: WindowBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def window_target_logps(
+    model: nn.Module, batch: WindowBatch, marker_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One causal read of each window (B, L); the state at t − 1 + j predicts y_j of the slot at context length t.
 
     Returns (log-probs (B, P, n), float32; mask (B, P, n) bool: real targets of valid slots)."""
@@ -69,7 +73,9 @@ def window_target_logps(model: nn.Module, batch: WindowBatch) -> tuple[torch.Ten
     index = ((batch.slot_len - 1)[..., None] + torch.arange(n, device=hidden.device)).clamp_max(hidden.shape[1] - 1)
     states = hidden.gather(1, index.flatten(1)[..., None].expand(-1, -1, hidden.shape[-1]))
     states = states.view(*index.shape, -1)  # (B, P, n, d)
-    logp = chunked_logps.target_logps(model.get_output_embeddings(), states, batch.target_ids)
+    logp = chunked_logps.target_logps(
+        TrueTokenHead(model.get_output_embeddings(), marker_ids), states, batch.target_ids
+    )
     return logp, batch.target_mask & batch.valid[..., None]
 
 

@@ -151,8 +151,7 @@ class Scorer:
         if not lean:
             return self.mix(h_base, h_interp, target_ids, target_mask).scores()
         roles = self.roles
-        lm_base = roles.model("base").get_output_embeddings()
-        lm_interp = roles.model("interpreter").get_output_embeddings()
+        lm_base, lm_interp = roles.true_token_head("base"), roles.true_token_head("interpreter")
         logp_base = chunked_logps.target_logps(lm_base, h_base[:, 0], target_ids)  # (N, n)
         need_interp = self.reward_source == "interpreter"
         logp, weight, logp_interp = roles.head(
@@ -164,8 +163,7 @@ class Scorer:
     def mix(self, h_base, h_interp, target_ids, target_mask) -> Distributions:
         """Distributions from last hidden states: base (N, 1, n, d), interpreter (N, K+1, n, d) (null row last)."""
         roles = self.roles
-        lm_base = roles.model("base").get_output_embeddings()
-        lm_interp = roles.model("interpreter").get_output_embeddings()
+        lm_base, lm_interp = roles.true_token_head("base"), roles.true_token_head("interpreter")
         mixed, weight = roles.head(h_base.expand_as(h_interp), h_interp, lm_base, lm_interp)
         logp_interp = None
         if self.reward_source == "interpreter" and roles.head.form != "none":

@@ -43,6 +43,8 @@ class Result:
     metrics: dict[str, float]
     identity: dict[str, Any] = field(default_factory=dict)  # flattened recipe minus seed and operational keys
     curves: dict[str, dict[int, float]] = field(default_factory=dict)
+    # eval folders: per metric, the per-item (values, weights, resampling units) from items.jsonl
+    items: dict[str, tuple[list, list, list]] = field(default_factory=dict)
 
 
 def _identity(recipe: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -130,7 +132,24 @@ def read_eval(folder: Path) -> Result:
     flat = {k: v for k, v in flatten(settings).items() if k not in ("seed", "model", "checkpoint", "output_dir")}
     if settings.get("checkpoint"):
         flat["checkpoint"] = Path(settings["checkpoint"]).name
-    return Result(str(folder), "eval", settings.get("seed", results.get("seed")), metrics, _identity(flat, "recipe."))
+    seed = settings.get("seed", results.get("seed"))
+    items = _read_items(folder, results)
+    for key, (values, weights, _) in items.items():  # metrics added since the evaluation wrote results.json
+        if key not in metrics and values:
+            metrics[key] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
+    return Result(str(folder), "eval", seed, metrics, _identity(flat, "recipe."), items=items)
+
+
+def _read_items(folder: Path, results: dict) -> dict[str, tuple[list, list, list]]:
+    """Per-item values of an evaluation's metrics (``eval.metrics.per_item_clusters``), {} without items.jsonl."""
+    from thinkrl.eval.metrics import per_item_clusters
+
+    path = folder / "items.jsonl"
+    if not path.is_file() or not results.get("task"):
+        return {}
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    values, weights, units = per_item_clusters(results["task"], records, results.get("modes", []))
+    return {k: (values[k], weights[k], units[k]) for k in values}
 
 
 def read_result(folder: str | Path) -> Result:
@@ -176,6 +195,8 @@ def aggregate(points: dict[str, list[Result]], level: float = 0.95) -> dict:
         for name in names:
             values = [r.metrics.get(name) for r in results]
             metrics[name] = {**study_stats.describe(values, level), "values": values}
+            if results and all(name in r.items for r in results):
+                metrics[name]["pooled"] = pooled_items([r.items[name] for r in results], level)
         curve_names = [n for n in CURVES if any(r.curves.get(n) for r in results)]
         curves = {n: study_stats.band([r.curves.get(n, {}) for r in results]) for n in curve_names}
         out.append(
@@ -198,6 +219,18 @@ def aggregate(points: dict[str, list[Result]], level: float = 0.95) -> dict:
 # ---------------------------------------------------------------- writing
 
 
+def pooled_items(per_result: list[tuple[list, list, list]], level: float = 0.95) -> dict:
+    """One metric's items of every result together: the (weighted) mean with a percentile-bootstrap interval that
+    resamples units (an item, or a text window) with all their values, across results alike; the same held-out
+    item seen by three seeds is one unit, not three independent ones."""
+    from thinkrl.eval.stats import bootstrap_ci
+
+    values = [v for vals, _, _ in per_result for v in vals]
+    weights = [w for _, ws, _ in per_result for w in ws]
+    units = [u for _, _, us in per_result for u in us]
+    return bootstrap_ci(values, weights, groups=units, seed=0, level=level)
+
+
 def _fmt(x: float | None, decimals: int = 4) -> str:
     if x is None or not math.isfinite(x):
         return "nan"
@@ -208,12 +241,16 @@ def _fmt(x: float | None, decimals: int = 4) -> str:
 
 
 def format_cell(stats: dict, n_point: int) -> str:
-    """``mean ± sd [low, high]``; the mean alone below two values; ``(n=k)`` when a seed lacks the metric."""
+    """``mean ± sd [low, high]``; the mean alone below two values; ``(n=k)`` when a seed lacks the metric;
+    evaluations add ``· pooled v [low, high]`` (items of all seeds, bootstrap)."""
     text = _fmt(stats["mean"])
     if stats["n"] >= 2:
         text += f" ± {_fmt(stats['sd'])} [{_fmt(stats['ci_low'])}, {_fmt(stats['ci_high'])}]"
     if stats["n"] != n_point:
         text += f" (n={stats['n']})"
+    pooled = stats.get("pooled")
+    if pooled:
+        text += f" · pooled {_fmt(pooled['value'])} [{_fmt(pooled['ci_low'])}, {_fmt(pooled['ci_high'])}]"
     return text
 
 
@@ -233,7 +270,9 @@ def markdown(study: dict, title: str, notes: list[str] | None = None, base: Path
     lines += [
         "",
         f"Across seeds: mean ± sd (sample sd, n − 1) [{study['interval']}]. Seeds are the unit; "
-        f"with n = 3 the t quantile is {study_stats.t_critical(2, study['level']):.2f}.",
+        f"with n = 3 the t quantile is {study_stats.t_critical(2, study['level']):.2f}. Evaluations add "
+        f"`pooled`: the items of all seeds together, {study['level']:.0%} percentile bootstrap over items (an item, "
+        "or a text window, with its values from every seed, as one unit).",
         "",
         "| point | n | seeds | folders |",
         "|---|---|---|---|",

@@ -31,6 +31,7 @@ from thinkrl.config import Config, to_yaml
 from thinkrl.data.positions import PositionStream
 from thinkrl.data.sources import build_pools
 from thinkrl.data.windows import WindowPool, positions_of, window_batch
+from thinkrl.ema import EmaReference
 from thinkrl.errors import ConfigError, NonFiniteLossError
 from thinkrl.evaluation import evaluate
 from thinkrl.learner import PositionScoring, build_optimizer, compute_loss
@@ -162,6 +163,13 @@ class Trainer:
         self.actor.on_engine_tokens = lambda n: self.compute.add(self.roles.role_group["reasoner"], n)
         self.max_flops = flops_budget(tc.max_flops, tc.compute_match)
         self.lm_models = lm_models(self.roles) if cfg.learner.objective == "lm" else {}
+        self.ema = None
+        if cfg.reward.baseline == "ema" and cfg.learner.objective == "thoughts":
+            if self.sharded:
+                raise ConfigError("reward.baseline=ema needs an unsharded run (trainer.sharding=none, no FSDP launch)")
+            # After the compute counter: the copy inherits its hook, so EMA forwards count as the group's compute.
+            self.ema = EmaReference(self.roles.model("interpreter"), cfg.reward.ema_decay)
+            self.accelerator.register_for_checkpointing(self.ema)
 
     # ------------------------------------------------------------------------------------------------------------
     @contextmanager
@@ -239,9 +247,13 @@ class Trainer:
                     thoughts = sample(cfg.rollout.num_thoughts)
                 except NonFiniteLossError as exc:
                     self._non_finite(str(exc))
+            logp_ema = None
+            if self.ema is not None:
+                with self._timed("score_and_loss"):
+                    logp_ema = self.ema.logps(self._target_logps(positions, scoring))
             for _update in range(lc.updates_per_rollout):
                 with self._timed("score_and_loss"):
-                    out = compute_loss(cfg, scoring, thoughts)
+                    out = compute_loss(cfg, scoring, thoughts, logp_ema)
                 if not torch.isfinite(out.loss):
                     self._non_finite(f"loss is {float(out.loss)}")
                 with self._timed("backward"):
@@ -262,7 +274,7 @@ class Trainer:
             **{f"train/{k_}": v for k_, v in stats_sum.items()},
             "train/grad_norm": grad_norm,
             **self.group_norms,
-            "train/null_rate": float((out.rewards.max(dim=1).values <= 0).float().mean()) if k else 1.0,
+            "train/null_rate": float((out.null_rewards.max(dim=1).values <= 0).float().mean()) if k else 1.0,
             "train/thought_len": mean_or_nan(thoughts.lengths),
             "train/unfinished_rate": mean_or_nan((~thoughts.finished).float()),
             "train/mix_weight": float(out.scores.weight[:, :-1].detach().float().mean()) if k else 1.0,
@@ -304,11 +316,14 @@ class Trainer:
     def _target_logps(self, positions, scoring):
         """``model → (target log-probs, mask)`` of the LM baseline's batch: each window read once (parallel passes
         over whole windows), else each position's interpreter window then its targets."""
+        markers = [self.roles.sot_id, self.roles.eot_id]
         if isinstance(scoring, WindowScoring) and not self.scorer.window:
-            return partial(window_target_logps, batch=scoring.batch)
+            return partial(window_target_logps, batch=scoring.batch, marker_ids=markers)
         windows = [self.scorer.window_of(p.context_ids) for p in positions]
         targets = [p.target_ids for p in positions]
-        return partial(position_target_logps, windows=windows, targets=targets, pad_id=self.scorer.pad_id)
+        return partial(
+            position_target_logps, windows=windows, targets=targets, pad_id=self.scorer.pad_id, marker_ids=markers
+        )
 
     def _mean_over_processes(self, metrics: dict) -> None:
         """Float metrics averaged over processes in place (grad norms are already global)."""
@@ -363,6 +378,8 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update()
         return norm
 
     def _clip_sharded(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -423,6 +440,8 @@ class Trainer:
         start_time = time.perf_counter()
         if self.state.initial_eval is None and tc.lm_warmup_steps:
             self._lm_warmup()
+            if self.ema is not None:  # the reference starts from the weights the RL starts from
+                self.ema.reset()
         # The sampler started with the freshly built weights: a resume or a warm-up has changed them since.
         with self._timed("sync"):
             self.actor.sync_weights()

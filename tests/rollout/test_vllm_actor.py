@@ -164,37 +164,37 @@ def test_lora_export_merges_the_adapter(tmp_path):
         assert any("lora_" in n for n, _ in model.named_parameters())  # adapter restored after the merge
 
 
-def test_training_with_vllm_matches_hf(tmp_path):
-    """The default recipe learns key recall with either sampler; the figures land in the same range."""
+def test_training_with_vllm_matches_hf_and_a_resumed_engine_serves_the_checkpoint(tmp_path, default_hf_run):
+    """The default recipe learns key recall with either sampler; the figures land in the same range. Resumed from
+    its final checkpoint, a fresh run's engine samples from the checkpoint's weights, not from the fresh
+    initialisation (the resume only evaluates: no update would sync the engine for us)."""
     from pathlib import Path
+
+    from conftest import DEFAULT_RUN_120
 
     from thinkrl.trainer import Trainer
 
     recipe = Path(__file__).resolve().parents[2] / "configs/default.yaml"
-    finals = {}
-    for backend in ("hf", "vllm"):
-        cfg = load_config(
-            recipe,
-            [
-                f"rollout.backend={backend}",
-                f"trainer.output_dir={tmp_path / backend}",
-                "trainer.max_steps=120",
-                "trainer.eval_every=0",
-                "trainer.save_every=0",
-                "trainer.report_to=none",
-                "trainer.progress=false",
-                "data.eval_positions=64",
-            ],
-        )
-        result = Trainer(cfg).train()
-        finals[backend] = result["final_eval"]
-        if backend == "vllm":
-            assert (tmp_path / "vllm/rank0/vllm-weights/config.json").is_file()
-    hf, vl = finals["hf"], finals["vllm"]
+    cfg = load_config(recipe, [*DEFAULT_RUN_120, "rollout.backend=vllm", f"trainer.output_dir={tmp_path}"])
+    vl, hf = Trainer(cfg).train()["final_eval"], default_hf_run["final_eval"]
+    assert (tmp_path / "rank0/vllm-weights/config.json").is_file()
     assert vl["reward_mean"] > 2.5 and hf["reward_mean"] > 2.5
     assert abs(vl["reward_mean"] - hf["reward_mean"]) < 1.0
     assert abs(vl["nll_thought"] - hf["nll_thought"]) < 0.5
     assert abs(vl["thought_len_mean"] - hf["thought_len_mean"]) < 1.0
+
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert trainer.state.step == 120  # resumed, nothing left to train
+    roles, actor = trainer.roles, trainer.actor
+    contexts = [trainer.eval_pool[i].context_ids for i in range(3)]
+    thoughts = actor.sample(contexts, 4, position_seeds(3, torch.Generator().manual_seed(0)))
+    logps = _hf_logps(trainer.cfg, roles, thoughts, contexts)
+    assert float((logps - thoughts.sampler_logps).abs().max()) < 1e-4
+    # and those weights are not the initial ones: a fresh model's log-probs of the same thoughts differ
+    torch.manual_seed(0)
+    fresh = build_roles(trainer.cfg)
+    assert float((_hf_logps(trainer.cfg, fresh, thoughts, contexts) - thoughts.sampler_logps).abs().max()) > 1e-2
 
 
 def test_missing_vllm_is_one_line_naming_the_fix(monkeypatch):
@@ -209,49 +209,20 @@ def test_missing_vllm_is_one_line_naming_the_fix(monkeypatch):
     assert "scripts/install.sh" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_engine_that_cannot_start_or_dies_gives_one_line_errors(tmp_path):
+def test_engine_that_cannot_start_or_dies_gives_one_line_errors(tmp_path, engine):
+    """Kills the module's engine, so it stays the last test of this file (pytest runs a file top to bottom)."""
     import psutil
 
     from thinkrl.rollout.vllm_actor import VLLMEngineError
 
-    torch.manual_seed(0)
-    cfg = load_config(None, [*SIZES, "rollout.backend=vllm"])
-    roles = build_roles(cfg)
+    cfg, roles, actor = engine
     with pytest.raises(VLLMEngineError) as info:  # longer than the model's 512 positions: the engine refuses
         make_actor(cfg.rollout, roles, tmp_path, max_model_len=100_000)
     assert "failed to start" in str(info.value) and "\n" not in str(info.value)
 
-    actor = make_actor(cfg.rollout, roles, tmp_path, max_model_len=64)
     for child in psutil.Process().children(recursive=True):  # the engine core and its worker, as an OOM kill would
         if "VLLM" in child.name():
             child.kill()
     with pytest.raises(VLLMEngineError) as info:
         actor.sample(CONTEXTS, 2, position_seeds(3, torch.Generator().manual_seed(0)))
     assert "died" in str(info.value) and "resume" in str(info.value) and "\n" not in str(info.value)
-
-
-def test_engine_serves_the_resumed_weights(tmp_path):
-    """After a resume the engine must sample from the checkpoint's weights, not from the fresh initialisation."""
-    from pathlib import Path
-
-    from thinkrl.trainer import Trainer
-
-    recipe = Path(__file__).resolve().parents[2] / "configs/default.yaml"
-    common = [
-        "rollout.backend=vllm",
-        f"trainer.output_dir={tmp_path}",
-        "trainer.eval_every=0",
-        "trainer.save_every=0",
-        "trainer.report_to=none",
-        "trainer.progress=false",
-        "data.eval_positions=8",
-        "trainer.lm_warmup_steps=20",
-    ]
-    Trainer(load_config(recipe, [*common, "trainer.max_steps=2"])).train()
-    trainer = Trainer(load_config(recipe, [*common, "trainer.max_steps=2"]))
-    trainer.train()  # resumes at step 2 and only evaluates: no update would sync the engine for us
-    roles, actor = trainer.roles, trainer.actor
-    contexts = [trainer.eval_pool[i].context_ids for i in range(3)]
-    thoughts = actor.sample(contexts, 4, position_seeds(3, torch.Generator().manual_seed(0)))
-    logps = _hf_logps(trainer.cfg, roles, thoughts, contexts)
-    assert float((logps - thoughts.sampler_logps).abs().max()) < 1e-4

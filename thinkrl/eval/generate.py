@@ -9,19 +9,29 @@ from __future__ import annotations
 import torch
 
 from thinkrl.models.shared_prefix import decode_step, prefill
+from thinkrl.models.true_tokens import mask_markers
 
 
 @torch.no_grad()
 def hf_greedy(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], stop_strings: list[str]
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    stop_strings: list[str],
+    marker_ids: list[int] = (),
 ) -> list[list[int]]:
+    """Greedy tokens after each prompt; ``marker_ids`` are never chosen (an answer is true tokens, as the
+    unmodified model would write them)."""
     pad = tokenizer.pad_token_id
+    markers = torch.tensor(list(marker_ids), dtype=torch.long, device=model.device)
     cache, mask, lengths, logits = prefill(model, prompts, pad)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     positions = lengths.clone()
     for _ in range(max_new_tokens):
-        nxt = logits.float().argmax(-1)
+        nxt = mask_markers(logits.float(), markers).argmax(-1)
         for i, token in enumerate(nxt.tolist()):
             if done[i]:
                 continue
@@ -53,6 +63,7 @@ class Generator:
         self.roles, self.actor, self.batch_size = roles, actor, batch_size
         tok = roles.tokenizer
         self.stop_ids = sorted({tok.eos_token_id, roles.sot_id, roles.eot_id} - {None})
+        self.marker_ids = [roles.sot_id, roles.eot_id]
 
     def _uses_engine(self, role: str) -> bool:
         return hasattr(self.actor, "generate_greedy") and self.roles.shared(role, "reasoner")
@@ -62,11 +73,11 @@ class Generator:
             return []
         tok = self.roles.tokenizer
         if self._uses_engine(role):
-            ids = self.actor.generate_greedy(prompts, max_new_tokens, self.stop_ids)
+            ids = self.actor.generate_greedy(prompts, max_new_tokens, self.stop_ids, self.marker_ids)
         else:
             model = self.roles.model(role)
             ids = []
             for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start : start + self.batch_size]
-                ids += hf_greedy(model, tok, chunk, max_new_tokens, self.stop_ids, stop_strings)
+                ids += hf_greedy(model, tok, chunk, max_new_tokens, self.stop_ids, stop_strings, self.marker_ids)
         return [cut_at_stop(tok.decode([t for t in seq if t not in self.stop_ids]), stop_strings) for seq in ids]

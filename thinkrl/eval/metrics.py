@@ -14,6 +14,9 @@ or ``sampled:K``. Token-level NLLs carry a weight (the item's token count) so th
                     of the no-thought NLL over the whole slice
   reward_mean       Δ log-prob of the gold continuation, thought minus null thought (summed over its tokens)
   delta_nll         per-token NLL after the null thought minus after the sampled thought (> 0: thoughts help)
+  delta_nll_none    per-token NLL with no thought (the base) minus after the sampled thought: a null phrase the
+                    model finds odd can make delta_nll look good while this one is negative
+  nll_best          per-token NLL after the best of the K thoughts for that item (an oracle: what search could get)
   null_rate         share of items where no sampled thought beats the null thought
   thought_len, unfinished_rate   tokens per thought; share that hit the length limit without the end marker
 
@@ -39,12 +42,15 @@ class _Collector:
         self.values: dict[str, list[float]] = {}
         self.weights: dict[str, list[float]] = {}
         self.groups: dict[str, list] = {}
+        self.items: dict[str, list] = {}
         self.group = None  # the bootstrap group of the values added next (None: each item is its own)
+        self.item = None  # the id of the item whose values are added next
 
     def add(self, key: str, value: float, weight: float = 1.0) -> None:
         self.values.setdefault(key, []).append(float(value))
         self.weights.setdefault(key, []).append(float(weight))
         self.groups.setdefault(key, []).append(self.group)
+        self.items.setdefault(key, []).append(self.item)
 
     def grouped(self) -> dict[str, list]:
         """Group labels of the metrics whose every value has one."""
@@ -60,17 +66,35 @@ def _thought_stats(c: _Collector, mode: str, rec: dict) -> None:
     c.add(f"{mode}/unfinished_rate", float(np.mean([not t["finished"] for t in thoughts])))
 
 
-def _answer_nll(c: _Collector, mode: str, logp_total, n_tokens: int, null_total: float | None = None) -> None:
-    """Per-token NLL of the gold answer (sampled: mean over thoughts) and the gain over the null thought."""
+def _answer_nll(
+    c: _Collector,
+    mode: str,
+    logp_total,
+    n_tokens: int,
+    null_total: float | None = None,
+    none_total: float | None = None,
+) -> None:
+    """Per-token NLL of the gold answer (sampled: mean over thoughts, and the best thought's) and the gains over
+    the null thought and over no thought, where those were scored."""
     mean_total = float(np.mean(logp_total))
     c.add(f"{mode}/nll", -mean_total / n_tokens, n_tokens)
+    if mode.startswith("sampled"):
+        c.add(f"{mode}/nll_best", -float(np.max(logp_total)) / n_tokens, n_tokens)
     if null_total is not None:
         c.add(f"{mode}/delta_nll", (mean_total - null_total) / n_tokens, n_tokens)
+    if none_total is not None:
+        c.add(f"{mode}/delta_nll_none", (mean_total - none_total) / n_tokens, n_tokens)
+
+
+def _none_total(rec: dict, key: str) -> float | None:
+    """The item's no-thought log-prob total, when ``none`` was scored."""
+    return rec["none"][key] if "none" in rec else None
 
 
 def gsm8k_metrics(records: list[dict], modes: list[str]) -> _Collector:
     c = _Collector()
     for rec in records:
+        c.item = rec["id"]
         n_tok = rec["answer_tokens"]
         for mode in modes:
             r = rec[mode.split(":")[0]]
@@ -82,7 +106,9 @@ def gsm8k_metrics(records: list[dict], modes: list[str]) -> _Collector:
                     c.add(f"{mode}/accuracy", float(np.mean(r["correct"])))
                     c.add(f"{mode}/accuracy_maj", float(r["maj_correct"]))
                     c.add(f"{mode}/accuracy_best", float(r["correct"][best]))
-                _answer_nll(c, mode, r["answer_logp"], n_tok, rec["null"]["answer_logp"])
+                _answer_nll(
+                    c, mode, r["answer_logp"], n_tok, rec["null"]["answer_logp"], _none_total(rec, "answer_logp")
+                )
                 _thought_stats(c, mode, rec)
             else:
                 c.add(f"{mode}/likelihood_score", r["likelihood"])
@@ -95,6 +121,7 @@ def gsm8k_metrics(records: list[dict], modes: list[str]) -> _Collector:
 def csqa_metrics(records: list[dict], modes: list[str]) -> _Collector:
     c = _Collector()
     for rec in records:
+        c.item = rec["id"]
         gold = rec["labels"].index(rec["gold"])
         n_tok = rec["answer_tokens"]
         for mode in modes:
@@ -115,7 +142,7 @@ def csqa_metrics(records: list[dict], modes: list[str]) -> _Collector:
                 vote = majority([int(i) for i in letter.argmax(-1)])
                 c.add(f"{mode}/letter_accuracy_maj", float(vote == gold))
                 c.add(f"{mode}/letter_accuracy_best", float(letter_ok[best]))
-                _answer_nll(c, mode, r["gold_logp"], n_tok, rec["null"]["gold_logp"])
+                _answer_nll(c, mode, r["gold_logp"], n_tok, rec["null"]["gold_logp"], _none_total(rec, "gold_logp"))
                 _thought_stats(c, mode, rec)
             else:
                 _answer_nll(c, mode, r["gold_logp"], n_tok)
@@ -128,19 +155,21 @@ def text_metrics(records: list[dict], modes: list[str]) -> _Collector:
     # Hard tokens: the top decile of the no-thought NLL over the whole slice (one threshold for every mode).
     threshold = float(np.quantile(-base, 0.9)) if base.size else 0.0
     for rec in records:
-        c.group = rec.get("doc")
+        c.group, c.item = rec.get("doc"), rec["id"]
         none = np.asarray(rec["logp"]["none"])
         hard = -none >= threshold
         null_total = float(np.sum(rec["logp"]["null"])) if "null" in rec["logp"] else None
+        none_total = float(np.sum(none))
         for mode in modes:
             lp = np.asarray(rec["logp"][mode.split(":")[0]])  # (n,) or (K, n)
             rows = lp.reshape(-1, lp.shape[-1])
             sampled = mode.startswith("sampled")
-            _answer_nll(c, mode, rows.sum(-1), lp.shape[-1], null_total if sampled else None)
+            _answer_nll(
+                c, mode, rows.sum(-1), lp.shape[-1], null_total if sampled else None, none_total if sampled else None
+            )
             if hard.any():
                 c.add(f"{mode}/nll_hard", float(-rows[:, hard].mean()), float(hard.sum()))
             if sampled:
-                c.add(f"{mode}/nll_best", float(-rows.sum(-1).max() / lp.shape[-1]), lp.shape[-1])
                 _thought_stats(c, mode, rec)
     return c
 
@@ -153,6 +182,15 @@ def per_item_metrics(task: str, records: list[dict], modes: list[str]) -> tuple[
     whose items carry a bootstrap group (text: the window)."""
     c = TASK_METRICS[task](records, modes)
     return c.values, c.weights, c.grouped()
+
+
+def per_item_clusters(task: str, records: list[dict], modes: list[str]) -> tuple[dict, dict, dict]:
+    """Like ``per_item_metrics``, but every value carries its resampling unit: the item's window (text) or the item
+    id. Evaluations of several models on the same items (seeds of one recipe) pool into one bootstrap where a
+    unit brings all its values along, since they are not independent of each other."""
+    c = TASK_METRICS[task](records, modes)
+    units = {k: [f"{task}:{g if g is not None else i}" for g, i in zip(c.groups[k], c.items[k])] for k in c.values}
+    return c.values, c.weights, units
 
 
 def token_deltas(task: str, records: list[dict], mode: str) -> list[float]:

@@ -278,7 +278,7 @@ class Evaluator:
         (N, 0, C, n), so no thought row, not even the null thought's, is computed. Parallel passes: one read per
         window (unless ``interpreter_window`` cuts each position's context, as in ``WindowScoring``)."""
         model, pad = self.roles.model("base"), self.scorer.pad_id
-        lm_head = model.get_output_embeddings()
+        lm_head = self.roles.true_token_head("base")
         contexts = [self.scorer.window_of(it.context) for it in batch]
         candidates = [it.targets for it in batch]
         n_pos, c = len(batch), len(candidates[0])

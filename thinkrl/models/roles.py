@@ -20,6 +20,7 @@ from thinkrl.config import ROLES, Config, ModelSpec
 from thinkrl.errors import ModelLoadError
 from thinkrl.models.checkpointing import enable_checkpointing
 from thinkrl.models.mixing_head import MixingHead
+from thinkrl.models.true_tokens import TrueTokenHead
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,10 @@ class RoleModels:
 
     def model(self, role: str) -> PreTrainedModel:
         return self.models[self.role_group[role]]
+
+    def true_token_head(self, role: str) -> TrueTokenHead:
+        """The role's LM head for predicting true tokens: the thought markers masked out (``models/true_tokens``)."""
+        return TrueTokenHead(self.model(role).get_output_embeddings(), [self.sot_id, self.eot_id])
 
     def shared(self, role_a: str, role_b: str) -> bool:
         return self.role_group[role_a] == self.role_group[role_b]

@@ -280,9 +280,13 @@ class VLLMRolloutActor(RolloutActor):
         self.stats = {"rollout/prefix_cache_hit_rate": cached / max(1, prompt_tokens)}
         return self._to_batch(outputs, num_thoughts, self.model.device)
 
-    def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
-        """Greedy continuations with the engine's weights (evaluation: the answer after a thought)."""
+    def generate_greedy(
+        self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], marker_ids: list[int] = ()
+    ) -> list[list[int]]:
+        """Greedy continuations with the engine's weights (evaluation: the answer after a thought); the thought
+        markers are biased out (vLLM's bias floor, far below any real logit gap) as HF greedy masks them."""
         params = self._params_cls(
+            logit_bias={int(t): -100.0 for t in marker_ids} or None,
             n=1,
             max_tokens=max_new_tokens,
             temperature=0.0,

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M-Instruct study (issue 10), one recipe at a time:
+#   1. `thinkrl sweep`: the recipe over 3 seeds, each followed by its compute-matched no-thought LM baseline;
+#   2. `thinkrl eval` of every final checkpoint on the recipe's held-out slice (thought runs: no thought, the null
+#      thought and K sampled thoughts; baselines: no thought);
+#   3. `thinkrl aggregate` of those evaluations: mean ± sd over seeds and pooled intervals over items.
+# Every stage resumes: rerun the same command after a stop and finished runs and evaluations are kept.
+#
+#   scripts/study_smollm2.sh a            # thoughts before GSM8K answers    (configs/smollm2/study_a_gsm8k.yaml)
+#   scripts/study_smollm2.sh b            # thoughts that must carry text    (configs/smollm2/study_b_wikitext.yaml)
+#   scripts/study_smollm2.sh c            # the Quiet-STaR setting            (configs/smollm2/study_c_quiet_star.yaml)
+#   SEEDS=0 OUT=runs/try scripts/study_smollm2.sh a   # another seed list or output folder
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THINKRL=${THINKRL:-$( [ -x .venv/bin/thinkrl ] && echo .venv/bin/thinkrl || echo thinkrl )}
+SEEDS=${SEEDS:-0,1,2}
+case "${1:-}" in
+  a) config=configs/smollm2/study_a_gsm8k.yaml; task=gsm8k; limit=300; k=4 ;;
+  b) config=configs/smollm2/study_b_wikitext.yaml; task=text; limit=512; k=4 ;;
+  c) config=configs/smollm2/study_c_quiet_star.yaml; task=text; limit=512; k=2 ;;
+  *) echo "usage: scripts/study_smollm2.sh a|b|c   (SEEDS=0,1,2 OUT=runs/study-smollm2-<recipe>)" >&2; exit 2 ;;
+esac
+out=${OUT:-runs/study-smollm2-$1}
+
+"$THINKRL" sweep --config "$config" --seeds "$SEEDS" --compute-matched-baseline --out "$out"
+
+evals=()
+for seed in ${SEEDS//,/ }; do
+  "$THINKRL" eval --model "$out/seed-$seed" --task "$task" --limit "$limit" --no-generate \
+    --thoughts "none,null,sampled:$k" --output "$out/eval/thoughts/seed-$seed"
+  "$THINKRL" eval --model "$out/baseline/seed-$seed" --task "$task" --limit "$limit" --no-generate \
+    --thoughts none --output "$out/eval/baseline/seed-$seed"
+  evals+=("$out/eval/thoughts/seed-$seed" "$out/eval/baseline/seed-$seed")
+done
+"$THINKRL" aggregate "${evals[@]}" --out "$out/eval/study"
