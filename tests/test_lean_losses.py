@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from stock_models import stock_model
 
 from thinkrl.config import load_config
 from thinkrl.data.positions import text_pool
@@ -164,22 +164,7 @@ def test_gradient_checkpointing_is_per_weight_group_and_survives_a_deep_copy():
 def test_checkpointed_stock_models_equal_on_a_shared_prefix(arch):
     """forward_shared_prefix (prefill, cache repeated, continuation) of stock transformers models: the same outputs
     and parameter gradients with every layer checkpointed (transformers' own switch would drop the prefix)."""
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        model = GPT2LMHeadModel(
-            GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-        )
-    else:
-        config = LlamaConfig(
-            vocab_size=40,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-        )
-        model = LlamaForCausalLM(config)
-    model.eval()
+    model = stock_model(arch)
     prefixes = [[5, 6, 7, 8], [9, 10]]
     suffixes = [[11, 12, 13], [14], [15, 16], [17, 18, 19]]
     results = []

@@ -10,16 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from stock_models import stock_model
 
 import thinkrl.models.parallel_attention as pa
 from thinkrl.config import load_config
@@ -183,27 +174,7 @@ def test_a_thought_that_sees_another_positions_thought_is_caught(monkeypatch):
 def test_stock_models_one_pass_at_a_time_and_all_at_once(arch):
     """The attention hook in stock transformers models: passes (all tokens at once, or one per pass with history)
     equal an uncached forward of window[:t] ⊕ tokens for every row and slot."""
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        model = GPT2LMHeadModel(
-            GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-        )
-    else:
-        sizes = dict(
-            vocab_size=40,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-        )
-        config_cls, model_cls = {
-            "llama-gqa": (LlamaConfig, LlamaForCausalLM),
-            "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-            "mistral": (MistralConfig, MistralForCausalLM),
-        }[arch]
-        model = model_cls(config_cls(**sizes))
-    model.eval()
+    model = stock_model(arch)
     ids = torch.randint(0, 40, (2, 12))
     slot_len = torch.tensor([[2, 5, 9, 12], [3, 4, 7, 11]])
     tokens = torch.randint(0, 40, (2, 3, 4, 3))

@@ -139,7 +139,7 @@ def test_eval_loads_a_sharded_checkpoint_and_a_mismatched_run_gets_one_line(runs
 
 
 def test_decoder_layers_of_an_unknown_model_class_is_a_config_error():
-    class Bare(PreTrainedModel):
+    class Bare(PreTrainedModel):  # no GradientCheckpointingLayer inside
         _no_split_modules = None
 
     from transformers import PretrainedConfig

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 from thinkrl.errors import ConfigError
+from thinkrl.models.checkpointing import decoder_layers as checkpointed_layers
 
 
 def uses_fsdp2(accelerator, setting: str) -> bool:
@@ -73,16 +74,14 @@ def check_vllm_fits(roles, rollout_cfg, world: int) -> None:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a transformers model (LoRA-wrapped or not): the classes it lists in
-    ``_no_split_modules``, the same units accelerate and transformers keep whole when they split a model."""
-    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    names = set(getattr(hf, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    """The decoder layers of a transformers model (LoRA-wrapped or not), found as gradient checkpointing finds
+    them (``models.checkpointing.decoder_layers``): each becomes one FSDP2 unit."""
+    layers = checkpointed_layers(model)
     if not layers:
-        kind = type(hf or model).__name__
+        hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
         raise ConfigError(
-            f"trainer.sharding=fsdp2 cannot find the decoder layers of {kind} (it lists no _no_split_modules "
-            "that occur in the model); use trainer.sharding=none or a transformers model class that lists them"
+            f"trainer.sharding=fsdp2 cannot find the decoder layers of {type(hf or model).__name__} (no module of it "
+            "is a transformers GradientCheckpointingLayer); use trainer.sharding=none or a model class built of them"
         )
     return layers
 
