@@ -10,7 +10,7 @@ from conftest import TINY
 from thinkrl.cli import main
 from thinkrl.config import load_config, to_yaml
 from thinkrl.errors import ConfigError
-from thinkrl.study import aggregate, group_by_point, pooled_items, read_result
+from thinkrl.study import aggregate, group_by_point, markdown, pooled_items, read_result
 from thinkrl.sweep import parse_grid, plan, split_values, sweep, train_command
 
 
@@ -109,10 +109,13 @@ def test_aggregate_eval_folders_across_seeds(tmp_path):
         read_result(tmp_path)
 
 
-def _gsm8k_record(item: str, n_tok: int, none: float, null: float, sampled: list[float]) -> dict:
-    thoughts = [{"reward": t - null, "length": 3, "finished": True} for t in sampled]
+def _gsm8k_record(item: str, n_tok: int, none: float, null: float, sampled: list[float], seed: int = 0) -> dict:
+    thoughts = [
+        {"text": f"s{seed}{item}{j}", "reward": t - null, "length": 3, "finished": True} for j, t in enumerate(sampled)
+    ]
     return {
         "id": item,
+        "target_tokens": [" 4"] * n_tok,
         "answer_tokens": n_tok,
         "none": {"answer_logp": none, "likelihood": 0.1},
         "null": {"answer_logp": null, "likelihood": 0.1},
@@ -127,7 +130,7 @@ def test_eval_folders_pool_their_items_across_seeds_by_hand(tmp_path):
     Pooled, token-weighted: (0.5·2 + 0·1 + 1.5·2 − 2·1) / 6 = 1/3, over 2 units (items a and b)."""
     records = {
         0: [_gsm8k_record("a", 2, -4.0, -3.0, [-2.0, -4.0]), _gsm8k_record("b", 1, -1.0, -2.0, [-1.5, -0.5])],
-        1: [_gsm8k_record("a", 2, -4.0, -3.0, [-1.0, -1.0]), _gsm8k_record("b", 1, -1.0, -2.0, [-3.0, -3.0])],
+        1: [_gsm8k_record("a", 2, -4.0, -3.0, [-1.0, -1.0], 1), _gsm8k_record("b", 1, -1.0, -2.0, [-3.0, -3.0], 1)],
     }
     folders = []
     for seed, recs in records.items():
@@ -147,6 +150,14 @@ def test_eval_folders_pool_their_items_across_seeds_by_hand(tmp_path):
     assert pooled["sampled:2/delta_nll"]["pooled"]["value"] == pytest.approx(2 / 6)
     # best of K per item: a −max(−2, −4) / 2 = 1, b 0.5; seed 1: a 0.5, b 3 → (2 + 0.5 + 1 + 3) / 6
     assert pooled["sampled:2/nll_best"]["pooled"]["value"] == pytest.approx(6.5 / 6)
+    # Per-token gains over the null thought: s0a [0.5, -0.5], s0b [0.5, 1.5], s1a [1, 1], s1b [-1, -1]; over no
+    # thought: s0b1 (−0.5 + 1) / 1 = 0.5, s0a1 (−4 + 4) / 2 = 0.
+    extremes = study["points"][0]["thoughts"]
+    assert [r["vs_null"] for r in extremes["helped"]] == [1.5, 1.0, 1.0]
+    assert [r["vs_null"] for r in extremes["hurt"]] == [-1.0, -1.0, -0.5]
+    assert (extremes["helped"][0]["thought"], extremes["helped"][0]["vs_none"]) == ("s0b1", 0.5)
+    assert (extremes["hurt"][2]["thought"], extremes["hurt"][2]["vs_none"]) == ("s0a1", 0.0)
+    assert "`s0b1`" in markdown(study, "t")
     # An item is one resampling unit whatever the number of seeds that saw it: the same seed's items twice give
     # the one seed's interval, not a narrower one.
     one = read_result(folders[0]).items["sampled:2/delta_nll_none"]

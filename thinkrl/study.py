@@ -45,6 +45,7 @@ class Result:
     curves: dict[str, dict[int, float]] = field(default_factory=dict)
     # eval folders: per metric, the per-item (values, weights, resampling units) from items.jsonl
     items: dict[str, tuple[list, list, list]] = field(default_factory=dict)
+    thoughts: list[dict] = field(default_factory=list)  # eval folders: every sampled thought (``thought_rows``)
 
 
 def _identity(recipe: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -133,23 +134,71 @@ def read_eval(folder: Path) -> Result:
     if settings.get("checkpoint"):
         flat["checkpoint"] = Path(settings["checkpoint"]).name
     seed = settings.get("seed", results.get("seed"))
-    items = _read_items(folder, results)
+    items, thoughts = _read_items(folder, results)
     for key, (values, weights, _) in items.items():  # metrics added since the evaluation wrote results.json
         if key not in metrics and values:
             metrics[key] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
-    return Result(str(folder), "eval", seed, metrics, _identity(flat, "recipe."), items=items)
+    return Result(str(folder), "eval", seed, metrics, _identity(flat, "recipe."), items=items, thoughts=thoughts)
 
 
-def _read_items(folder: Path, results: dict) -> dict[str, tuple[list, list, list]]:
-    """Per-item values of an evaluation's metrics (``eval.metrics.per_item_clusters``), {} without items.jsonl."""
+def _read_items(folder: Path, results: dict) -> tuple[dict[str, tuple[list, list, list]], list[dict]]:
+    """Per-item values of an evaluation's metrics (``eval.metrics.per_item_clusters``) and its sampled thoughts
+    (``thought_rows``); both empty without items.jsonl."""
     from thinkrl.eval.metrics import per_item_clusters
 
     path = folder / "items.jsonl"
     if not path.is_file() or not results.get("task"):
-        return {}
+        return {}, []
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     values, weights, units = per_item_clusters(results["task"], records, results.get("modes", []))
-    return {k: (values[k], weights[k], units[k]) for k in values}
+    thoughts = thought_rows(results["task"], records, str(folder))
+    return {k: (values[k], weights[k], units[k]) for k in values}, thoughts
+
+
+def _no_thought_total(task: str, rec: dict) -> float | None:
+    """The item's gold log-prob with no thought (summed over its tokens), when recorded."""
+    if task == "text":
+        return float(sum(rec["logp"]["none"])) if "none" in rec.get("logp", {}) else None
+    key = "answer_logp" if task == "gsm8k" else "gold_logp"
+    return rec["none"][key] if key in rec.get("none", {}) else None
+
+
+def _thought_totals(task: str, rec: dict) -> list[float] | None:
+    if task == "text":
+        rows = rec.get("logp", {}).get("sampled")
+        return [float(sum(r)) for r in rows] if rows else None
+    sampled = rec.get("sampled", {})
+    totals = sampled.get("answer_logp" if task == "gsm8k" else "gold_logp")
+    return list(totals) if totals is not None else None
+
+
+def thought_rows(task: str, records: list[dict], folder: str) -> list[dict]:
+    """Every sampled thought of an evaluation with its gain per gold token over the null thought (``vs_null``) and
+    over no thought (``vs_none``, when scored), the item, its gold tokens and (text) the context's tail."""
+    rows = []
+    for rec in records:
+        n = max(1, int(rec.get("answer_tokens", 1)))
+        none, totals = _no_thought_total(task, rec), _thought_totals(task, rec)
+        for j, thought in enumerate(rec.get("thoughts", [])):
+            rows.append(
+                {
+                    "folder": folder,
+                    "id": rec["id"],
+                    "thought": thought.get("text", ""),
+                    "vs_null": thought["reward"] / n,
+                    "vs_none": (totals[j] - none) / n if none is not None and totals is not None else None,
+                    "gold": "".join(rec.get("target_tokens", [])),
+                    "context": rec.get("context") or rec.get("question"),
+                }
+            )
+    return rows
+
+
+def extreme_thoughts(results: list[Result], n: int = 3) -> dict[str, list[dict]]:
+    """The ``n`` held-out thoughts of a point's evaluations that helped most and hurt most, by gain per gold token
+    over the null thought (the quantity rewards measure)."""
+    rows = sorted((row for r in results for row in r.thoughts), key=lambda row: row["vs_null"])
+    return {"helped": rows[::-1][:n], "hurt": rows[:n]} if rows else {}
 
 
 def read_result(folder: str | Path) -> Result:
@@ -197,6 +246,7 @@ def aggregate(points: dict[str, list[Result]], level: float = 0.95) -> dict:
             metrics[name] = {**study_stats.describe(values, level), "values": values}
             if results and all(name in r.items for r in results):
                 metrics[name]["pooled"] = pooled_items([r.items[name] for r in results], level)
+        extremes = extreme_thoughts(results)
         curve_names = [n for n in CURVES if any(r.curves.get(n) for r in results)]
         curves = {n: study_stats.band([r.curves.get(n, {}) for r in results]) for n in curve_names}
         out.append(
@@ -207,6 +257,7 @@ def aggregate(points: dict[str, list[Result]], level: float = 0.95) -> dict:
                 "folders": [r.folder for r in results],
                 "metrics": metrics,
                 "curves": curves,
+                **({"thoughts": extremes} if extremes else {}),
             }
         )
     return {
@@ -254,6 +305,11 @@ def format_cell(stats: dict, n_point: int) -> str:
     return text
 
 
+def _cell(text: str) -> str:
+    """Text as one markdown table cell: on one line, pipes escaped, ``repr``-style so spaces and newlines show."""
+    return "`" + repr(text)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
+
+
 def _relative(folder: str, base: Path | None) -> str:
     if base is None:
         return folder
@@ -292,6 +348,23 @@ def markdown(study: dict, title: str, notes: list[str] | None = None, base: Path
         for name in names:
             cells = [format_cell(p["metrics"][name], p["n"]) if name in p["metrics"] else "" for p in points]
             lines.append(f"| {name.split('/', 1)[-1]} | " + " | ".join(cells) + " |")
+    for p in points:
+        if p.get("thoughts"):
+            lines += ["", f"## Held-out thoughts that helped most and hurt most: {p['label']}", ""]
+            lines += [
+                "| | Δ log p / token vs null | vs no thought | thought | gold | item |",
+                "|---|---|---|---|---|---|",
+            ]
+            for kind in ("helped", "hurt"):
+                for row in p["thoughts"][kind]:
+                    cells = [
+                        kind,
+                        _fmt(row["vs_null"]),
+                        _fmt(row["vs_none"]),
+                        _cell(row["thought"]),
+                        _cell(row["gold"]),
+                    ]
+                    lines.append("| " + " | ".join(cells) + f" | {row['id']} (`{_relative(row['folder'], base)}`) |")
     plotted = [n for n in CURVES if any(p["curves"].get(n, {}).get("steps") for p in points)]
     if plotted:
         lines += ["", "## Curves (mean over seeds, band ± 1 sd)", ""]
