@@ -232,3 +232,38 @@ def test_compute_matched_baseline_follows_each_seed_and_is_its_own_point(tmp_pat
     sweep(None, fixed, [0], study, baseline=True)  # a rerun trains nothing
     printed = capsys.readouterr().out
     assert printed.count(": done") == 2 and "training" not in printed
+
+
+def _eval_folder(folder: Path, records: list[dict], modes: list[str], train_seed: int, objective: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"task": "gsm8k", "seed": 0, "modes": modes, "metrics": {}}))
+    recipe = {"trainer": {"seed": train_seed}, "learner": {"objective": objective}}
+    settings = {"task": "gsm8k", "seed": 0, "checkpoint": f"runs/x/checkpoint-{train_seed}", "recipe": recipe}
+    (folder / "settings.json").write_text(json.dumps(settings))
+    (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def test_evaluations_of_compute_matched_baselines_pair_with_the_thought_runs_by_hand(tmp_path):
+    """Thought run, seed 0: NLL per token after its thoughts a: 3/2 tokens = 1.5, b: 1.0. Its LM baseline with no
+    thought: a: 2/2 = 1.0, b: 1.5. Baseline − thought: a −0.5 (2 tokens), b +0.5 (1 token) → −1/6 per token."""
+    thought = _eval_folder(
+        tmp_path / "thought",
+        [_gsm8k_record("a", 2, -4.0, -3.0, [-2.0, -4.0]), _gsm8k_record("b", 1, -1.0, -2.0, [-1.5, -0.5])],
+        ["none", "null", "sampled:2"],
+        0,
+        "thoughts",
+    )
+    base_records = [
+        {"id": item, "answer_tokens": n, "none": {"answer_logp": lp, "likelihood": 0.1}, "thoughts": []}
+        for item, n, lp in (("a", 2, -2.0), ("b", 1, -1.5))
+    ]
+    baseline = _eval_folder(tmp_path / "baseline", base_records, ["none"], 0, "lm")
+    points = group_by_point([read_result(thought), read_result(baseline)])
+    assert len(points) == 2  # the baseline is its own point
+    study = aggregate(points)
+    thought_point = next(p for p in study["points"] if "matched_lm/delta_nll" in p["metrics"])
+    gain = thought_point["metrics"]["matched_lm/delta_nll"]
+    assert gain["values"] == [pytest.approx(-1 / 6)] and gain["pooled"]["value"] == pytest.approx(-1 / 6)
+    assert thought_point["seeds"] == [0]
+    assert all("matched_lm/delta_nll" not in p["metrics"] for p in study["points"] if p is not thought_point)

@@ -43,8 +43,8 @@ class Result:
     metrics: dict[str, float]
     identity: dict[str, Any] = field(default_factory=dict)  # flattened recipe minus seed and operational keys
     curves: dict[str, dict[int, float]] = field(default_factory=dict)
-    # eval folders: per metric, the per-item (values, weights, resampling units) from items.jsonl
-    items: dict[str, tuple[list, list, list]] = field(default_factory=dict)
+    # eval folders: per metric, the per-item (values, weights, resampling units, item ids) from items.jsonl
+    items: dict[str, tuple[list, list, list, list]] = field(default_factory=dict)
     thoughts: list[dict] = field(default_factory=list)  # eval folders: every sampled thought (``thought_rows``)
 
 
@@ -134,14 +134,16 @@ def read_eval(folder: Path) -> Result:
     if settings.get("checkpoint"):
         flat["checkpoint"] = Path(settings["checkpoint"]).name
     seed = settings.get("seed", results.get("seed"))
+    if settings.get("checkpoint") and isinstance(settings.get("recipe"), dict):  # a trained model: its training seed
+        seed = settings["recipe"].get("trainer", {}).get("seed", seed)
     items, thoughts = _read_items(folder, results)
-    for key, (values, weights, _) in items.items():  # metrics added since the evaluation wrote results.json
+    for key, (values, weights, _, _) in items.items():  # metrics added since the evaluation wrote results.json
         if key not in metrics and values:
             metrics[key] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
     return Result(str(folder), "eval", seed, metrics, _identity(flat, "recipe."), items=items, thoughts=thoughts)
 
 
-def _read_items(folder: Path, results: dict) -> tuple[dict[str, tuple[list, list, list]], list[dict]]:
+def _read_items(folder: Path, results: dict) -> tuple[dict[str, tuple[list, list, list, list]], list[dict]]:
     """Per-item values of an evaluation's metrics (``eval.metrics.per_item_clusters``) and its sampled thoughts
     (``thought_rows``); both empty without items.jsonl."""
     from thinkrl.eval.metrics import per_item_clusters
@@ -150,9 +152,9 @@ def _read_items(folder: Path, results: dict) -> tuple[dict[str, tuple[list, list
     if not path.is_file() or not results.get("task"):
         return {}, []
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    values, weights, units = per_item_clusters(results["task"], records, results.get("modes", []))
+    values, weights, units, ids = per_item_clusters(results["task"], records, results.get("modes", []))
     thoughts = thought_rows(results["task"], records, str(folder))
-    return {k: (values[k], weights[k], units[k]) for k in values}, thoughts
+    return {k: (values[k], weights[k], units[k], ids[k]) for k in values}, thoughts
 
 
 def _no_thought_total(task: str, rec: dict) -> float | None:
@@ -233,8 +235,46 @@ def group_by_point(results: list[Result]) -> dict[str, list[Result]]:
     return {labels[key]: members for key, members in groups.items()}
 
 
+def _is_lm_baseline(result: Result) -> bool:
+    return result.kind == "eval" and result.identity.get("recipe.learner.objective") == "lm"
+
+
+def matched_baseline_gain(thought: Result, baseline: Result) -> tuple | None:
+    """Per item, the compute-matched LM baseline's no-thought NLL minus the thought model's NLL after its sampled
+    thoughts (per token, > 0: thoughts win), over the items both evaluated: (values, weights, units, ids), or None
+    when either lacks the per-item values."""
+    sampled = next((k for k in thought.items if k.startswith("sampled:") and k.endswith("/nll")), None)
+    if sampled is None or "none/nll" not in baseline.items:
+        return None
+    base = dict(zip(baseline.items["none/nll"][3], baseline.items["none/nll"][0]))
+    values, weights, units, ids = thought.items[sampled]
+    keep = [i for i, item in enumerate(ids) if item in base]
+    return (
+        [base[ids[i]] - values[i] for i in keep],
+        [weights[i] for i in keep],
+        [units[i] for i in keep],
+        [ids[i] for i in keep],
+    )
+
+
+def add_matched_baselines(points: dict[str, list[Result]]) -> None:
+    """Evaluations of compute-matched LM baselines (recipe ``learner.objective=lm``) beside evaluations of thought
+    runs: each thought result gets ``matched_lm/delta_nll`` against the baseline of the same training seed, its
+    per-item values too, so the study pools it like any metric."""
+    baselines = {r.seed: r for results in points.values() for r in results if _is_lm_baseline(r)}
+    for results in points.values():
+        for r in results:
+            if r.kind != "eval" or _is_lm_baseline(r) or r.seed not in baselines:
+                continue
+            gain = matched_baseline_gain(r, baselines[r.seed])
+            if gain and gain[0]:
+                r.items["matched_lm/delta_nll"] = gain
+                r.metrics["matched_lm/delta_nll"] = sum(v * w for v, w in zip(gain[0], gain[1])) / sum(gain[1])
+
+
 def aggregate(points: dict[str, list[Result]], level: float = 0.95) -> dict:
     """Per point: every metric across its results (``study_stats.describe`` + the values) and the curve bands."""
+    add_matched_baselines(points)
     out = []
     for label, results in points.items():
         names: list[str] = []
@@ -270,15 +310,15 @@ def aggregate(points: dict[str, list[Result]], level: float = 0.95) -> dict:
 # ---------------------------------------------------------------- writing
 
 
-def pooled_items(per_result: list[tuple[list, list, list]], level: float = 0.95) -> dict:
+def pooled_items(per_result: list[tuple], level: float = 0.95) -> dict:
     """One metric's items of every result together: the (weighted) mean with a percentile-bootstrap interval that
     resamples units (an item, or a text window) with all their values, across results alike; the same held-out
     item seen by three seeds is one unit, not three independent ones."""
     from thinkrl.eval.stats import bootstrap_ci
 
-    values = [v for vals, _, _ in per_result for v in vals]
-    weights = [w for _, ws, _ in per_result for w in ws]
-    units = [u for _, _, us in per_result for u in us]
+    values = [v for vals, *_ in per_result for v in vals]
+    weights = [w for _, ws, *_ in per_result for w in ws]
+    units = [u for _, _, us, *_ in per_result for u in us]
     return bootstrap_ci(values, weights, groups=units, seed=0, level=level)
 
 

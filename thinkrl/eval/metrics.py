@@ -184,13 +184,13 @@ def per_item_metrics(task: str, records: list[dict], modes: list[str]) -> tuple[
     return c.values, c.weights, c.grouped()
 
 
-def per_item_clusters(task: str, records: list[dict], modes: list[str]) -> tuple[dict, dict, dict]:
-    """Like ``per_item_metrics``, but every value carries its resampling unit: the item's window (text) or the item
-    id. Evaluations of several models on the same items (seeds of one recipe) pool into one bootstrap where a
-    unit brings all its values along, since they are not independent of each other."""
+def per_item_clusters(task: str, records: list[dict], modes: list[str]) -> tuple[dict, dict, dict, dict]:
+    """Like ``per_item_metrics``, but every value carries its resampling unit (the item's window for text, else the
+    item id) and its item id. Evaluations of several models on the same items (seeds of one recipe) pool into one
+    bootstrap where a unit brings all its values along, since they are not independent of each other."""
     c = TASK_METRICS[task](records, modes)
     units = {k: [f"{task}:{g if g is not None else i}" for g, i in zip(c.groups[k], c.items[k])] for k in c.values}
-    return c.values, c.weights, units
+    return c.values, c.weights, units, c.items
 
 
 def token_deltas(task: str, records: list[dict], mode: str) -> list[float]:
