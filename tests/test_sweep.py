@@ -234,11 +234,14 @@ def test_compute_matched_baseline_follows_each_seed_and_is_its_own_point(tmp_pat
     assert printed.count(": done") == 2 and "training" not in printed
 
 
-def _eval_folder(folder: Path, records: list[dict], modes: list[str], train_seed: int, objective: str) -> Path:
+def _eval_folder(
+    folder: Path, records: list[dict], modes: list[str], train_seed: int, objective: str, checkpoint: str = ""
+) -> Path:
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({"task": "gsm8k", "seed": 0, "modes": modes, "metrics": {}}))
     recipe = {"trainer": {"seed": train_seed}, "learner": {"objective": objective}}
-    settings = {"task": "gsm8k", "seed": 0, "checkpoint": f"runs/x/checkpoint-{train_seed}", "recipe": recipe}
+    checkpoint = checkpoint or f"runs/x/checkpoint-{train_seed}"
+    settings = {"task": "gsm8k", "seed": 0, "checkpoint": checkpoint, "recipe": recipe}
     (folder / "settings.json").write_text(json.dumps(settings))
     (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder
@@ -267,3 +270,20 @@ def test_evaluations_of_compute_matched_baselines_pair_with_the_thought_runs_by_
     assert gain["values"] == [pytest.approx(-1 / 6)] and gain["pooled"]["value"] == pytest.approx(-1 / 6)
     assert thought_point["seeds"] == [0]
     assert all("matched_lm/delta_nll" not in p["metrics"] for p in study["points"] if p is not thought_point)
+
+
+def test_final_checkpoints_of_seeds_that_stop_at_different_steps_are_one_point(tmp_path):
+    """A compute-matched baseline stops where its FLOP budget ends (seed 0 at step 89, seed 1 at 88): evaluations
+    of both final checkpoints are one point of two seeds; an earlier checkpoint is a point of its own."""
+    records = [{"id": "a", "answer_tokens": 1, "none": {"answer_logp": -1.0, "likelihood": 0.1}, "thoughts": []}]
+    folders = []
+    for seed, step in ((0, 89), (1, 88), (0, 80)):
+        run = tmp_path / "runs" / f"seed-{seed}"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "summary.json").write_text(json.dumps({"steps": {0: 89, 1: 88}[seed]}))
+        checkpoint = str(run / f"checkpoint-{step}")
+        folders.append(_eval_folder(tmp_path / f"eval-{seed}-{step}", records, ["none"], seed, "lm", checkpoint))
+    points = group_by_point([read_result(f) for f in folders])
+    assert sorted(len(results) for results in points.values()) == [1, 2]
+    final = next(results for results in points.values() if len(results) == 2)
+    assert sorted(r.seed for r in final) == [0, 1] and {r.identity["checkpoint"] for r in final} == {"final"}

@@ -21,6 +21,7 @@ from typing import Any
 from thinkrl import study_stats
 from thinkrl.errors import ConfigError
 from thinkrl.run_recipe import flatten, may_change, recorded_recipe
+from thinkrl.run_state import CHECKPOINT_PREFIX
 
 # name → (metrics.jsonl key, or (a, b) for a − b; axis label)
 CURVES: dict[str, tuple[Any, str]] = {
@@ -132,7 +133,7 @@ def read_eval(folder: Path) -> Result:
     # keys) and the checkpoint's name identify it; a plain model is named in recipe.model.default.path.
     flat = {k: v for k, v in flatten(settings).items() if k not in ("seed", "model", "checkpoint", "output_dir")}
     if settings.get("checkpoint"):
-        flat["checkpoint"] = Path(settings["checkpoint"]).name
+        flat["checkpoint"] = _checkpoint_label(Path(settings["checkpoint"]))
     seed = settings.get("seed", results.get("seed"))
     if settings.get("checkpoint") and isinstance(settings.get("recipe"), dict):  # a trained model: its training seed
         seed = settings["recipe"].get("trainer", {}).get("seed", seed)
@@ -141,6 +142,18 @@ def read_eval(folder: Path) -> Result:
         if key not in metrics and values:
             metrics[key] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
     return Result(str(folder), "eval", seed, metrics, _identity(flat, "recipe."), items=items, thoughts=thoughts)
+
+
+def _checkpoint_label(checkpoint: Path) -> str:
+    """``final`` for the last checkpoint of a finished run, else the checkpoint's name: compute-matched baselines
+    stop at the step their FLOP budget allows, which differs by a step or two between seeds, and their final
+    checkpoints must still be one point."""
+    summary = checkpoint.parent / "summary.json"
+    try:
+        steps = json.loads(summary.read_text(encoding="utf-8")).get("steps") if summary.is_file() else None
+    except (OSError, ValueError):
+        steps = None
+    return "final" if steps is not None and checkpoint.name == f"{CHECKPOINT_PREFIX}{steps}" else checkpoint.name
 
 
 def _read_items(folder: Path, results: dict) -> tuple[dict[str, tuple[list, list, list, list]], list[dict]]:
