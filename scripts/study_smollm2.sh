@@ -18,8 +18,8 @@ THINKRL=${THINKRL:-$( [ -x .venv/bin/thinkrl ] && echo .venv/bin/thinkrl || echo
 SEEDS=${SEEDS:-0,1,2}
 case "${1:-}" in
   a) config=configs/smollm2/study_a_gsm8k.yaml; task=gsm8k; limit=300; k=4 ;;
-  b) config=configs/smollm2/study_b_wikitext.yaml; task=text; limit=512; k=4 ;;
-  c) config=configs/smollm2/study_c_quiet_star.yaml; task=text; limit=512; k=2 ;;
+  b) config=configs/smollm2/study_b_wikitext.yaml; task=text; limit=256; k=4 ;;
+  c) config=configs/smollm2/study_c_quiet_star.yaml; task=text; limit=508; k=2 ;;
   *) echo "usage: scripts/study_smollm2.sh a|b|c   (SEEDS=0,1,2 OUT=runs/study-smollm2-<recipe>)" >&2; exit 2 ;;
 esac
 out=${OUT:-runs/study-smollm2-$1}
