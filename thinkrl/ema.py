@@ -26,6 +26,8 @@ class EmaReference:
         self.decay = decay
         self._live = dict(model.named_parameters())
         self._ema = dict(self.model.named_parameters())
+        # Frozen weights never move; which ones are frozen is settled when the roles are built, before this copy.
+        self._moving = [n for n, p in self._live.items() if p.requires_grad]
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -36,7 +38,7 @@ class EmaReference:
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step towards the live weights (call after each optimizer step)."""
-        names = [n for n, p in self._live.items() if p.requires_grad]  # frozen weights never move
+        names = self._moving
         core_algos.ema_update_([self._ema[n] for n in names], [self._live[n].detach() for n in names], self.decay)
 
     @torch.no_grad()

@@ -316,7 +316,7 @@ class Trainer:
     def _target_logps(self, positions, scoring):
         """``model → (target log-probs, mask)`` of the LM baseline's batch: each window read once (parallel passes
         over whole windows), else each position's interpreter window then its targets."""
-        markers = [self.roles.sot_id, self.roles.eot_id]
+        markers = self.roles.marker_ids
         if isinstance(scoring, WindowScoring) and not self.scorer.window:
             return partial(window_target_logps, batch=scoring.batch, marker_ids=markers)
         windows = [self.scorer.window_of(p.context_ids) for p in positions]

@@ -156,9 +156,14 @@ class RoleModels:
     def model(self, role: str) -> PreTrainedModel:
         return self.models[self.role_group[role]]
 
+    @property
+    def marker_ids(self) -> list[int]:
+        """The thought markers: never a prediction of a true token (``models/true_tokens``)."""
+        return [self.sot_id, self.eot_id]
+
     def true_token_head(self, role: str) -> TrueTokenHead:
         """The role's LM head for predicting true tokens: the thought markers masked out (``models/true_tokens``)."""
-        return TrueTokenHead(self.model(role).get_output_embeddings(), [self.sot_id, self.eot_id])
+        return TrueTokenHead(self.model(role).get_output_embeddings(), self.marker_ids)
 
     def shared(self, role_a: str, role_b: str) -> bool:
         return self.role_group[role_a] == self.role_group[role_b]
