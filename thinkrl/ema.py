@@ -38,8 +38,8 @@ class EmaReference:
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step towards the live weights (call after each optimizer step)."""
-        names = self._moving
-        core_algos.ema_update_([self._ema[n] for n in names], [self._live[n].detach() for n in names], self.decay)
+        ema = [self._ema[n] for n in self._moving]
+        core_algos.ema_update_(ema, [self._live[n].detach() for n in self._moving], self.decay)
 
     @torch.no_grad()
     def logps(self, target_logps) -> torch.Tensor:

@@ -130,7 +130,8 @@ def read_eval(folder: Path) -> Result:
     settings_path = folder / "settings.json"
     settings = json.loads(settings_path.read_text(encoding="utf-8")) if settings_path.is_file() else {}
     # The evaluated model's own folder differs per training seed: its recorded recipe (minus seed and operational
-    # keys) and the checkpoint's name identify it; a plain model is named in recipe.model.default.path.
+    # keys) and its checkpoint (``final``, or the checkpoint's name) identify it; a plain model is named in
+    # recipe.model.default.path.
     flat = {k: v for k, v in flatten(settings).items() if k not in ("seed", "model", "checkpoint", "output_dir")}
     if settings.get("checkpoint"):
         flat["checkpoint"] = _checkpoint_label(Path(settings["checkpoint"]))

@@ -62,8 +62,8 @@ class Generator:
     def __init__(self, roles, actor, batch_size: int):
         self.roles, self.actor, self.batch_size = roles, actor, batch_size
         tok = roles.tokenizer
-        self.stop_ids = sorted({tok.eos_token_id, roles.sot_id, roles.eot_id} - {None})
         self.marker_ids = roles.marker_ids
+        self.stop_ids = sorted({tok.eos_token_id, *self.marker_ids} - {None})
 
     def _uses_engine(self, role: str) -> bool:
         return hasattr(self.actor, "generate_greedy") and self.roles.shared(role, "reasoner")
