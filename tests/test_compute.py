@@ -9,8 +9,10 @@ import torch
 from thinkrl.compute import (
     ComputeCounter,
     backward_flops,
+    crossed,
     flops_budget,
     forward_flops,
+    matched_interval,
     non_embedding_params,
     step_flops,
     tokens_of_call,
@@ -170,6 +172,40 @@ def test_max_flops_stops_at_the_step_that_reaches_it_and_resume_continues_the_to
         flops_budget(0, str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match="not both"):
         load_config(None, ["trainer.max_flops=1e9", f"trainer.compute_match={run}"])
+
+
+def test_a_compute_matched_run_saves_and_evaluates_as_often_per_flop_as_the_run_it_matches(tiny_config, tmp_path):
+    assert crossed(99.0, 100.0, 50.0) and crossed(49.0, 51.0, 50.0) and not crossed(51.0, 99.0, 50.0)
+    assert not crossed(0.0, 1e9, 0.0)  # no interval: never
+    cadence = ["trainer.save_every=2", "trainer.eval_every=2", "trainer.keep_checkpoints=100", "trainer.num_threads=1"]
+    thought = tmp_path / "thought"
+    Trainer(tiny_config(*cadence, "trainer.max_steps=4", f"trainer.output_dir={thought}")).train()
+    budget = json.loads((thought / "summary.json").read_text())["compute"]["flops_total"]
+    assert matched_interval(2, str(thought)) == budget / 2  # 2 of its 4 steps' worth
+    assert matched_interval(0, str(thought)) == 0.0 and matched_interval(2, "") == 0.0
+
+    lm = tmp_path / "lm"
+    trainer = Trainer(
+        tiny_config(
+            *cadence,
+            "learner.objective=lm",
+            "trainer.max_steps=1000",
+            f"trainer.compute_match={thought}",
+            f"trainer.output_dir={lm}",
+        )
+    )
+    trainer.train()
+    trainer.compute.remove()
+    lm_step = 6 * N_TINY * POS * (WIN - 1 + N_AHEAD)
+    steps = json.loads((lm / "summary.json").read_text())["steps"]
+    assert steps == -(-budget // lm_step) > 4  # many cheap steps to the budget
+    half = -(-budget / 2 // lm_step)  # the first step at or past half the budget
+    # As many checkpoints as the thought run (2), where the budget's halves are passed, not one every 2 steps
+    saved = sorted(int(p.name.split("-")[1]) for p in lm.glob("checkpoint-*"))
+    assert saved == [half, steps] and len(list(thought.glob("checkpoint-*"))) == 2
+    rows = [json.loads(line) for line in (lm / "metrics.jsonl").read_text().splitlines()]
+    in_training = [r["step"] for r in rows if "eval/nll_base" in r and "train/loss" in r]
+    assert in_training == [half]  # the last step's evaluation is the final one
 
 
 def test_lm_baseline_reads_each_window_once_with_the_per_position_values(tiny_config):

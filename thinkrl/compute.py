@@ -218,3 +218,21 @@ def flops_budget(max_flops: float, compute_match: str) -> float:
             "first (runs written before compute accounting have none: give trainer.max_flops instead)"
         )
     return total
+
+
+def matched_interval(every: int, compute_match: str) -> float:
+    """FLOPs between a compute-matched run's checkpoints (or evaluations): as many as the matched run had over the
+    same budget, i.e. ``every`` of its steps' worth. A no-thought LM step costs a fraction of a thought step, so a
+    plain ``save_every`` would write a checkpoint every few seconds (73 for study (c)'s 219-step baseline).
+    0 when ``every`` is 0 (only at the end) or the run matches no run."""
+    if not every or not compute_match:
+        return 0.0
+    summary = json.loads((Path(compute_match) / "summary.json").read_text(encoding="utf-8"))
+    steps = int(summary.get("steps") or 0)
+    total = run_flops_total(compute_match) or 0.0
+    return total * every / steps if steps and total else 0.0
+
+
+def crossed(before: float, after: float, interval: float) -> bool:
+    """A step that took the running total from ``before`` to ``after`` passed a multiple of ``interval``."""
+    return interval > 0 and int(after // interval) > int(before // interval)

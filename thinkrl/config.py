@@ -436,8 +436,15 @@ class TrainerConfig:
     seed: int = described("seed of data order, sampling and initialisation", 0)
     lm_warmup_steps: int = described("plain LM training steps on the training text before RL (for scratch models)", 0)
     log_every: int = described("steps between metric logs and rollout dumps", 1)
-    eval_every: int = described("steps between held-out evaluations; 0 = only at start and end", 50)
-    save_every: int = described("steps between checkpoints; 0 = only at the end", 50)
+    eval_every: int = described(
+        "steps between held-out evaluations; 0 = only at start and end (under compute_match: as often per FLOP as "
+        "the matched run)",
+        50,
+    )
+    save_every: int = described(
+        "steps between checkpoints; 0 = only at the end (under compute_match: as often per FLOP as the matched run)",
+        50,
+    )
     keep_checkpoints: int = described("newest checkpoints kept on disk", 2)
     resume: str = described("auto (newest checkpoint in output_dir) | never | a checkpoint path", "auto")
     report_to: str = described("wandb (offline unless WANDB_MODE says otherwise) | tensorboard | none", "wandb")

@@ -26,7 +26,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from thinkrl.compute import ComputeCounter, flops_budget, merge_metrics
+from thinkrl.compute import ComputeCounter, crossed, flops_budget, matched_interval, merge_metrics
 from thinkrl.config import Config, to_yaml
 from thinkrl.data.positions import PositionStream
 from thinkrl.data.sources import build_pools
@@ -162,6 +162,10 @@ class Trainer:
         self.compute = ComputeCounter(self.roles.models, self.roles.role_group)
         self.actor.on_engine_tokens = lambda n: self.compute.add(self.roles.role_group["reasoner"], n)
         self.max_flops = flops_budget(tc.max_flops, tc.compute_match)
+        # A compute-matched run saves and evaluates as often per FLOP as the run it matches, not every save_every /
+        # eval_every of its many cheaper steps (compute.matched_interval).
+        self.save_flops = matched_interval(tc.save_every, tc.compute_match)
+        self.eval_flops = matched_interval(tc.eval_every, tc.compute_match)
         self.lm_models = lm_models(self.roles) if cfg.learner.objective == "lm" else {}
         self.ema = None
         if cfg.reward.baseline == "ema" and cfg.learner.objective == "thoughts":
@@ -192,6 +196,13 @@ class Trainer:
     def _budget_spent(self) -> bool:
         """``trainer.max_flops``/``compute_match``: the run's training FLOPs have reached the budget."""
         return self.max_flops > 0 and self.state.compute.get("flops_total", 0) >= self.max_flops
+
+    def _due(self, every: int, flops_interval: float, step: int, flops_before: float) -> bool:
+        """Every ``every`` steps, or for a compute-matched run each time its FLOPs pass another ``flops_interval``
+        (``self.save_flops``, ``self.eval_flops``)."""
+        if flops_interval:
+            return crossed(flops_before, self.state.compute.get("flops_total", 0), flops_interval)
+        return bool(every) and step % every == 0
 
     def _save(self) -> Path:
         return save_checkpoint(
@@ -458,6 +469,7 @@ class Trainer:
         saved_step = None
         while self.state.step < tc.max_steps and not self._budget_spent():
             self.timings = {}
+            flops_before = self.state.compute.get("flops_total", 0)
             metrics, positions, thoughts, out = self.step()
             step = self.state.step
             last = step >= tc.max_steps or self._budget_spent()
@@ -470,7 +482,7 @@ class Trainer:
                     null=f"{metrics['train/null_rate']:.2f}",
                     len=f"{metrics['train/thought_len']:.1f}",
                 )
-            if tc.eval_every and step % tc.eval_every == 0 and not last:
+            if self._due(tc.eval_every, self.eval_flops, step, flops_before) and not last:
                 self.state.last_eval = self._evaluate()
                 metrics.update({f"eval/{k}": v for k, v in self.state.last_eval.items()})
                 merge_metrics(metrics, self._account())
@@ -485,7 +497,7 @@ class Trainer:
                         thoughts,
                         out,
                     )
-            if tc.save_every and step % tc.save_every == 0:
+            if self._due(tc.save_every, self.save_flops, step, flops_before):
                 with self._timed("save"):
                     self._save()
                 saved_step = step
