@@ -3,10 +3,11 @@
 #   1. `thinkrl sweep` of the recipe for that seed, followed by its compute-matched no-thought LM baseline;
 #   2. `thinkrl eval` of both final checkpoints on the recipe's held-out slice (thought run: no thought, the null
 #      thought and K sampled thoughts; baseline: no thought);
-# then, over all seeds, the sweep's study (training curves, in-training evaluations) and `thinkrl aggregate` of the
-# evaluations (mean ± sd over seeds, pooled intervals over items, the compute-matched comparison, the thoughts that
-# helped and hurt most). Every stage resumes: rerun the same command after a stop and finished work is kept; a seed
-# is evaluated as soon as it is trained, so a stop mid-study still leaves whole seeds.
+# then, over every seed evaluated in the output folder so far, the sweep's study (training curves, in-training
+# evaluations) and `thinkrl aggregate` of the evaluations (mean ± sd over seeds, pooled intervals over items, the
+# compute-matched comparison, the thoughts that helped and hurt most). Every stage resumes: rerun the same command
+# after a stop and finished work is kept; a seed is evaluated as soon as it is trained, so a stop mid-study still
+# leaves whole seeds.
 #
 #   scripts/study_smollm2.sh a            # thoughts before GSM8K answers    (configs/smollm2/study_a_gsm8k.yaml)
 #   scripts/study_smollm2.sh b            # thoughts that must carry text    (configs/smollm2/study_b_wikitext.yaml)
@@ -24,14 +25,17 @@ case "${1:-}" in
 esac
 out=${OUT:-runs/study-smollm2-$1}
 
-evals=()
 for seed in ${SEEDS//,/ }; do
   "$THINKRL" sweep --config "$config" --seeds "$seed" --compute-matched-baseline --out "$out"
   "$THINKRL" eval --model "$out/seed-$seed" --task "$task" --limit "$limit" --no-generate \
     --thoughts "none,null,sampled:$k" --output "$out/eval/thoughts/seed-$seed"
   "$THINKRL" eval --model "$out/baseline/seed-$seed" --task "$task" --limit "$limit" --no-generate \
     --thoughts none --output "$out/eval/baseline/seed-$seed"
-  evals+=("$out/eval/thoughts/seed-$seed" "$out/eval/baseline/seed-$seed")
 done
-"$THINKRL" sweep --config "$config" --seeds "$SEEDS" --compute-matched-baseline --out "$out"  # all trained: the study
+# The study covers every seed evaluated in $out so far, not only this call's SEEDS (SEEDS=2 adds seed 2 to 0 and 1).
+done_seeds=$(for f in "$out"/eval/baseline/seed-*/results.json; do basename "$(dirname "$f")"; done |
+  sed 's/^seed-//' | sort -n)
+evals=()
+for seed in $done_seeds; do evals+=("$out/eval/thoughts/seed-$seed" "$out/eval/baseline/seed-$seed"); done
+"$THINKRL" sweep --config "$config" --seeds "$(echo $done_seeds | tr ' ' ,)" --compute-matched-baseline --out "$out"
 "$THINKRL" aggregate "${evals[@]}" --out "$out/eval/study"
