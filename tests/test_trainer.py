@@ -1,14 +1,20 @@
 """The trainer end to end on tiny models: parameters move, resume is exact, NaN stops cleanly, run files exist."""
 
+import errno
 import importlib.util
 import json
+import resource
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from thinkrl.cli import main
+from thinkrl.config import to_yaml
 from thinkrl.errors import NonFiniteLossError
-from thinkrl.run_state import find_checkpoints
+from thinkrl.run_state import find_checkpoints, is_storage_full
 from thinkrl.trainer import Trainer
 
 
@@ -97,6 +103,48 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_config, tmp_path, cap
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     assert state["step"] == int(checkpoints[-1].name.split("-")[1])
     assert not list(run.glob(".tmp-*")), "no half-written checkpoint left behind"
+
+
+def _file_size_limit(limit: int):
+    """In the child: writes past ``limit`` bytes fail with EFBIG (``ulimit -f``) instead of killing the process."""
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(tiny_config, tmp_path):
+    assert is_storage_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_storage_full(RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not is_storage_full(OSError(errno.EACCES, "Permission denied")) and not is_storage_full(ValueError("x"))
+
+    run = tmp_path / "full"
+    settings = ["trainer.save_every=1", "trainer.report_to=none", "trainer.num_threads=1", f"trainer.output_dir={run}"]
+    Trainer(tiny_config(*settings, "trainer.max_steps=2")).train()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(to_yaml(tiny_config(*settings, "trainer.max_steps=4")))
+    # A real refused write: the tiny model's weights (about 90 KB) exceed a 64 KB file-size limit, the run's metric
+    # lines do not.
+    failed = subprocess.run(
+        [sys.executable, "-m", "thinkrl", "train", "--config", str(recipe), "trainer.progress=false"],
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(64 * 1024),
+        timeout=300,
+    )
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    error = failed.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"thinkrl: error: writing {run / 'checkpoint-3'} failed:") and "File too large" in error
+    assert "trainer.keep_checkpoints=1" in error and "resume from checkpoint-2" in error
+    assert [p.name for p in find_checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]
+    assert not list(run.glob(".tmp-*")), "the half-written checkpoint is removed, freeing its space"
+
+    Trainer(tiny_config(*settings, "trainer.max_steps=4")).train()  # space again: the same command resumes
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/reward" in r] == [1, 2, 3, 4]  # step 3's stale line was replaced
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")

@@ -19,3 +19,7 @@ class ModelLoadError(ThinkRLError):
 
 class NonFiniteLossError(ThinkRLError):
     """The loss became NaN/inf; the run stops before the bad update touches weights or checkpoints."""
+
+
+class StorageFullError(ThinkRLError):
+    """The disk (or a file-size limit) refused a checkpoint; the half-written one is removed, earlier ones kept."""

@@ -8,13 +8,14 @@ usable but is not; ``trainer_state.json`` marks a complete one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
 from thinkrl.config import to_dict
-from thinkrl.errors import ConfigError
+from thinkrl.errors import ConfigError, StorageFullError
 from thinkrl.run_files import append_jsonl, write_atomic
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -131,12 +132,38 @@ def _load_state_without_models(accelerator, path: Path) -> None:
         accelerator._models, accelerator._optimizers = models, optimizers
 
 
+# errno values (and the texts libraries that do not raise OSError put in their messages) of a refused write
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """The write failed for lack of space: ENOSPC, EFBIG (``ulimit -f``) or EDQUOT, as an OSError anywhere in the
+    exception chain or in the message of a library that wraps it (safetensors: "No space left on device (os error
+    28)")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if any(text in str(exc) for text in _FULL_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _size(folder: Path) -> str:
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 def save_checkpoint(
     accelerator, run_dir: Path, step: int, tokenizer, trainer_state: dict, keep: int, save_weights=None
 ) -> Path:
     """Write checkpoint-<step>/ atomically and keep only the newest ``keep`` checkpoints.
 
-    ``save_weights(folder)``, called on every process, writes what accelerate does not hold (sharded models)."""
+    ``save_weights(folder)``, called on every process, writes what accelerate does not hold (sharded models).
+    A full disk raises ``StorageFullError`` after removing the half-written folder; earlier checkpoints stay."""
     run_dir = Path(run_dir)
     final = run_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = run_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
@@ -144,13 +171,27 @@ def save_checkpoint(
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()  # nobody writes into tmp before it is cleared
-    accelerator.save_state(str(tmp))
-    if save_weights is not None:
-        tmp.mkdir(parents=True, exist_ok=True)  # accelerate creates it on the main process only
-        save_weights(tmp)
+    try:
+        accelerator.save_state(str(tmp))
+        if save_weights is not None:
+            tmp.mkdir(parents=True, exist_ok=True)  # accelerate creates it on the main process only
+            save_weights(tmp)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            write_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
+    except Exception as exc:
+        if not is_storage_full(exc):
+            raise
+        previous = find_checkpoints(run_dir)
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what it took; a .tmp folder is never resumed from
+        reason = " ".join(str(exc).split())[:160]
+        raise StorageFullError(
+            f"writing {final} failed: {reason}; free disk space (a checkpoint here takes "
+            f"{_size(previous[-1]) if previous else 'its model and optimizer state'}, and {keep} are kept: "
+            f"trainer.keep_checkpoints=1 keeps one), then rerun the same command to resume from "
+            f"{previous[-1].name if previous else 'step 0'}"
+        ) from None
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        write_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
