@@ -14,6 +14,7 @@ from thinkrl.compute import (
     forward_flops,
     matched_interval,
     non_embedding_params,
+    run_steps,
     step_flops,
     tokens_of_call,
     training_flops,
@@ -181,8 +182,9 @@ def test_a_compute_matched_run_saves_and_evaluates_as_often_per_flop_as_the_run_
     thought = tmp_path / "thought"
     Trainer(tiny_config(*cadence, "trainer.max_steps=4", f"trainer.output_dir={thought}")).train()
     budget = json.loads((thought / "summary.json").read_text())["compute"]["flops_total"]
-    assert matched_interval(2, str(thought)) == budget / 2  # 2 of its 4 steps' worth
-    assert matched_interval(0, str(thought)) == 0.0 and matched_interval(2, "") == 0.0
+    assert run_steps(thought) == 4 and run_steps(tmp_path / "nowhere") == 0
+    assert matched_interval(2, budget, 4) == budget / 2  # 2 of its 4 steps' worth
+    assert matched_interval(0, budget, 4) == 0.0 and matched_interval(2, budget, 0) == 0.0
 
     lm = tmp_path / "lm"
     trainer = Trainer(

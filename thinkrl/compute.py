@@ -220,17 +220,18 @@ def flops_budget(max_flops: float, compute_match: str) -> float:
     return total
 
 
-def matched_interval(every: int, compute_match: str) -> float:
+def run_steps(folder: str | Path) -> int:
+    """The steps a finished run recorded in its summary.json (0 when it has none)."""
+    summary = Path(folder) / "summary.json"
+    return int(json.loads(summary.read_text(encoding="utf-8")).get("steps") or 0) if summary.is_file() else 0
+
+
+def matched_interval(every: int, budget: float, matched_steps: int) -> float:
     """FLOPs between a compute-matched run's checkpoints (or evaluations): as many as the matched run had over the
-    same budget, i.e. ``every`` of its steps' worth. A no-thought LM step costs a fraction of a thought step, so a
-    plain ``save_every`` would write a checkpoint every few seconds (73 for study (c)'s 219-step baseline).
-    0 when ``every`` is 0 (only at the end) or the run matches no run."""
-    if not every or not compute_match:
-        return 0.0
-    summary = json.loads((Path(compute_match) / "summary.json").read_text(encoding="utf-8"))
-    steps = int(summary.get("steps") or 0)
-    total = run_flops_total(compute_match) or 0.0
-    return total * every / steps if steps and total else 0.0
+    same ``budget`` in its ``matched_steps``, i.e. ``every`` of its steps' worth. A no-thought LM step costs a
+    fraction of a thought step, so a plain ``save_every`` would write a checkpoint every few seconds (73 for study
+    (c)'s 219-step baseline). 0 when ``every`` is 0 (only at the end) or there is no matched run."""
+    return budget * every / matched_steps if every and budget and matched_steps else 0.0
 
 
 def crossed(before: float, after: float, interval: float) -> bool:

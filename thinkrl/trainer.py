@@ -26,7 +26,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from thinkrl.compute import ComputeCounter, crossed, flops_budget, matched_interval, merge_metrics
+from thinkrl.compute import ComputeCounter, crossed, flops_budget, matched_interval, merge_metrics, run_steps
 from thinkrl.config import Config, to_yaml
 from thinkrl.data.positions import PositionStream
 from thinkrl.data.sources import build_pools
@@ -164,8 +164,9 @@ class Trainer:
         self.max_flops = flops_budget(tc.max_flops, tc.compute_match)
         # A compute-matched run saves and evaluates as often per FLOP as the run it matches, not every save_every /
         # eval_every of its many cheaper steps (compute.matched_interval).
-        self.save_flops = matched_interval(tc.save_every, tc.compute_match)
-        self.eval_flops = matched_interval(tc.eval_every, tc.compute_match)
+        matched_steps = run_steps(tc.compute_match) if tc.compute_match else 0
+        self.save_flops = matched_interval(tc.save_every, self.max_flops, matched_steps)
+        self.eval_flops = matched_interval(tc.eval_every, self.max_flops, matched_steps)
         self.lm_models = lm_models(self.roles) if cfg.learner.objective == "lm" else {}
         self.ema = None
         if cfg.reward.baseline == "ema" and cfg.learner.objective == "thoughts":
