@@ -87,13 +87,13 @@ HEAVY_MODULES = [
     "transformers",
     "thinkrl.config",
     "thinkrl.data.windows",
-    "thinkrl.learner",
+    "thinkrl.rl.learner",
     "thinkrl.models.roles",
-    "thinkrl.parallel_scoring",
+    "thinkrl.rl.window_scoring",
     "thinkrl.prompts",
     "thinkrl.rollout.hf_actor",
     "thinkrl.rollout.policy",
-    "thinkrl.scoring",
+    "thinkrl.rl.scoring",
 ]
 
 SIZES = {
@@ -190,8 +190,8 @@ def make_windows(job: Job, length: int, tokenizer, sot: int, eot: int) -> list:
 def make_step(job: Job, cfg, roles, actor, scorer, windows: list, device):
     """A closure running one training step of ``job.path`` on ``windows``; returns the loss."""
     from thinkrl.data.windows import positions_of, window_batch
-    from thinkrl.learner import PositionScoring, compute_loss
-    from thinkrl.parallel_scoring import WindowScoring
+    from thinkrl.rl.learner import PositionScoring, compute_loss
+    from thinkrl.rl.window_scoring import WindowScoring
     from thinkrl.rollout.policy import position_seeds
 
     model = roles.model("reasoner")
@@ -278,8 +278,8 @@ def run_job(job: Job) -> dict:
 
     from thinkrl.models.roles import build_roles
     from thinkrl.prompts import null_thought_ids
+    from thinkrl.rl.scoring import Scorer
     from thinkrl.rollout.hf_actor import HFRolloutActor
-    from thinkrl.scoring import Scorer
 
     transformers.logging.set_verbosity_error()
     if job.threads:

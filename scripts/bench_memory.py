@@ -68,11 +68,11 @@ HEAVY_MODULES = [
     "transformers",
     "thinkrl.config",
     "thinkrl.data.sources",
-    "thinkrl.learner",
+    "thinkrl.rl.learner",
     "thinkrl.models.roles",
     "thinkrl.prompts",
     "thinkrl.rollout.hf_actor",
-    "thinkrl.scoring",
+    "thinkrl.rl.scoring",
 ]
 VARIANTS = {
     "full": ["learner.lean_losses=false"],
@@ -231,11 +231,11 @@ def run_job(job: Job) -> dict:
     import transformers
 
     from thinkrl.data.sources import build_pools
-    from thinkrl.learner import PositionScoring, build_optimizer, compute_loss
     from thinkrl.models.roles import build_roles
     from thinkrl.prompts import null_thought_ids
+    from thinkrl.rl.learner import PositionScoring, build_optimizer, compute_loss
+    from thinkrl.rl.scoring import Scorer
     from thinkrl.rollout.hf_actor import HFRolloutActor
-    from thinkrl.scoring import Scorer
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

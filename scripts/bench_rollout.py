@@ -51,9 +51,9 @@ import transformers
 
 from thinkrl.config import load_config
 from thinkrl.models.roles import build_roles, set_threads
+from thinkrl.rl.scoring import Scorer
 from thinkrl.rollout.hf_actor import HFRolloutActor
 from thinkrl.rollout.policy import policy_logits, position_seeds
-from thinkrl.scoring import Scorer
 from thinkrl.timing import default_device, timed_runs
 
 FALLBACK_TEXT = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. "

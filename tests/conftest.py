@@ -67,7 +67,7 @@ def default_hf_run(tmp_path_factory):
     learning test's run and the reference of the vLLM training test (one 30-second run instead of two)."""
     from pathlib import Path
 
-    from thinkrl.trainer import Trainer
+    from thinkrl.run.trainer import Trainer
 
     out = tmp_path_factory.mktemp("default-hf") / "run"
     recipe = Path(__file__).resolve().parents[1] / "configs/default.yaml"

@@ -18,10 +18,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from thinkrl.coconut.latent_forward import generate_with_latents, latent_forward, left_pad, naive_latent_forward
 from thinkrl.config import load_config
 from thinkrl.models.roles import build_roles
+from thinkrl.rl.scoring import Scorer
 from thinkrl.rollout.hf_actor import HFRolloutActor
 from thinkrl.rollout.policy import position_seeds
-from thinkrl.run_state import find_checkpoints
-from thinkrl.scoring import Scorer
+from thinkrl.run.state import find_checkpoints
 
 pytestmark = pytest.mark.gpu
 
@@ -37,7 +37,7 @@ def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, name: str
 
 def test_default_recipe_trains_in_bf16_on_cuda(tmp_path):
     """A few LM warm-up and RL steps of configs/default.yaml in bf16: finite losses, weights move, checkpoint."""
-    from thinkrl.trainer import Trainer
+    from thinkrl.run.trainer import Trainer
 
     run = tmp_path / "bf16"
     cfg = load_config(
@@ -75,7 +75,7 @@ def test_default_recipe_trains_in_bf16_on_cuda(tmp_path):
     assert saved and all(v.dtype == torch.bfloat16 for v in saved.values() if v.is_floating_point())
 
 
-# Contexts of different lengths so left padding and position ids are exercised (as in tests/test_kv_cache.py).
+# Contexts of different lengths so left padding and position ids are exercised (as in tests/rollout/test_kv_cache.py).
 CONTEXTS = [[1, 4, 5, 14, 13, 6, 20, 18, 7, 5], [1, 4, 9, 9, 6, 7, 5], [1, 4, 5, 12, 13, 6, 20, 18, 18, 16, 7, 5]]
 TARGETS = [[14, 13], [9, 9], [12]]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from thinkrl.config import DataConfig, load_config
-from thinkrl.trainer import Trainer
+from thinkrl.run.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = [

@@ -15,7 +15,7 @@ from thinkrl.errors import ThinkRLError
 
 def _train(args: argparse.Namespace) -> int:
     from thinkrl.config import load_config
-    from thinkrl.trainer import Trainer
+    from thinkrl.run.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     result = Trainer(cfg).train()
@@ -58,7 +58,7 @@ COMMANDS = [
     _lazy("thinkrl.eval.cli"),
     _lazy("thinkrl.coconut.cli"),
     _lazy("thinkrl.export"),
-    _lazy("thinkrl.sweep"),
+    _lazy("thinkrl.study.sweep"),
 ]
 
 

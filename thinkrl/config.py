@@ -420,7 +420,7 @@ class TrainerConfig:
     )
     max_steps: int = described("optimizer steps", 100)
     max_flops: float = described(
-        "also stop once the run's training FLOPs (compute/flops_total, see thinkrl/compute.py) reach this; 0 = off",
+        "also stop once the run's training FLOPs (compute/flops_total, see run/compute.py) reach this; 0 = off",
         0.0,
     )
     compute_match: str = described(

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from thinkrl.cli import main
 from thinkrl.coconut.config import load_coconut_config
 from thinkrl.coconut.trainer import CoconutTrainer
-from thinkrl.run_state import find_checkpoints
+from thinkrl.run.state import find_checkpoints
 
 # 64 problems / batch 8 = 8 steps an epoch; stages 0, 1, 2 over 3 epochs; a 32-wide 2-layer Llama.
 TINY = [

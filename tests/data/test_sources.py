@@ -16,8 +16,9 @@ from transformers import ByT5Tokenizer
 import thinkrl.prompts as prompts
 from thinkrl.config import DataConfig, SyntheticTaskConfig
 from thinkrl.data.sources import CSQA_LABELS, _csqa_item, _gsm8k_item, build_pools, gsm8k_answer, read_jsonl
-from thinkrl.data.synthetic import SPECIALS, synthetic_documents, synthetic_tokenizer
+from thinkrl.data.synthetic import synthetic_documents
 from thinkrl.errors import ConfigError, DataError
+from thinkrl.models.synthetic_vocab import SPECIALS, synthetic_tokenizer
 from thinkrl.prompts import load_template, render
 
 

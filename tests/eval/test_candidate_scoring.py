@@ -7,8 +7,8 @@ import torch
 
 from thinkrl.config import load_config
 from thinkrl.models.roles import build_roles
+from thinkrl.rl.scoring import Scorer
 from thinkrl.rollout.hf_actor import HFRolloutActor
-from thinkrl.scoring import Scorer
 
 
 def _setup(groups: str, head: str, reward_source: str = "mixed"):

@@ -325,7 +325,7 @@ def test_prompts_compare_puts_templates_side_by_side(tmp_path, capsys):
 
 def test_eval_of_a_training_run_loads_its_newest_checkpoint(tiny_config, tmp_path):
     from thinkrl.eval.setup import load_setup
-    from thinkrl.trainer import Trainer
+    from thinkrl.run.trainer import Trainer
 
     cfg = tiny_config("trainer.max_steps=2", "model.weight_groups=[A,B,A]", "head.form=gate")
     trainer = Trainer(cfg)

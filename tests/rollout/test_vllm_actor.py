@@ -123,9 +123,9 @@ def test_windows_sample_per_position_share_the_prefix_cache_and_score_in_paralle
     import numpy as np
 
     from thinkrl.data.windows import Window, batch_positions, window_batch
-    from thinkrl.learner import PositionScoring, compute_loss
-    from thinkrl.parallel_scoring import WindowScoring
-    from thinkrl.scoring import Scorer
+    from thinkrl.rl.learner import PositionScoring, compute_loss
+    from thinkrl.rl.scoring import Scorer
+    from thinkrl.rl.window_scoring import WindowScoring
 
     cfg, roles, actor = engine
     rng = np.random.default_rng(0)
@@ -172,7 +172,7 @@ def test_training_with_vllm_matches_hf_and_a_resumed_engine_serves_the_checkpoin
 
     from conftest import DEFAULT_RUN_120
 
-    from thinkrl.trainer import Trainer
+    from thinkrl.run.trainer import Trainer
 
     recipe = Path(__file__).resolve().parents[2] / "configs/default.yaml"
     cfg = load_config(recipe, [*DEFAULT_RUN_120, "rollout.backend=vllm", f"trainer.output_dir={tmp_path}"])

@@ -27,7 +27,7 @@ def _eval(args: argparse.Namespace) -> int:
     from thinkrl.coconut.curriculum import scheduled_stage
     from thinkrl.coconut.trainer import CoconutTrainer
     from thinkrl.errors import ConfigError
-    from thinkrl.run_files import write_atomic
+    from thinkrl.run.files import write_atomic
 
     cfg = load_coconut_config(args.config, args.overrides)
     trainer = CoconutTrainer(cfg)

@@ -35,8 +35,8 @@ from thinkrl.coconut.models import build_model, build_tokenizer, special_ids
 from thinkrl.config import to_yaml
 from thinkrl.errors import ConfigError, NonFiniteLossError
 from thinkrl.models.roles import set_threads
-from thinkrl.run_files import write_atomic
-from thinkrl.run_state import (
+from thinkrl.run.files import write_atomic
+from thinkrl.run.state import (
     find_checkpoints,
     init_tracker,
     log_metrics,

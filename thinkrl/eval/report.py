@@ -13,8 +13,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 PathLike = str | os.PathLike
@@ -34,20 +32,6 @@ DEFAULT_PLOT_METRICS = (
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write(path: PathLike, data: bytes) -> None:
-    """Write via a temporary file in the same folder and os.replace, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_safe(obj: Any) -> Any:
     """NaN/inf → None (JSON has no such numbers); numpy scalars and arrays → Python values; tuples → lists."""
     if isinstance(obj, float):
@@ -64,7 +48,9 @@ def _json_safe(obj: Any) -> Any:
 def write_json(path: PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON, with NaN and ±inf written as null."""
     text = json.dumps(_json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False)
-    _atomic_write(path, (text + "\n").encode("utf-8"))
+    from thinkrl.run.files import write_atomic  # imports torch: only when writing
+
+    write_atomic(path, (text + "\n").encode("utf-8"))
 
 
 # ---------------------------------------------------------------- markdown
@@ -150,7 +136,8 @@ def compare_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 # ---------------------------------------------------------------- plots
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib figure on the Agg canvas: no display, no pyplot state shared between callers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -159,16 +146,19 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save_png(fig, path: PathLike) -> None:
+def save_png(fig, path: PathLike) -> None:
+    """Render ``fig`` as PNG and write it atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    from thinkrl.run.files import write_atomic  # imports torch: only when writing
+
+    write_atomic(path, buf.getvalue())
 
 
 def plot_token_deltas(deltas: list[float], path: PathLike, title: str) -> None:
     """Histogram of per-token Δ log-prob with a line at 0 and the mean; writes a "no tokens" PNG when empty."""
     finite = [float(d) for d in deltas if d is not None and math.isfinite(d)]
-    fig = _new_figure(7, 4)
+    fig = new_figure(7, 4)
     ax = fig.add_subplot()
     if not finite:
         ax.set_axis_off()
@@ -184,7 +174,7 @@ def plot_token_deltas(deltas: list[float], path: PathLike, title: str) -> None:
         ax.set_ylabel("tokens")
         ax.legend()
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def _error_bar(metric: dict) -> tuple[float, float]:
@@ -201,7 +191,7 @@ def plot_accuracy(results: dict, path: PathLike, metric_names: tuple[str, ...] =
     if not names:
         return False
     modes = [mode for mode in modes if any(mode in table[name] for name in names)]
-    fig = _new_figure(min(16.0, max(5.0, 1.5 + 0.5 * len(names) * len(modes))), 4)
+    fig = new_figure(min(16.0, max(5.0, 1.5 + 0.5 * len(names) * len(modes))), 4)
     ax = fig.add_subplot()
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
@@ -219,7 +209,7 @@ def plot_accuracy(results: dict, path: PathLike, metric_names: tuple[str, ...] =
     ax.set_ylabel("value (95% bootstrap CI)")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     return True
 
 
@@ -401,4 +391,6 @@ def html_report(items: list[dict], path: PathLike, title: str, passages: list[di
             "</body></html>",
         ]
     )
-    _atomic_write(path, (page + "\n").encode("utf-8"))
+    from thinkrl.run.files import write_atomic  # imports torch: only when writing
+
+    write_atomic(path, (page + "\n").encode("utf-8"))

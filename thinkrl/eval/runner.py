@@ -36,12 +36,12 @@ from thinkrl.eval.likelihood import answer_token_ids, digit_likelihood_logp
 from thinkrl.eval.setup import EvalSetup
 from thinkrl.eval.tasks import TASKS, EvalItem, item_seed, item_windows, load_items
 from thinkrl.models.shared_prefix import right_pad
-from thinkrl.parallel_scoring import WindowScoring
 from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
+from thinkrl.rl.scoring import Scorer
+from thinkrl.rl.window_scoring import WindowScoring
 from thinkrl.rollout import make_actor
 from thinkrl.rollout.base import ThoughtBatch, empty_thoughts
-from thinkrl.run_files import append_jsonl
-from thinkrl.scoring import Scorer
+from thinkrl.run.files import append_jsonl
 
 logger = logging.getLogger(__name__)
 # The task prompts ask for the answer on the same line; a chain-of-thought prompt would pass --stop '\n\n'.

@@ -10,7 +10,7 @@ from pathlib import Path
 from thinkrl.config import Config, load_config
 from thinkrl.errors import ConfigError
 from thinkrl.models.roles import RoleModels, build_roles, set_threads
-from thinkrl.run_state import CHECKPOINT_PREFIX, find_checkpoints, use_cpu
+from thinkrl.run.state import CHECKPOINT_PREFIX, find_checkpoints, use_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def load_checkpoint_weights(roles: RoleModels, checkpoint: Path) -> None:
     state (same order as the trainer prepared them)."""
     from accelerate import Accelerator
 
-    from thinkrl.sharded_checkpoint import is_sharded_checkpoint, load_sharded
+    from thinkrl.distributed.checkpoint import is_sharded_checkpoint, load_sharded
 
     if is_sharded_checkpoint(checkpoint):
         load_sharded(checkpoint, roles)

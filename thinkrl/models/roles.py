@@ -58,7 +58,7 @@ def build_tokenizer(cfg: Config):
     """The one tokenizer every role shares, with the thought markers added."""
     name = cfg.model.tokenizer
     if name == "synthetic":
-        from thinkrl.data.synthetic import synthetic_tokenizer
+        from thinkrl.models.synthetic_vocab import synthetic_tokenizer
 
         tok = synthetic_tokenizer(cfg.data.synthetic)
     elif name == "byte":

@@ -55,7 +55,7 @@ class RolloutActor(abc.ABC):
     def __init__(self, cfg: RolloutConfig, sot_id: int, eot_id: int, pad_id: int):
         self.cfg, self.sot_id, self.eot_id, self.pad_id = cfg, sot_id, eot_id, pad_id
         self.stats: dict[str, float] = {}  # backend figures of the last sampling call, logged with the step
-        # Compute accounting (thinkrl/compute.py) hooks the learner's models; a backend that runs its own engine
+        # Compute accounting (thinkrl/run/compute.py) hooks the learner's models; a backend that runs its own engine
         # reports the tokens that engine computed through this callback (n tokens) when the trainer sets it.
         self.on_engine_tokens = None
 

@@ -64,7 +64,7 @@ def export_gathered(model, folder: Path) -> None:
     layer per file, so at most one layer exists in full besides the shards. Collective: every process calls it."""
     from safetensors.torch import save_file
 
-    from thinkrl.sharding import full_tensors
+    from thinkrl.distributed.sharding import full_tensors
 
     folder.mkdir(parents=True)
     weight_map, part, current = {}, {}, None
@@ -88,7 +88,7 @@ def export_gathered(model, folder: Path) -> None:
 
 def export_weights(model, tokenizer, path: Path) -> None:
     """Write the reasoner as a plain HF folder vLLM can load: LoRA merged in, output layer untied."""
-    from thinkrl.sharding import is_sharded
+    from thinkrl.distributed.sharding import is_sharded
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,218 @@
+"""Parallel thought passes equal the per-position path: thoughts, sampler log-probs, rewards, loss terms, gradients.
+
+Each case samples K thoughts at the positions of a few text windows twice — per position (each its own sequence)
+and in parallel passes (window read once) — with the same seeds, then computes the loss both ways and compares
+everything the learner sees, down to the gradient of every trainable parameter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stock_models import stock_model
+
+import thinkrl.models.parallel_attention as pa
+from thinkrl.config import load_config
+from thinkrl.data.positions import text_pool
+from thinkrl.data.windows import WindowPool, positions_of, window_batch
+from thinkrl.errors import ConfigError
+from thinkrl.models.parallel_passes import read_window, run_passes
+from thinkrl.models.roles import build_roles
+from thinkrl.rl.learner import PositionScoring, compute_loss
+from thinkrl.rl.scoring import Scorer
+from thinkrl.rl.window_scoring import WindowScoring
+from thinkrl.rollout.hf_actor import HFRolloutActor
+
+TOL = 1e-5
+BASE = [
+    "model.default.scratch.hidden_size=32",
+    "model.default.scratch.num_layers=2",
+    "model.default.scratch.num_heads=2",
+    "model.default.scratch.intermediate_size=64",
+    "data.n_ahead=2",
+    "rollout.max_thought_len=4",
+    "learner.base_weight=0.5",
+    "learner.entropy_coef=0.1",
+    "trainer.report_to=none",
+]
+
+
+def _windows(every_k: int, vocab: int, seed: int = 0):
+    """Three windows of random tokens (one short) with thought positions every k tokens."""
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(3, vocab - 2, size) for size in (18, 18, 11)]
+    pool = text_pool(docs, "every_k", n_ahead=2, context_len=16, every_k=every_k)
+    return [w for w in WindowPool(pool)]
+
+
+def _both_paths(overrides: list[str], every_k: int = 1, k: int = 2, device: str = "cpu"):
+    """(per-position, parallel) results: (thoughts, loss output, grads) each."""
+    cfg = load_config(None, [*BASE, f"rollout.num_thoughts={k}", *overrides])
+    torch.manual_seed(0)
+    roles = build_roles(cfg)
+    for module in roles.modules().values():
+        module.to(device)
+    pad = roles.tokenizer.pad_token_id
+    windows = _windows(every_k, len(roles.tokenizer))
+    positions = positions_of(windows)
+    contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
+    seeds = list(range(1000, 1000 + len(positions)))
+    batch = window_batch(windows, pad, device)
+    actor = HFRolloutActor(cfg.rollout, roles.model("reasoner"), roles.sot_id, roles.eot_id, pad)
+    scorer = Scorer(roles, [], cfg.data.interpreter_window, cfg.reward.source)
+    params = [p for m in roles.modules().values() for p in m.parameters() if p.requires_grad]
+    results = []
+    for parallel in (False, True):
+        thoughts = actor.sample_windows(batch, k, seeds) if parallel else actor.sample(contexts, k, seeds)
+        scoring = (
+            WindowScoring(cfg, roles, scorer, batch) if parallel else PositionScoring(roles, scorer, contexts, targets)
+        )
+        for p in params:
+            p.grad = None
+        out = compute_loss(cfg, scoring, thoughts)
+        out.loss.backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        results.append((thoughts, out, grads))
+    return results
+
+
+def _assert_equal(ref, par):
+    (t0, o0, g0), (t1, o1, g1) = ref, par
+    assert torch.equal(t0.thought_ids, t1.thought_ids) and torch.equal(t0.thought_mask, t1.thought_mask)
+    assert torch.equal(t0.lengths, t1.lengths) and torch.equal(t0.finished, t1.finished)
+    torch.testing.assert_close(t1.sampler_logps, t0.sampler_logps, atol=TOL, rtol=0)
+    for name in ("logp", "logp_reward", "logp_base", "weight"):
+        torch.testing.assert_close(getattr(o1.scores, name), getattr(o0.scores, name), atol=TOL, rtol=0)
+    torch.testing.assert_close(o1.rewards, o0.rewards, atol=TOL, rtol=0)
+    torch.testing.assert_close(o1.advantages, o0.advantages, atol=TOL, rtol=0)
+    assert o0.stats.keys() == o1.stats.keys()
+    for key in o0.stats:
+        assert o1.stats[key] == pytest.approx(o0.stats[key], abs=TOL), key
+    torch.testing.assert_close(o1.loss, o0.loss, atol=TOL, rtol=0)
+    for a, b in zip(g0, g1):
+        scale = max(1.0, float(a.abs().max()))
+        torch.testing.assert_close(b / scale, a / scale, atol=TOL, rtol=0)
+    assert any(float(g.abs().max()) > 0 for g in g0)
+
+
+CASES = [
+    # (overrides, every_k, K)
+    ([], 1, 2),
+    (["rollout.length_mode=fixed"], 1, 2),
+    ([], 4, 4),
+    (["learner.include_null=true"], 1, 1),
+    (["learner.include_null=true", "rollout.length_mode=fixed"], 4, 2),
+    (["head.form=gate"], 1, 2),
+    (["head.form=concat"], 1, 4),
+    (["head.form=none"], 4, 2),
+    (["model.weight_groups=[A,B,A]"], 1, 2),
+    (["model.weight_groups=[A,B,A]", "head.form=gate", "rollout.length_mode=fixed"], 4, 4),
+    (["data.interpreter_window=8"], 1, 2),
+    (["data.interpreter_window=8", "model.weight_groups=[A,B,A]", "learner.include_null=true"], 4, 1),
+    (["model.weight_groups=[A,B,C]", "head.form=gate", "reward.source=interpreter"], 1, 2),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides,every_k,k", CASES, ids=[f"{' '.join(c[0]) or 'default'}-k{c[1]}-K{c[2]}" for c in CASES]
+)
+def test_parallel_passes_equal_per_position(overrides, every_k, k):
+    ref, par = _both_paths(overrides, every_k, k)
+    _assert_equal(ref, par)
+
+
+@pytest.mark.gpu
+def test_parallel_passes_equal_per_position_on_cuda():
+    """The same equivalence on a CUDA device in fp32 (skipped without one)."""
+    for overrides, every_k, k in (CASES[0], CASES[9]):
+        ref, par = _both_paths(overrides, every_k, k, device="cuda")
+        _assert_equal(ref, par)
+
+
+def test_second_update_on_the_same_rollouts_reads_the_new_weights():
+    """learner.updates_per_rollout > 1: a second loss on the same WindowScoring recomputes its forwards with the
+    updated weights (nothing cached from the first loss, whose graph backward has freed)."""
+    cfg = load_config(None, [*BASE, "rollout.num_thoughts=2"])
+    torch.manual_seed(0)
+    roles = build_roles(cfg)
+    pad = roles.tokenizer.pad_token_id
+    batch = window_batch(_windows(1, len(roles.tokenizer)), pad)
+    actor = HFRolloutActor(cfg.rollout, roles.model("reasoner"), roles.sot_id, roles.eot_id, pad)
+    scorer = Scorer(roles, [], 0, cfg.reward.source)
+    thoughts = actor.sample_windows(batch, 2, list(range(batch.num_positions)))
+    scoring = WindowScoring(cfg, roles, scorer, batch)
+    optimizer = torch.optim.SGD([p for m in roles.modules().values() for p in m.parameters()], lr=0.1)
+    compute_loss(cfg, scoring, thoughts).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    second = compute_loss(cfg, scoring, thoughts)
+    second.loss.backward()
+    fresh = compute_loss(cfg, WindowScoring(cfg, roles, scorer, batch), thoughts)
+    assert float(second.loss) == pytest.approx(float(fresh.loss), abs=1e-6)
+
+
+def test_lora_and_frozen_roles_match():
+    ref, par = _both_paths(["model.default.lora.r=4", "model.weight_groups=[A,B,C]", "model.freeze=[base]"], 1, 2)
+    _assert_equal(ref, par)
+
+
+def test_a_thought_that_sees_another_positions_thought_is_caught(monkeypatch):
+    """Let each slot's diagonal read the next slot's thought keys: the equality checks above must fail."""
+    original = pa._local_part
+
+    def leaky(q, diag_k, diag_v, *rest):
+        return original(q, diag_k.roll(1, dims=4), diag_v.roll(1, dims=4), *rest)
+
+    monkeypatch.setattr(pa, "_local_part", leaky)
+    ref, par = _both_paths([], 1, 2)
+    with pytest.raises(AssertionError):
+        _assert_equal(ref, par)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "qwen2", "mistral"])
+def test_stock_models_one_pass_at_a_time_and_all_at_once(arch):
+    """The attention hook in stock transformers models: passes (all tokens at once, or one per pass with history)
+    equal an uncached forward of window[:t] ⊕ tokens for every row and slot."""
+    model = stock_model(arch)
+    ids = torch.randint(0, 40, (2, 12))
+    slot_len = torch.tensor([[2, 5, 9, 12], [3, 4, 7, 11]])
+    tokens = torch.randint(0, 40, (2, 3, 4, 3))
+    with torch.no_grad():
+        window = read_window(model, ids)
+        together, _ = run_passes(model, window, tokens, slot_len)
+        history: dict = {}
+        stepwise = torch.cat(
+            [run_passes(model, window, tokens[..., s : s + 1], slot_len, s, history)[0] for s in range(3)], dim=-2
+        )
+        for b in range(2):
+            for r in range(3):
+                for p in range(4):
+                    t = int(slot_len[b, p])
+                    seq = torch.cat([ids[b, :t], tokens[b, r, p]])[None]
+                    ref = model(seq, output_hidden_states=True).hidden_states[-1][0, t:]
+                    torch.testing.assert_close(together[b, r, p], ref, atol=TOL, rtol=0)
+                    torch.testing.assert_close(stepwise[b, r, p], ref, atol=TOL, rtol=0)
+
+
+def test_unsupported_architecture_names_the_switch():
+    class Fake:
+        class config:
+            @staticmethod
+            def get_text_config():
+                return type("C", (), {"model_type": "bloom"})()
+
+    with pytest.raises(ConfigError, match="rollout.thought_passes=per_position"):
+        pa.check_supported(Fake())
+
+
+def test_switch_defaults_and_errors():
+    text = ["data.source=text", "data.train_file=x.txt", "model.tokenizer=byte", "data.positions=every_k"]
+    assert load_config(None, text).parallel_passes()
+    assert not load_config(None, [*text, "rollout.thought_passes=per_position"]).parallel_passes()
+    assert not load_config(None, [*text, "rollout.reasoner_template=thinking/system"]).parallel_passes()
+    assert not load_config(None, []).parallel_passes()  # task positions keep the per-position path
+    with pytest.raises(ConfigError, match="task positions"):
+        load_config(None, ["rollout.thought_passes=parallel"])
+    with pytest.raises(ConfigError, match="reasoner_template"):
+        load_config(None, [*text, "rollout.thought_passes=parallel", "rollout.reasoner_template=thinking/system"])

@@ -1,0 +1,99 @@
+"""What a run writes besides checkpoints: metrics.jsonl, rollout dumps, summary.json, results.md. Main process only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from thinkrl.run.heldout import EVAL_KEYS
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write via a temporary file in the same folder and os.replace, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN
+    return value
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+
+def dump_rollouts(path: Path, step: int, tokenizer, positions, thoughts, out) -> None:
+    """Decoded thoughts with their rewards and advantages, one JSON object per position."""
+    k = thoughts.num_thoughts
+    with path.open("w", encoding="utf-8") as fh:
+        for i, pos in enumerate(positions):
+            items = []
+            for j in range(k):
+                z = thoughts.thought_ids[i, j, : int(thoughts.lengths[i, j])].tolist()
+                items.append(
+                    {
+                        "text": tokenizer.decode(z),
+                        "length": len(z),
+                        "finished": bool(thoughts.finished[i, j]),
+                        "reward": round(float(out.rewards[i, j]), 5),
+                        "advantage": round(float(out.advantages[i, j]), 5),
+                        "per_token_reward": [
+                            round(float(v), 5) for v in out.per_token_rewards[i, j][out.scores.target_mask[i]]
+                        ],
+                    }
+                )
+            fh.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "context": tokenizer.decode(pos.context_ids[-200:]),
+                        "target": tokenizer.decode(pos.target_ids),
+                        "nll_null": round(-float(out.scores.logp[i, -1].detach()[out.scores.target_mask[i]].sum()), 5),
+                        "thoughts": items,
+                    }
+                )
+                + "\n"
+            )
+
+
+def write_summary(run_dir: Path, initial: dict, final: dict, extra: dict) -> None:
+    summary = {"initial_eval": initial, "final_eval": final, **extra}
+    write_atomic(
+        run_dir / "summary.json", json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2, default=_clean)
+    )
+    lines = ["| metric | initial | final | change |", "|---|---|---|---|"]
+    for key in EVAL_KEYS:
+        a, b = initial.get(key), final.get(key)
+        if a is None or b is None:
+            continue
+        lines.append(f"| {key} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+    gain = lambda e: e["nll_null"] - e["nll_thought"]  # noqa: E731
+    lines.append(
+        f"| nll_null - nll_thought | {gain(initial):.4f} | {gain(final):.4f} | {gain(final) - gain(initial):+.4f} |"
+    )
+    body = "\n".join(lines)
+    write_atomic(
+        run_dir / "results.md",
+        f"# {run_dir.name}\n\nHeld-out evaluation before and after training "
+        f"({final.get('positions', '?')} positions, NLL in nats per target token).\n\n{body}\n",
+    )
+
+
+def mean_or_nan(t: torch.Tensor) -> float:
+    return float(t.float().mean()) if t.numel() else float("nan")
