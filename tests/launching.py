@@ -13,10 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The default recipe, 8 positions per global step, a checkpoint after every step, no evaluation between.
+# The default recipe, 8 positions per global step, a checkpoint after every step, no evaluation between; a linear
+# LR schedule, so a resume that restored the wrong schedule step shows in the weights and in train/lr.
 COMMON = [
     "--config",
     "configs/default.yaml",
+    "learner.scheduler=linear",
     "trainer.lm_warmup_steps=0",
     "trainer.batch_positions=8",
     "trainer.report_to=none",

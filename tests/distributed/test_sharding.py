@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import assert_same_state, trained_state
 from launching import ONE, ok, step_metrics, train, two_processes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from thinkrl.distributed.sharding import decoder_layers, vllm_memory_need
 from thinkrl.errors import ConfigError
+from thinkrl.run.state import find_checkpoints
 
 
 def _unsharded_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -85,19 +87,20 @@ def test_fsdp2_in_two_processes_equals_one_unsharded_process(runs):
 
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_in_one_process_and_in_two(runs):
+    """Resumed at checkpoint-1, step 2 ends where the uninterrupted runs' step 2 ends: weights, AdamW moments and
+    the linear schedule's next lr, read from the checkpoints written after the update."""
     root, single, sharded = runs
     unsharded_one = _resume_from(sharded, 1, root / "resume-one")
     ok(train(ONE, unsharded_one, "trainer.max_steps=2"))  # sharded → unsharded, 2 → 1 process
-    assert step_metrics(unsharded_one, 2)["train/loss"] == pytest.approx(
-        step_metrics(sharded, 2)["train/loss"], rel=1e-4
-    )
-    assert step_metrics(unsharded_one, 2)["train/loss"] == pytest.approx(
-        step_metrics(single, 2)["train/loss"], rel=1e-4
-    )
+    for reference in (sharded, single):
+        for key in ("train/loss", "train/lr"):
+            assert step_metrics(unsharded_one, 2)[key] == pytest.approx(step_metrics(reference, 2)[key], rel=1e-4)
+        assert_same_state(unsharded_one / "checkpoint-2", reference / "checkpoint-2")
     sharded_two = _resume_from(sharded, 1, root / "resume-two")
     ok(train(two_processes(), sharded_two, "trainer.max_steps=2", "trainer.sharding=fsdp2"))
-    for key in ("train/loss", "train/grad_norm", "train/reward"):
-        assert step_metrics(sharded_two, 2)[key] == pytest.approx(step_metrics(sharded, 2)[key], rel=1e-5), key
+    for key in ("train/loss", "train/grad_norm", "train/reward", "train/lr"):
+        assert step_metrics(sharded_two, 2)[key] == step_metrics(sharded, 2)[key], key
+    assert_same_state(sharded_two / "checkpoint-2", sharded / "checkpoint-2", exact=True)  # same processes: bitwise
 
 
 @pytest.mark.slow
@@ -106,21 +109,33 @@ def test_unsharded_checkpoint_resumes_sharded(runs):
     resumed = _resume_from(single, 1, root / "to-sharded")
     ok(train(ONE, resumed, "trainer.max_steps=2", "trainer.sharding=fsdp2"))  # one process, its own group
     assert (resumed / "checkpoint-2" / "sharded" / ".metadata").is_file()
-    for key in ("train/loss", "train/grad_norm", "train/reward"):
+    for key in ("train/loss", "train/grad_norm", "train/reward", "train/lr"):
         assert step_metrics(resumed, 2)[key] == pytest.approx(step_metrics(single, 2)[key], rel=1e-4), key
+    assert_same_state(resumed / "checkpoint-2", single / "checkpoint-2")
 
 
 @pytest.mark.slow
 def test_eval_loads_a_sharded_checkpoint_and_a_mismatched_run_gets_one_line(runs):
     from thinkrl.eval.setup import load_setup
 
-    root, _, sharded = runs
+    root, single, sharded = runs
     ckpt = sharded / "checkpoint-2"
     setup = load_setup(str(ckpt), None, [])
-    exported = _exported_weights(ckpt, root / "export-eval")
-    for group, model in setup.roles.models.items():
-        for k, v in model.state_dict().items():
-            assert torch.equal(v, exported[f"{group}.{k}"]), k
+    # the evaluated weights are the checkpoint's, as DCP's own offline reader sees them (no thinkrl code) ...
+    saved = trained_state(ckpt)
+    loaded = {
+        f"{g}.{k}": v
+        for g, m in [*setup.roles.models.items(), ("head", setup.roles.head)]
+        for k, v in m.named_parameters()
+    }
+    names = [k.split(":", 1)[1] for k in saved if k.startswith("weight:")]
+    assert names and set(names) <= loaded.keys()
+    for name in names:
+        assert torch.equal(loaded[name].detach(), saved[f"weight:{name}"]), name
+    # ... and those of the unsharded 1-process run after the same two steps, to float noise
+    reference = _unsharded_weights(single / "checkpoint-2")
+    diffs = torch.cat([(loaded[k].detach() - reference[k]).abs().flatten() for k in names])
+    assert float(diffs.mean()) < 1e-8 and float(diffs.max()) <= 1e-3
     # resuming with other model sizes: the recorded recipe refuses it in one line naming the key, nothing overwritten
     other = _resume_from(sharded, 2, root / "mismatch")
     recorded = (other / "config.yaml").read_text()
@@ -198,3 +213,42 @@ def test_fsdp2_on_a_gpu_equals_unsharded_and_trains_in_bf16(tmp_path):
     assert all(math.isfinite(v) for v in losses)
     # bf16 compute: close to the fp32 run, not equal
     assert losses[0] == pytest.approx(step_metrics(unsharded, 1)["train/loss"], rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "kind, plugin, words",
+    [
+        ("DEEPSPEED", None, "DEEPSPEED launches are not supported; shard with FSDP2"),
+        ("MEGATRON_LM", None, "MEGATRON_LM launches are not supported"),
+        ("FSDP", 1, "asks for FSDP version 1; set fsdp_version: 2"),
+    ],
+)
+def test_deepspeed_and_fsdp1_launches_are_refused_in_one_line(kind, plugin, words):
+    """What accelerate reports for such a launch (its distributed type, the FSDP plugin's version) stands in for the
+    launch itself: neither starts on this machine (no deepspeed package; FSDP needs GPUs)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from thinkrl.distributed.sharding import uses_fsdp2
+
+    state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=plugin))
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind], state=state)
+    for setting in ("none", "fsdp2"):
+        with pytest.raises(ConfigError) as info:
+            uses_fsdp2(accelerator, setting)
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_lora_with_vllm_under_fsdp2_is_refused_before_the_engine_starts(tmp_path):
+    out = tmp_path / "run"
+    done = train(
+        ONE, out, "trainer.max_steps=1", "trainer.sharding=fsdp2", "rollout.backend=vllm", "model.default.lora.r=4"
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("thinkrl: error: rollout.backend=vllm cannot merge LoRA adapters of a sharded model")
+    assert "rollout.backend=hf" in last and "trainer.sharding=none" in last
+    assert "Traceback" not in done.stderr
+    assert not find_checkpoints(out)

@@ -185,7 +185,12 @@ def test_text_eval_reports_hard_tokens_and_null_rate(tmp_path):
     for mode in ("none", "null", "sampled:2"):
         assert m[f"{mode}/nll"]["n"] == 6 and f"{mode}/nll_hard" in m
     assert m["none/nll_hard"]["value"] >= m["none/nll"]["value"]  # the top decile of the base's NLL
-    assert 0.0 <= m["sampled:2/null_rate"]["value"] <= 1.0
+    # null rate: the share of items.jsonl's items where no thought's reward (vs the null thought) is above 0
+    items = [json.loads(line) for line in (tmp_path / "ev" / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 6
+    rate = sum(max(t["reward"] for t in r["thoughts"]) <= 0 for r in items) / len(items)
+    assert m["sampled:2/null_rate"]["value"] == pytest.approx(rate)
+    assert m["sampled:2/null_rate"]["n"] == 6
     rec = evaluator.records[0]
     assert len(rec["logp"]["sampled"]) == 2 and len(rec["logp"]["null"]) == 3
     html = (tmp_path / "ev" / "report.html").read_text()
@@ -254,7 +259,8 @@ def test_text_eval_in_parallel_passes_matches_per_position(tmp_path, monkeypatch
         assert m_par[key]["value"] == pytest.approx(m_pos[key]["value"], abs=1e-5), key
         assert (m_par[key]["n"], m_par[key]["groups"]) == (m_pos[key]["n"], m_pos[key]["groups"])
     assert m_par["none/nll"]["groups"] == 3
-    assert 0.0 <= m_par["sampled:2/null_rate"]["value"] <= 1.0
+    rate = sum(max(t["reward"] for t in r["thoughts"]) <= 0 for r in ev_par.records) / len(ev_par.records)
+    assert m_par["sampled:2/null_rate"]["value"] == pytest.approx(rate)
     assert "bootstrap over windows" in (tmp_path / "par" / "results.md").read_text()
 
 

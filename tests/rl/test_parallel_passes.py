@@ -46,8 +46,9 @@ def _windows(every_k: int, vocab: int, seed: int = 0):
     return [w for w in WindowPool(pool)]
 
 
-def _both_paths(overrides: list[str], every_k: int = 1, k: int = 2, device: str = "cpu"):
-    """(per-position, parallel) results: (thoughts, loss output, grads) each."""
+def _both_paths(overrides: list[str], every_k: int = 1, k: int = 2, device: str = "cpu", null: int = 0):
+    """(per-position, parallel) results: (thoughts, loss output, grads) each; ``null`` > 0: a null phrase of that
+    many tokens instead of the empty null thought."""
     cfg = load_config(None, [*BASE, f"rollout.num_thoughts={k}", *overrides])
     torch.manual_seed(0)
     roles = build_roles(cfg)
@@ -60,7 +61,8 @@ def _both_paths(overrides: list[str], every_k: int = 1, k: int = 2, device: str 
     seeds = list(range(1000, 1000 + len(positions)))
     batch = window_batch(windows, pad, device)
     actor = HFRolloutActor(cfg.rollout, roles.model("reasoner"), roles.sot_id, roles.eot_id, pad)
-    scorer = Scorer(roles, [], cfg.data.interpreter_window, cfg.reward.source)
+    null_ids = list(range(5, 5 + null))  # ordinary tokens between the markers, as a rollout.null_thought phrase
+    scorer = Scorer(roles, null_ids, cfg.data.interpreter_window, cfg.reward.source)
     params = [p for m in roles.modules().values() for p in m.parameters() if p.requires_grad]
     results = []
     for parallel in (False, True):
@@ -120,6 +122,23 @@ CASES = [
 def test_parallel_passes_equal_per_position(overrides, every_k, k):
     ref, par = _both_paths(overrides, every_k, k)
     _assert_equal(ref, par)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["reward.source=interpreter"],
+        ["model.weight_groups=[A,B,A]", "head.form=gate", "learner.include_null=true", "reward.source=interpreter"],
+    ],
+)
+def test_parallel_passes_equal_per_position_with_a_null_phrase(overrides):
+    """A null thought that is a phrase (``rollout.null_thought``), not the empty <sot><eot>: its tokens sit in the
+    parallel passes' null slot, and rewards, the loss and gradients still equal the per-position path's."""
+    ref, par = _both_paths(overrides, 1, 2, null=3)
+    _assert_equal(ref, par)
+    empty, _ = _both_paths(overrides, 1, 2)
+    # the interpreter's prediction after the null thought (reward.source=interpreter) depends on the phrase
+    assert not torch.allclose(ref[1].scores.logp_null, empty[1].scores.logp_null), "the phrase was not read"
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@ import errno
 import importlib.util
 import json
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,48 +62,91 @@ def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(tiny_confi
     assert frozen_groups or all(k in trainable for k in before if k.split(".")[0] != "head" or form != "none")
 
 
-def _loss_at(run_dir, step):
+def _step_record(run_dir, step):
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if record["step"] == step and "train/loss" in record:
-            return record["train/loss"], record["train/reward"]
+            return record
     raise AssertionError(f"no train/loss at step {step}")
 
 
-def test_resume_gives_the_same_next_step(tiny_config, tmp_path):
-    common = ["trainer.save_every=2", "learner.lr=3e-3", "trainer.eval_every=0"]
-    straight = tmp_path / "straight"
-    Trainer(tiny_config(*common, "trainer.max_steps=3", f"trainer.output_dir={straight}")).train()
-    interrupted = tmp_path / "interrupted"
-    Trainer(tiny_config(*common, "trainer.max_steps=2", f"trainer.output_dir={interrupted}")).train()
-    assert [p.name for p in find_checkpoints(interrupted)] == ["checkpoint-2"]
-    resumed = Trainer(tiny_config(*common, "trainer.max_steps=3", f"trainer.output_dir={interrupted}"))
+RESUME = ["trainer.save_every=1", "learner.lr=3e-3", "learner.scheduler=cosine", "trainer.max_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """Three steps under a cosine schedule, a checkpoint after each (2 and 3 kept): the uninterrupted reference."""
+    from conftest import TINY
+
+    from thinkrl.config import load_config
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    Trainer(load_config(None, [*TINY, *RESUME, f"trainer.output_dir={out}"])).train()
+    return out
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights_moments_and_schedule(
+    tiny_config, tmp_path, straight_run
+):
+    from checkpoints import assert_same_state
+
+    # killed after checkpoint-2 was written: step 3's metrics and the final evaluation are stale lines now
+    killed = tmp_path / "killed"
+    shutil.copytree(straight_run, killed)
+    shutil.rmtree(killed / "checkpoint-3")
+    resumed = Trainer(tiny_config(*RESUME, f"trainer.output_dir={killed}"))
     resumed.train()
     assert resumed.state.step == 3
-    assert _loss_at(straight, 3) == pytest.approx(_loss_at(interrupted, 3), abs=1e-6)
-    assert _loss_at(straight, 2) == pytest.approx(_loss_at(interrupted, 2), abs=1e-6)
+    # the state after the resumed step's AdamW update and LR step: weights, both moments and the next lr
+    assert_same_state(killed / "checkpoint-3", straight_run / "checkpoint-3", exact=True)
+    a, b = _step_record(killed, 3), _step_record(straight_run, 3)
+    assert a["train/lr"] == b["train/lr"] < _step_record(straight_run, 2)["train/lr"]  # cosine: it moved
+    assert (a["train/loss"], a["train/reward"]) == (b["train/loss"], b["train/reward"])
+    assert sum(1 for line in (killed / "metrics.jsonl").read_text().splitlines() if '"step": 3,' in line) == len(
+        [line for line in (straight_run / "metrics.jsonl").read_text().splitlines() if '"step": 3,' in line]
+    ), "the stale lines of step 3 are replaced, not doubled"
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_config, tmp_path, capsys):
+def test_nan_loss_stops_before_any_update_and_the_kept_checkpoint_resumes(
+    tiny_config, tmp_path, straight_run, monkeypatch
+):
+    """A NaN in the loss itself (patched in at step 3, normal lr): stop before backward and optimizer step, keep
+    checkpoint-2 whole, and the same command resumes from it once the loss is finite again."""
+    from checkpoints import trained_state
+
+    import thinkrl.run.trainer as trainer_module
+    from thinkrl.distributed.checkpoint import container
+
     run = tmp_path / "nan"
-    cfg = tiny_config(
-        "learner.lr=1e30",
-        "learner.max_grad_norm=0",
-        "trainer.save_every=1",
-        "trainer.max_steps=5",
-        f"trainer.output_dir={run}",
-    )
-    trainer = Trainer(cfg)
+    real = trainer_module.compute_loss
+
+    def loss_nan_at_step_3(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if trainer.state.step == 2:  # two steps done: this is step 3's loss
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_module, "compute_loss", loss_nan_at_step_3)
+    trainer = Trainer(tiny_config(*RESUME, f"trainer.output_dir={run}"))
     with pytest.raises(NonFiniteLossError) as info:
         trainer.train()
     message = str(info.value)
-    assert "lower learner.lr" in message and "\n" not in message
-    checkpoints = find_checkpoints(run)
-    assert checkpoints, "the checkpoint written before the NaN must survive"
-    assert f"{checkpoints[-1]} is intact" in message
-    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
-    assert state["step"] == int(checkpoints[-1].name.split("-")[1])
+    assert message.startswith("loss is nan at step 3;") and "\n" not in message
+    assert "lower learner.lr" in message and f"{run / 'checkpoint-2'} is intact" in message
+    assert [c.name for c in find_checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]
     assert not list(run.glob(".tmp-*")), "no half-written checkpoint left behind"
+    # in memory nothing moved since checkpoint-2 (no backward into .grad, no AdamW step), and no gradient is left
+    saved = trained_state(run / "checkpoint-2")
+    names = {n: p for n, p in container(trainer.roles).named_parameters() if p.requires_grad}
+    assert {k.split(":", 1)[1] for k in saved if k.startswith("weight:")} == names.keys()
+    for name, p in names.items():
+        assert torch.equal(p.detach(), saved[f"weight:{name}"]), name
+        assert p.grad is None, name
+    # the uninterrupted run is identical up to its checkpoint-2; the resume from the kept one trains to its end
+    monkeypatch.setattr(trainer_module, "compute_loss", real)
+    Trainer(tiny_config(*RESUME, f"trainer.output_dir={run}")).train()
+    assert [c.name for c in find_checkpoints(run)] == ["checkpoint-2", "checkpoint-3"]
+    assert _step_record(run, 3)["train/loss"] == _step_record(straight_run, 3)["train/loss"]
 
 
 def _file_size_limit(limit: int):
@@ -206,6 +250,32 @@ def test_lora_roles_train_adapters_and_marker_embeddings_only(tiny_config):
         assert torch.equal(before[name], param) != (name in trainable), name
 
 
+def test_export_of_a_lora_run_merges_the_adapters_into_plain_weights(tiny_config, tmp_path):
+    """``thinkrl export``: a LoRA group becomes a plain HF model whose logits are the adapted model's."""
+    from transformers import AutoModelForCausalLM
+
+    from thinkrl.export import export_checkpoint
+
+    cfg = tiny_config(
+        "model.default.lora.r=4", "model.weight_groups=[A,A,A]", "learner.lr=1e-2", "trainer.max_steps=2"
+    )
+    trainer = Trainer(cfg)
+    trainer.train()
+    out = export_checkpoint(find_checkpoints(trainer.run_dir)[-1], tmp_path / "exported")
+    plain = AutoModelForCausalLM.from_pretrained(out / "A")
+    assert not any("lora" in name for name in plain.state_dict()), "adapters left unmerged"
+    adapted = trainer.roles.model("reasoner")
+    adapted.eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8, trainer.roles.sot_id, 9, trainer.roles.eot_id]])
+    with torch.no_grad():
+        want = adapted(input_ids=ids).logits
+        got = plain(input_ids=ids).logits
+        with adapted.disable_adapter():
+            without = adapted(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    assert float((without - want).abs().max()) > 1e-3, "the adapters changed nothing: the check above proves little"
+
+
 def test_reasoner_template_wraps_what_the_reasoner_reads(tiny_config, tmp_path):
     """With rollout.reasoner_template the actor and the policy gradient see the wrapped context; the
     interpreter still reads the bare one."""
@@ -229,3 +299,66 @@ def test_reasoner_template_wraps_what_the_reasoner_reads(tiny_config, tmp_path):
     wrap = trainer.reasoner_prompt
     assert len(wrap.prefix) > 100 and not wrap.suffix  # system text and "Text:" before the context
     assert seen[0] == [wrap.wrap(c) for c in bare[0]] and seen[0] != bare[0]
+
+
+def test_the_final_evaluation_in_summary_json_equals_a_recomputation_from_the_scorer(straight_run, tmp_path):
+    """summary.json's final_eval, recomputed position by position from the final checkpoint: the same held-out
+    positions and sampling seeds, the Scorer's log-probs, and the metric formulas written out by hand."""
+    from thinkrl.data.sources import build_pools
+    from thinkrl.eval.setup import load_setup
+    from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
+    from thinkrl.rl.scoring import Scorer
+    from thinkrl.rollout import make_actor
+    from thinkrl.rollout.policy import position_seeds
+
+    setup = load_setup(str(straight_run / "checkpoint-3"), None, [])
+    cfg, roles = setup.cfg, setup.roles
+    assert cfg.reward.discount == 1.0 and not cfg.parallel_passes()  # what the hand formulas below assume
+    tok, k, step = roles.tokenizer, cfg.rollout.num_thoughts, cfg.trainer.batch_positions
+    _, pool = build_pools(cfg.data, tok, cfg.trainer.seed)
+    scorer = Scorer(roles, null_thought_ids(cfg.rollout.null_thought, tok), cfg.data.interpreter_window, "mixed")
+    assert cfg.reward.source == "mixed"
+    actor = make_actor(cfg.rollout, roles, tmp_path, 64)
+    prompt = reasoner_prompt(cfg.rollout.reasoner_template, tok)
+    generator = torch.Generator().manual_seed(cfg.trainer.seed + 12345)  # the trainer's evaluation seed
+    for module in roles.modules().values():
+        module.eval()
+    n = min(len(pool), cfg.data.eval_positions)
+    thought, null, base, best, reward, beaten, weight, lengths, unfinished, tokens = ([] for _ in range(10))
+    with torch.no_grad():
+        for start in range(0, n, step):
+            positions = [pool[i] for i in range(start, min(n, start + step))]
+            contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
+            thoughts = actor.sample(wrap_contexts(prompt, contexts), k, position_seeds(len(contexts), generator))
+            s = scorer.score(contexts, targets, thoughts)
+            for i in range(len(positions)):
+                m = s.target_mask[i]
+                totals = [float(s.logp[i, j][m].sum()) for j in range(k)]
+                null_total = float(s.logp[i, k][m].sum())
+                thought += totals
+                null.append(null_total)
+                base.append(float(s.logp_base[i][m].sum()))
+                best.append(max(totals))
+                reward += [t - null_total for t in totals]
+                beaten.append(max(totals) > null_total)
+                weight += [float(s.weight[i, j][m].sum()) for j in range(k)]
+                lengths += thoughts.lengths[i].tolist()
+                unfinished += (~thoughts.finished[i]).tolist()
+                tokens.append(int(m.sum()))
+    t = sum(tokens)
+    want = {
+        "nll_thought": -sum(thought) / (t * k),
+        "nll_best": -sum(best) / t,
+        "nll_null": -sum(null) / t,
+        "nll_base": -sum(base) / t,
+        "reward_mean": sum(reward) / len(reward),
+        "null_rate": 1 - sum(beaten) / len(beaten),
+        "thought_len_mean": sum(lengths) / len(lengths),
+        "unfinished_rate": sum(unfinished) / len(unfinished),
+        "mix_weight": sum(weight) / (t * k),
+    }
+    got = json.loads((straight_run / "summary.json").read_text())["final_eval"]
+    assert got["positions"] == n == len(null)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert 0 < want["null_rate"] < 1 and want["nll_best"] < want["nll_thought"]  # not a comparison of constants

@@ -208,8 +208,11 @@ class Evaluator:
             [
                 {
                     "text": tok.decode(thoughts.thought_ids[i, j, : int(thoughts.lengths[i, j])].tolist()),
+                    "ids": thoughts.thought_ids[i, j, : int(thoughts.lengths[i, j])].tolist(),
                     "length": int(thoughts.lengths[i, j]),
                     "finished": bool(thoughts.finished[i, j]),
+                    # log pi_sampler of the thought's actions, its end token included when it stopped itself
+                    "sampler_logp": round(float(thoughts.sampler_logps[i, j].sum()), 6),
                 }
                 for j in range(k)
             ]

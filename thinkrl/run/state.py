@@ -120,6 +120,19 @@ def resume(accelerator, run_dir: Path, how: str, trim_metrics: bool = True, load
     return path
 
 
+def lr_at_restored_step(scheduler) -> None:
+    """Set each group's lr to this run's schedule at the restored step. The optimizer's saved lr belongs to the
+    schedule of the run that wrote the checkpoint, whose length was its trainer.max_steps: a run resumed with
+    another max_steps would take its first step at the old schedule's lr (0 at the end of a linear decay)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper holds the torch scheduler
+    if not hasattr(inner, "lr_lambdas"):
+        return
+    lrs = [base * fn(inner.last_epoch) for fn, base in zip(inner.lr_lambdas, inner.base_lrs)]
+    for group, lr in zip(inner.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    inner._last_lr = lrs
+
+
 def _load_state_without_models(accelerator, path: Path) -> None:
     """accelerate's load_state for everything but the prepared models and optimizers (loaded by the caller).
 

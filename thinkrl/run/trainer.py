@@ -61,6 +61,7 @@ from thinkrl.run.state import (
     find_checkpoints,
     init_tracker,
     log_metrics,
+    lr_at_restored_step,
     make_accelerator,
     resume,
     save_checkpoint,
@@ -447,6 +448,7 @@ class Trainer:
     def train(self) -> dict:
         tc = self.cfg.trainer
         if resume(self.accelerator, self.run_dir, tc.resume, load_weights=self._load_weights) is not None:
+            lr_at_restored_step(self.scheduler)  # max_steps may have changed, and the schedule's length with it
             logger.info("resumed at step %d", self.state.step)
         init_tracker(self.accelerator, tc, self.run_dir, self.cfg)
         start_time = time.perf_counter()
