@@ -127,3 +127,47 @@ def test_interrupted_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, 
     with pytest.raises(KeyboardInterrupt):
         smollm2_folder(tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_no_thought_log_likelihoods_match_lm_evaluation_harness(folder: Path, tmp_path: Path) -> None:
+    """README's parity claim: with the harness templates, ``thinkrl eval --thoughts none`` gives per-item
+    log-likelihoods equal (to 1e-4) to lm-evaluation-harness's own ``HFLM.loglikelihood`` on SmolLM2, for the
+    harness's prompts (its gsm8k and commonsense_qa ``doc_to_text``, typed here) and answers (" 7", " A" ... " E")."""
+    import json
+
+    from eval_fixtures import CSQA_ROWS, GSM8K_ROWS, write_eval_data
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from thinkrl.cli import main
+
+    data = write_eval_data(tmp_path)
+    records = {}
+    for task in ("gsm8k", "csqa"):
+        out = tmp_path / task
+        args = ["eval", "--config", "configs/eval/smollm2_cpu.yaml", "--task", task, "--thoughts", "none"]
+        args += ["--no-generate", "--output", str(out), f"model.default.path={folder}", f"data.data_dir={data}"]
+        assert main([*args, f"data.prompt_template=tasks/{task}_harness"]) == 0
+        records[task] = {r["id"]: r for r in map(json.loads, (out / "items.jsonl").read_text().splitlines())}
+    assert sorted(records["gsm8k"]) == list(range(len(GSM8K_ROWS)))
+    assert sorted(records["csqa"]) == list(range(len(CSQA_ROWS)))
+
+    pairs, ours = [], []
+    for i, row in enumerate(GSM8K_ROWS):
+        pairs.append((f"Question: {row['question']}\nAnswer:", " " + row["answer"].split("#### ")[-1]))
+        ours.append(records["gsm8k"][i]["none"]["answer_logp"])
+    for i, row in enumerate(CSQA_ROWS):
+        q = row["question"]
+        listed = "".join(f"\n{c['label']}. {c['text']}" for c in q["choices"])
+        for label, logp in zip("ABCDE", records["csqa"][i]["none"]["letter_logp"]):
+            pairs.append((f"Question: {q['stem'].strip()}{listed}\nAnswer:", f" {label}"))
+            ours.append(logp)
+    harness = HFLM(pretrained=str(folder), device="cpu", batch_size=1, dtype="float32")
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    theirs = [logp for logp, _ in harness.loglikelihood(requests, disable_tqdm=True)]
+    assert len(theirs) == len(ours) == len(GSM8K_ROWS) + 5 * len(CSQA_ROWS)
+    diffs = [abs(a - b) for a, b in zip(ours, theirs)]
+    assert max(diffs) < 1e-4, (max(diffs), list(zip(ours, theirs))[:4])
+    assert len({round(x, 3) for x in theirs}) > len(theirs) // 2  # distinct items, not one repeated value

@@ -31,4 +31,7 @@ def test_bench_every_token_quick(tmp_path):
     assert at_64["parallel"]["positions"] == at_64["per_position"]["positions"] == 2 * (64 - 2 - 1)
     # Same seeds, same thoughts: the two thought paths compute the same loss.
     assert at_64["parallel"]["loss"] == pytest.approx(at_64["per_position"]["loss"], abs=1e-4)
+    # README's peak memory, parallel / per-position, quotes 71 / 356 MB at window 64 (a ratio of 5): the
+    # per-position path holds every position's own sequence, the parallel one reads the window once.
+    assert at_64["per_position"]["peak_mb"] > 2.5 * at_64["parallel"]["peak_mb"] > 0, at_64
     assert "parallel" in done.stdout and "skipped (est." not in done.stdout
