@@ -28,6 +28,7 @@ LAYER = {
     "config": 0,
     "errors": 0,
     "timing": 0,
+    "output_folder": 0,
 }
 
 

@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     from thinkrl.run.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    result = Trainer(cfg).train()
+    result = Trainer(cfg, overwrite=args.overwrite).train()
     init, final = result["initial_eval"], result["final_eval"]
     print(
         f"reward_mean {init['reward_mean']:.4f} -> {final['reward_mean']:.4f}; "
@@ -38,6 +38,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
 def _add_train(sub) -> None:
     train = sub.add_parser("train", help="RL-train a reasoner/interpreter pair")
     add_config_arguments(train, "configs/default.yaml")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train in a folder holding files thinkrl did not write: replaces only the files a run writes",
+    )
     train.set_defaults(func=_train)
 
 

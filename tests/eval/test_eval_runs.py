@@ -291,6 +291,11 @@ def test_cli_eval_and_compare_errors(tmp_path, capsys):
     over = [*TINY_BYTE, f"data.data_dir={data}"]
     assert main(["eval", *base, str(tmp_path / "e"), "--thoughts", "none,sampled:0", *over]) == 2
     assert "sampled:K" in capsys.readouterr().err
+    text = ["eval", "--config", "configs/default.yaml", "--task", "text", "--text-file", "missing.txt", "--output"]
+    assert main([*text, str(tmp_path / "t"), *over]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("thinkrl: error: --text-file missing.txt does not exist") and len(err.splitlines()) == 1
+    assert "data.train_file" not in err
     broken = tmp_path / "prompts"
     (broken / "thinking").mkdir(parents=True)
     (broken / "thinking" / "bad.txt").write_text("{context} and {nope}")

@@ -135,22 +135,28 @@ def test_no_thought_log_likelihoods_match_lm_evaluation_harness(folder: Path, tm
     """README's parity claim: with the harness templates, ``thinkrl eval --thoughts none`` gives per-item
     log-likelihoods equal (to 1e-4) to lm-evaluation-harness's own ``HFLM.loglikelihood`` on SmolLM2, for the
     harness's prompts (its gsm8k and commonsense_qa ``doc_to_text``, typed here) and answers (" 7", " A" ... " E")."""
-    import json
+
+    from dataclasses import replace
 
     from eval_fixtures import CSQA_ROWS, GSM8K_ROWS, write_eval_data
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from thinkrl.cli import main
+    from thinkrl.eval.runner import EvalOptions, Evaluator
+    from thinkrl.eval.setup import EvalSetup, load_setup
 
     data = write_eval_data(tmp_path)
+    overrides = [f"model.default.path={folder}", f"data.data_dir={data}"]
+    loaded = load_setup(None, "configs/eval/smollm2_cpu.yaml", overrides)  # one model for both tasks
     records = {}
     for task in ("gsm8k", "csqa"):
-        out = tmp_path / task
-        args = ["eval", "--config", "configs/eval/smollm2_cpu.yaml", "--task", task, "--thoughts", "none"]
-        args += ["--no-generate", "--output", str(out), f"model.default.path={folder}", f"data.data_dir={data}"]
-        assert main([*args, f"data.prompt_template=tasks/{task}_harness"]) == 0
-        records[task] = {r["id"]: r for r in map(json.loads, (out / "items.jsonl").read_text().splitlines())}
+        cfg = replace(loaded.cfg, data=replace(loaded.cfg.data, prompt_template=f"tasks/{task}_harness"))
+        opts = EvalOptions(
+            task=task, model=str(folder), thoughts="none", generate=False, output_dir=str(tmp_path / task)
+        )
+        evaluator = Evaluator(opts, EvalSetup(cfg, loaded.roles, None))
+        evaluator.run()
+        records[task] = {r["id"]: r for r in evaluator.records}
     assert sorted(records["gsm8k"]) == list(range(len(GSM8K_ROWS)))
     assert sorted(records["csqa"]) == list(range(len(CSQA_ROWS)))
 

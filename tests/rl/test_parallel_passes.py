@@ -124,19 +124,13 @@ def test_parallel_passes_equal_per_position(overrides, every_k, k):
     _assert_equal(ref, par)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["reward.source=interpreter"],
-        ["model.weight_groups=[A,B,A]", "head.form=gate", "learner.include_null=true", "reward.source=interpreter"],
-    ],
-)
-def test_parallel_passes_equal_per_position_with_a_null_phrase(overrides):
+def test_parallel_passes_equal_per_position_with_a_null_phrase():
     """A null thought that is a phrase (``rollout.null_thought``), not the empty <sot><eot>: its tokens sit in the
     parallel passes' null slot, and rewards, the loss and gradients still equal the per-position path's."""
-    ref, par = _both_paths(overrides, 1, 2, null=3)
+    overrides = ["model.weight_groups=[A,B,A]", "head.form=gate", "learner.include_null=true"]
+    ref, par = _both_paths([*overrides, "reward.source=interpreter"], 4, 2, null=3)
     _assert_equal(ref, par)
-    empty, _ = _both_paths(overrides, 1, 2)
+    empty, _ = _both_paths([*overrides, "reward.source=interpreter"], 4, 2)
     # the interpreter's prediction after the null thought (reward.source=interpreter) depends on the phrase
     assert not torch.allclose(ref[1].scores.logp_null, empty[1].scores.logp_null), "the phrase was not read"
 

@@ -362,3 +362,58 @@ def test_the_final_evaluation_in_summary_json_equals_a_recomputation_from_the_sc
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert 0 < want["null_rate"] < 1 and want["nll_best"] < want["nll_thought"]  # not a comparison of constants
+
+
+def _summary(run):
+    return json.loads((run / "summary.json").read_text())["final_eval"]
+
+
+@pytest.mark.parametrize("damage", ["truncate-weights", "delete-optimizer"])
+def test_a_broken_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    tiny_config, tmp_path, straight_run, caplog, damage
+):
+    """checkpoint-3 damaged as after a disk crash or an interrupted copy: the same command logs one line, keeps the
+    broken folder as checkpoint-3.broken, resumes from checkpoint-2 and ends with the uninterrupted run's result."""
+    import logging
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    newest = run / "checkpoint-3"
+    if damage == "truncate-weights":
+        weights = newest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (newest / "optimizer.bin").unlink()
+    with caplog.at_level(logging.WARNING, logger="thinkrl.run.state"):
+        Trainer(tiny_config(*RESUME, f"trainer.output_dir={run}")).train()
+    lines = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+    assert len(lines) == 1 and "checkpoint-3" in lines[0] and "resuming from checkpoint-2" in lines[0], lines
+    assert ("model.safetensors" if damage == "truncate-weights" else "optimizer.bin") in lines[0]
+    assert (run / "checkpoint-3.broken").is_dir() and [c.name for c in find_checkpoints(run)] == [
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
+    assert _summary(run) == _summary(straight_run)
+
+
+def test_broken_checkpoints_give_one_line_errors_and_nothing_is_changed(tiny_config, tmp_path, straight_run):
+    from thinkrl.errors import ConfigError
+    from thinkrl.eval.setup import load_setup
+    from thinkrl.export import export_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    for step in (2, 3):
+        (run / f"checkpoint-{step}" / "optimizer.bin").unlink()
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for attempt in (
+        lambda: Trainer(tiny_config(*RESUME, "trainer.max_steps=4", f"trainer.output_dir={run}")),
+        lambda: load_setup(str(run / "checkpoint-3"), None, []),
+        lambda: export_checkpoint(run / "checkpoint-3", tmp_path / "exported"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            attempt()
+        message = str(info.value)
+        assert "\n" not in message and "optimizer.bin is missing" in message, message
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert not (tmp_path / "exported").exists()

@@ -12,7 +12,7 @@ def _train(args: argparse.Namespace) -> int:
     from thinkrl.coconut.trainer import CoconutTrainer
 
     cfg = load_coconut_config(args.config, args.overrides)
-    result = CoconutTrainer(cfg).train()
+    result = CoconutTrainer(cfg, overwrite=args.overwrite).train()
     for stage, r in sorted(result["stage_results"].items(), key=lambda kv: int(kv[0])):
         print(
             f"stage {stage}: accuracy {r['accuracy']:.3f}  cot_match {r['cot_match']:.3f}  "
@@ -56,6 +56,11 @@ def add_parser(sub) -> None:
     actions = coconut.add_subparsers(dest="coconut_command", required=True)
     train = actions.add_parser("train", help="train with the stage curriculum (mode coconut | cot | no_cot | pause)")
     add_config_arguments(train, "configs/coconut/synthetic_cpu.yaml")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train in a folder holding files thinkrl did not write: replaces only the files a run writes",
+    )
     train.set_defaults(func=_train)
     evaluate = actions.add_parser("eval", help="batched greedy evaluation of a checkpoint (eval.split, eval.stage)")
     add_config_arguments(evaluate, "configs/coconut/synthetic_cpu.yaml")

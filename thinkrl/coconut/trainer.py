@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from thinkrl import output_folder
 from thinkrl.coconut.config import CoconutConfig
 from thinkrl.coconut.curriculum import example_stage, plan, scheduled_stage
 from thinkrl.coconut.data import IGNORE, build_example, collate, load_split, tokenize_problem
@@ -70,10 +71,23 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
+def _is_coconut_run(folder: Path) -> bool:
+    """A Coconut run folder written before folders carried thinkrl's stamp: its config.yaml reads as one."""
+    from thinkrl.coconut.config import load_coconut_config
+
+    try:
+        load_coconut_config(folder / "config.yaml", [])
+        return True
+    except (ConfigError, OSError):
+        return False
+
+
 class CoconutTrainer:
-    def __init__(self, cfg: CoconutConfig):
+    def __init__(self, cfg: CoconutConfig, overwrite: bool = False):
         self.cfg = cfg
         tc = cfg.trainer
+        # thinkrl's folder rule (thinkrl.output_folder): decided before anything is built, claimed when training
+        self.folder = output_folder.decide(tc.output_dir, "coconut", _is_coconut_run, overwrite)
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
         self.accelerator = make_accelerator(tc, self.run_dir)
@@ -203,7 +217,7 @@ class CoconutTrainer:
     def train(self) -> dict:
         tc, cur = self.cfg.trainer, self.cfg.curriculum
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            output_folder.claim(self.folder)
             write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg))
         if resume(self.accelerator, self.run_dir, tc.resume) is not None:
             logger.info(

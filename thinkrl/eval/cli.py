@@ -20,6 +20,7 @@ def _eval_options(args: argparse.Namespace, output: str) -> dict:
         "generate": not args.no_generate,
         "stop": args.stop,
         "output_dir": output,
+        "overwrite": args.overwrite,
     }
 
 
@@ -29,6 +30,19 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         extra += ["data.source=text", f"data.train_file={args.text_file}", f"data.eval_file={args.text_file}"]
         extra += [] if args.positions == "task" else [f"data.positions={args.positions}"]
     return [*extra, *args.overrides]
+
+
+def _check_text_file(args: argparse.Namespace, cfg) -> None:
+    """--text-file names a file that exists (said in terms of the flag the user passed, not data.train_file)."""
+    from thinkrl.data.sources import resolve_data_file
+    from thinkrl.errors import ConfigError
+
+    if args.text_file and not resolve_data_file(cfg.data, args.text_file).is_file():
+        where = cfg.data.resolved_data_dir()
+        raise ConfigError(
+            f"--text-file {args.text_file} does not exist (looked for {resolve_data_file(cfg.data, args.text_file)}); "
+            f"give a path to a text file{f' or a file under {where}' if where else ''}"
+        )
 
 
 def _default_output(args, what: str) -> str:
@@ -43,6 +57,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     opts = EvalOptions(**_eval_options(args, _default_output(args, "eval")))  # validates before loading models
     setup = load_setup(args.model, args.config, _overrides(args))
+    _check_text_file(args, setup.cfg)
     results = Evaluator(opts, setup).run()
     print(markdown_table(results))
     print(f"results in {opts.output_dir}")
@@ -87,6 +102,11 @@ def _add_eval_arguments(p: argparse.ArgumentParser, thoughts: str) -> None:
     p.add_argument("--text-file", help="--task text: held-out text file (relative to data.data_dir or a path)")
     p.add_argument("--positions", default="every_k", help="--task text: every_k | random thought positions")
     p.add_argument("--output", help="output folder (rerun the same command to resume)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder holding files thinkrl did not write: replaces only an evaluation's own files",
+    )
     add_config_arguments(p, "configs/eval/smollm2_cpu.yaml")
 
 

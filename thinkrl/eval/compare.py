@@ -7,9 +7,11 @@ accuracy, thought length, unfinished rate and a few sample thoughts per template
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
+from thinkrl import output_folder
 from thinkrl.errors import ConfigError
 from thinkrl.eval import report
 from thinkrl.eval.runner import EvalOptions, Evaluator
@@ -51,6 +53,14 @@ def _row(name: str, results: dict, records: list[dict], task: str, samples: int)
     return row
 
 
+def _is_comparison(folder: Path) -> bool:
+    """A comparison written before folders carried thinkrl's stamp: its compare.json lists the templates."""
+    try:
+        return "templates" in json.loads((folder / "compare.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def compare(
     names: list[str], opts: dict, model: str | None, config: str | None, overrides: list[str], samples: int = 3
 ) -> dict:
@@ -58,12 +68,17 @@ def compare(
     check_templates(names)
     opts = dict(opts)
     out = Path(opts.pop("output_dir"))
+    folders = [name.replace("/", "__") for name in names]
+    owns = (output_folder.STAMP, "compare.json", "compare.md", *folders)
+    decision = output_folder.decide(out, "compare", _is_comparison, opts.get("overwrite", False), owns=owns)
+    output_folder.claim(decision)
+    opts["overwrite"] = False  # each template's folder inside is new or an earlier comparison's
     rows = []
     loaded = load_setup(model, config, overrides)  # the models once: templates only change the reasoner's prompt
     for name in names:
         cfg = replace(loaded.cfg, rollout=replace(loaded.cfg.rollout, reasoner_template=name))
         setup = EvalSetup(cfg, loaded.roles, loaded.checkpoint)
-        run_opts = EvalOptions(**opts, output_dir=str(out / name.replace("/", "__")))
+        run_opts = EvalOptions(**opts, output_dir=str(out / name.replace("/", "__")))  # as in ``folders``
         evaluator = Evaluator(run_opts, setup)
         results = evaluator.run()
         records = evaluator.records
@@ -74,6 +89,7 @@ def compare(
         lines.append(f"**{row['template']}** sample thoughts:")
         lines += [f"- `{s!r}`" for s in row["samples"]]
     text = "\n".join(lines)
-    report.write_json(out / "compare.json", {"rows": rows, "settings": opts, "templates": names})
+    settings = {k: v for k, v in opts.items() if k != "overwrite"}
+    report.write_json(out / "compare.json", {"rows": rows, "settings": settings, "templates": names})
     (out / "compare.md").write_text(text + "\n", encoding="utf-8")
     return {"rows": rows, "table": text}

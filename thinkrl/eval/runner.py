@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from thinkrl import output_folder
 from thinkrl.config import to_dict
 from thinkrl.data.windows import WindowBatch, group_windows, window_batch
 from thinkrl.errors import ConfigError, DataError
@@ -72,6 +73,7 @@ class EvalOptions:
     batch_size: int = 8  # items per batch (not part of the settings a resume must match)
     max_new_tokens: int = 0  # 0 = the task's default
     generate: bool = True
+    overwrite: bool = False  # write into a folder holding other files, replacing only an evaluation's own
     stop: str = ""  # comma list of stop strings for generation ('' = the task's); backslash escapes allowed
     output_dir: str = ""
     modes: list[str] = field(init=False)
@@ -97,10 +99,20 @@ class EvalOptions:
         return "null" in self.modes
 
 
+def _is_evaluation(folder: Path) -> bool:
+    """An evaluation folder written before folders carried thinkrl's stamp: its settings.json records a recipe."""
+    try:
+        return "recipe" in json.loads((folder / "settings.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 class Evaluator:
     def __init__(self, opts: EvalOptions, setup: EvalSetup):
         self.opts, self.cfg, self.roles = opts, setup.cfg, setup.roles
         self.out = Path(opts.output_dir)
+        # thinkrl's folder rule, before anything (the vLLM engine's weights included) is written there
+        self.folder = output_folder.decide(self.out, "eval", _is_evaluation, opts.overwrite)
         tok = self.roles.tokenizer
         self.items = load_items(opts.task, self.cfg, tok, opts.limit, opts.seed)
         if not self.items:
@@ -115,13 +127,14 @@ class Evaluator:
             item_windows(self.items)  # fails early when the positions cannot be read as whole windows
         wrapper = len(self.prompt.prefix) + len(self.prompt.suffix) if self.prompt else 0
         longest = max(len(it.context) for it in self.items) + wrapper + ro.max_thought_len + len(self.null_ids)
+        output_folder.claim(self.folder)
         self.actor = make_actor(ro, self.roles, self.out, longest + opts.max_new_tokens + 8)
         self.generate = Generator(self.roles, self.actor, opts.batch_size)
         gsm8k = opts.task == "gsm8k"
         self.digits = answer_token_ids(tok, "digits") if gsm8k else None
         self.delimiter = answer_token_ids(tok, "space") if gsm8k else None  # not scored: the prompt's side
         self.settings = {
-            **{k: v for k, v in asdict(opts).items() if k not in ("batch_size", "output_dir")},
+            **{k: v for k, v in asdict(opts).items() if k not in ("batch_size", "output_dir", "overwrite")},
             "recipe": to_dict(self.cfg),
             "checkpoint": str(setup.checkpoint) if setup.checkpoint else None,
         }
@@ -169,6 +182,7 @@ class Evaluator:
                     done[rec["id"]] = rec
                 bar.update(len(batch))
         bar.close()
+        self.actor.close()
         records = self.records = [done[it.id] for it in self.items]
         results = self._summarise(records)
         self._write_reports(results, records)

@@ -10,7 +10,8 @@ from pathlib import Path
 from thinkrl.config import Config, load_config
 from thinkrl.errors import ConfigError
 from thinkrl.models.roles import RoleModels, build_roles, set_threads
-from thinkrl.run.state import CHECKPOINT_PREFIX, find_checkpoints, use_cpu
+from thinkrl.run import integrity
+from thinkrl.run.state import CHECKPOINT_PREFIX, newest_intact, use_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,15 @@ def _run_and_checkpoint(model: str) -> tuple[Path, Path | None] | None:
     """(run folder, checkpoint) when ``model`` names a thinkrl run or one of its checkpoints, else None."""
     path = Path(model).expanduser()
     if path.name.startswith(CHECKPOINT_PREFIX) and (path / "trainer_state.json").is_file():
+        found = integrity.problem(path)
+        if found:
+            raise ConfigError(f"checkpoint {path} is broken ({found}); give another checkpoint or its run folder")
         return path.parent, path
     if (path / "config.yaml").is_file() and path.is_dir():
-        found = find_checkpoints(path)
-        return path, (found[-1] if found else None)
+        checkpoint, broken = newest_intact(path)
+        for skipped, why in broken:
+            logger.warning("%s is broken (%s): using %s", skipped, why, checkpoint.name if checkpoint else "none")
+        return path, checkpoint
     return None
 
 
@@ -86,10 +92,10 @@ def load_setup(model: str | None, config: str | None, overrides: list[str]) -> E
         cfg = load_config(run_dir / "config.yaml", overrides)
         roles = _build(cfg)
         if checkpoint is None:
-            logger.warning("run %s has no complete checkpoint: evaluating its initial weights", run_dir)
+            logger.warning("run %s has no complete checkpoint: using its initial weights", run_dir)
         else:
             load_checkpoint_weights(roles, checkpoint)
-            logger.info("evaluating %s", checkpoint)
+            logger.info("loaded %s", checkpoint)
         return EvalSetup(cfg, roles, checkpoint)
     if model is None and config is None:
         raise ConfigError("give --model (run folder, checkpoint, HF folder, hub id or smollm2-135m-instruct)")

@@ -78,6 +78,9 @@ class RolloutActor(abc.ABC):
         """Push the learner's reasoner weights to the sampler; returns seconds spent."""
         return 0.0
 
+    def close(self) -> None:  # noqa: B027 - optional: only actors with an engine of their own override it
+        """Release the sampler's engine, if it has one (the next sample starts it again)."""
+
 
 def empty_thoughts(n: int, device) -> ThoughtBatch:
     """K = 0 (the control run): no sampled thought, only the null thought is scored."""

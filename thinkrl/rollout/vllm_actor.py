@@ -31,6 +31,18 @@ from thinkrl.errors import ConfigError, ThinkRLError
 from thinkrl.rollout.base import RolloutActor, ThoughtBatch, empty_thoughts
 
 logger = logging.getLogger(__name__)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+_WARMUP_NOISE = _DropMessage("Chat template warmup failed")
 BANNED_BIAS = -1.0e9  # logit bias that gives the start marker probability 0 inside a thought
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -135,6 +147,7 @@ class VLLMRolloutActor(RolloutActor):
         self.staleness = 0
         self._check_supported(model)
         self._llm, self._params_cls, self._prompt_cls = None, None, None
+        self._max_model_len = max_model_len
         self._start(max_model_len)
 
     def _check_supported(self, model) -> None:
@@ -146,8 +159,34 @@ class VLLMRolloutActor(RolloutActor):
                 f"hidden_size/num_heads in {CPU_HEAD_DIMS[:4]}... or set rollout.backend=hf"
             )
 
+    @property
+    def _engine(self):
+        """The running engine, started again (with the learner's current weights) after ``close``."""
+        if self._llm is None:
+            self._start(self._max_model_len)
+        return self._llm
+
+    def close(self) -> None:
+        """Stop the engine now that nothing samples: vLLM would otherwise stop it at interpreter exit, after the
+        trackers closed their streams, logging its shutdown there and warning that it force-killed an idle engine."""
+        llm, self._llm, self._engine_procs = self._llm, None, []
+        if llm is None:
+            return
+        quiet = logging.getLogger("vllm")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # its shutdown steps and the kill of an idle engine are no news to the user
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # the run's results are written; a failed stop must not turn into an error
+            logger.debug("vLLM engine shutdown: %s", exc)
+        finally:
+            quiet.setLevel(level)
+
     def _start(self, max_model_len: int) -> None:
         llm_cls, self._params_cls, self._prompt_cls = _import_vllm()
+        # With skip_tokenizer_init=True (thinkrl sends token ids) vLLM's chat-template warmup cannot work and logs
+        # its traceback at WARNING on every start; nothing here uses chat templates through the engine.
+        logging.getLogger("vllm.renderers.base").addFilter(_WARMUP_NOISE)
         self.weights_dir.parent.mkdir(parents=True, exist_ok=True)
         export_weights(self.model, self.tokenizer, self.weights_dir)
         if not torch.cuda.is_available():
@@ -240,7 +279,7 @@ class VLLMRolloutActor(RolloutActor):
         # One request seed per position: its thoughts do not depend on the batch or the process that samples it.
         prompts = [self._prompt_cls(prompt_token_ids=c + [self.sot_id]) for c in contexts]
         params = [self._sampling_params(num_thoughts, seed % (2**31 - 1)) for seed in seeds]
-        outputs = self._watched("sampling", self._llm.generate, prompts, params, use_tqdm=False)
+        outputs = self._watched("sampling", self._engine.generate, prompts, params, use_tqdm=False)
         self._count_engine_tokens(outputs)
         return self._to_batch(outputs, num_thoughts, device)
 
@@ -272,7 +311,7 @@ class VLLMRolloutActor(RolloutActor):
                 continue
             prompts = [self._prompt_cls(prompt_token_ids=contexts[i] + [self.sot_id]) for i in wave]
             params = [self._sampling_params(num_thoughts, seeds[i] % (2**31 - 1)) for i in wave]
-            for i, out in zip(wave, self._watched("sampling", self._llm.generate, prompts, params, use_tqdm=False)):
+            for i, out in zip(wave, self._watched("sampling", self._engine.generate, prompts, params, use_tqdm=False)):
                 outputs[i] = out
                 cached += out.num_cached_tokens or 0
                 prompt_tokens += len(out.prompt_token_ids)
@@ -296,7 +335,7 @@ class VLLMRolloutActor(RolloutActor):
             skip_special_tokens=False,
         )
         requests = [self._prompt_cls(prompt_token_ids=p) for p in prompts]
-        outputs = self._watched("generating", self._llm.generate, requests, params, use_tqdm=False)
+        outputs = self._watched("generating", self._engine.generate, requests, params, use_tqdm=False)
         self._count_engine_tokens(outputs)
         return [list(out.outputs[0].token_ids) for out in outputs]
 
@@ -338,10 +377,10 @@ class VLLMRolloutActor(RolloutActor):
         export_weights(self.model, self.tokenizer, self.weights_dir)
         self._watched(
             "syncing weights",
-            self._llm.collective_rpc,
+            self._engine.collective_rpc,
             "reload_weights",
             kwargs={"weights_path": str(self.weights_dir)},
         )
-        self._watched("syncing weights", self._llm.reset_prefix_cache)  # cached prefixes hold old keys/values
+        self._watched("syncing weights", self._engine.reset_prefix_cache)  # cached prefixes hold old keys/values
         self.staleness = 0
         return time.perf_counter() - start

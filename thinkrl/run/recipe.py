@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -181,10 +180,25 @@ def check_run_folder(cfg) -> bool:
     return True
 
 
+def is_run_folder(folder: Path) -> bool:
+    """A run folder written before folders carried thinkrl's stamp: its config.yaml reads as a recipe, or it holds
+    complete checkpoints."""
+    from thinkrl.run.state import find_checkpoints
+
+    try:
+        return recorded_recipe(folder) is not None or bool(find_checkpoints(folder))
+    except ConfigError:
+        return False
+
+
 def clear_stale_outputs(run_dir: Path) -> None:
-    """Remove metrics.jsonl, summary.json, results.md and rollout dumps of a start that left no checkpoint."""
+    """Remove metrics.jsonl, summary.json, results.md and the rollout dumps (``rollouts/step-*.jsonl``) of a start
+    that left no checkpoint; nothing else in the folder, not even other files in ``rollouts/``."""
     run_dir = Path(run_dir)
     for name in STALE_OUTPUTS:
         (run_dir / name).unlink(missing_ok=True)
-    if (run_dir / "rollouts").is_dir():
-        shutil.rmtree(run_dir / "rollouts")
+    rollouts = run_dir / "rollouts"
+    for dump in rollouts.glob("step-*.jsonl"):
+        dump.unlink()
+    if rollouts.is_dir() and not any(rollouts.iterdir()):
+        rollouts.rmdir()

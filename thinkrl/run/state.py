@@ -10,40 +10,68 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from thinkrl.config import to_dict
 from thinkrl.errors import ConfigError, StorageFullError
+from thinkrl.run import integrity
 from thinkrl.run.files import append_jsonl, write_atomic
 
 CHECKPOINT_PREFIX = "checkpoint-"
+logger = logging.getLogger(__name__)
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(Path(checkpoint).name[len(CHECKPOINT_PREFIX) :])
 
 
 def find_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (those with trainer_state.json), oldest first."""
-
-    def step_of(p: Path) -> int:
-        tail = p.name[len(CHECKPOINT_PREFIX) :]
-        return int(tail) if tail.isdigit() else -1
-
-    found = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file()]
+    """Complete checkpoints (``checkpoint-<step>/`` with trainer_state.json), oldest first. Folders set aside as
+    broken (``checkpoint-<step>.broken``) are not among them."""
+    found = [
+        p
+        for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*")
+        if p.name[len(CHECKPOINT_PREFIX) :].isdigit() and (p / "trainer_state.json").is_file()
+    ]
     return sorted(found, key=step_of)
 
 
+def newest_intact(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint that ``integrity.problem`` finds whole, and the broken ones newer than it
+    (each with what is wrong). Reads only."""
+    broken = []
+    for checkpoint in reversed(find_checkpoints(run_dir)):
+        found = integrity.problem(checkpoint)
+        if found is None:
+            return checkpoint, broken
+        broken.append((checkpoint, found))
+    if broken:
+        listed = "; ".join(f"{c.name}: {why}" for c, why in broken)
+        raise ConfigError(
+            f"no checkpoint in {run_dir} is whole ({listed}); nothing was changed: restore one from a copy, or "
+            "start a new trainer.output_dir"
+        )
+    return None, []
+
+
 def checkpoint_to_resume(run_dir: Path, how: str) -> Path | None:
-    """The checkpoint ``trainer.resume`` names: auto = the newest complete one in run_dir (None if there is none),
-    never = None, else a path that must be a complete checkpoint folder."""
+    """The checkpoint ``trainer.resume`` names: auto = the newest whole one in run_dir (None if there is none),
+    never = None, else a path that must be a complete, whole checkpoint folder."""
     if how == "never":
         return None
     if how == "auto":
-        return (find_checkpoints(run_dir) or [None])[-1]
+        return newest_intact(run_dir)[0]
     path = Path(how)
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(
             f"trainer.resume={how} is not a complete checkpoint folder; use auto, never or a checkpoint-<step> path"
         )
+    found = integrity.problem(path)
+    if found:
+        raise ConfigError(f"checkpoint {path} is broken ({found}); pass another one, or trainer.resume=auto")
     return path
 
 
@@ -104,6 +132,8 @@ def resume(accelerator, run_dir: Path, how: str, trim_metrics: bool = True, load
     may load the models and optimizer itself (sharded checkpoints); when it returns True accelerate loads the
     rest (scheduler, RNG, registered objects) only."""
     path = checkpoint_to_resume(run_dir, how)
+    if how == "auto":
+        path = _agreed(accelerator, run_dir, path)
     if path is None:
         return None
     if load_weights is not None and load_weights(path):
@@ -131,6 +161,34 @@ def lr_at_restored_step(scheduler) -> None:
     for group, lr in zip(inner.optimizer.param_groups, lrs):
         group["lr"] = lr
     inner._last_lr = lrs
+
+
+def _agreed(accelerator, run_dir: Path, mine: Path | None) -> Path | None:
+    """The checkpoint every process found whole (the oldest of their choices: each checks the files it sees, so
+    ranks without a shared disk check their own shards). The main process sets newer, broken ones aside."""
+    step = step_of(mine) if mine is not None else -1
+    if accelerator.num_processes > 1:
+        import torch
+        import torch.distributed as dist
+
+        agreed = torch.tensor([step], dtype=torch.long, device=accelerator.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        step = int(agreed)
+    chosen = Path(run_dir) / f"{CHECKPOINT_PREFIX}{step}" if step >= 0 else None
+    newer = [c for c in find_checkpoints(run_dir) if step_of(c) > step]
+    accelerator.wait_for_everyone()  # everyone has chosen before a folder is renamed
+    if accelerator.is_main_process:
+        for checkpoint in newer:
+            why = integrity.problem(checkpoint) or "another process found its files broken"
+            logger.warning(
+                "%s is broken (%s): set aside as %s; resuming from %s",
+                checkpoint,
+                why,
+                integrity.set_aside(checkpoint).name,
+                chosen.name if chosen else "step 0",
+            )
+    accelerator.wait_for_everyone()
+    return chosen
 
 
 def _load_state_without_models(accelerator, path: Path) -> None:
@@ -192,6 +250,9 @@ def save_checkpoint(
         if accelerator.is_main_process:
             tokenizer.save_pretrained(tmp / "tokenizer")
             write_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
+        accelerator.wait_for_everyone()  # every process's files are written before the manifest lists them
+        if accelerator.is_main_process:
+            integrity.write_manifest(tmp)  # last: a checkpoint is whole when the files its manifest lists are
     except Exception as exc:
         if not is_storage_full(exc):
             raise

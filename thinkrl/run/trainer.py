@@ -26,6 +26,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from thinkrl import output_folder
 from thinkrl.config import Config, to_yaml
 from thinkrl.data.positions import PositionStream
 from thinkrl.data.sources import build_pools
@@ -56,7 +57,7 @@ from thinkrl.rollout.policy import position_seeds
 from thinkrl.run.compute import ComputeCounter, crossed, flops_budget, matched_interval, merge_metrics, run_steps
 from thinkrl.run.files import dump_rollouts, mean_or_nan, write_atomic, write_summary
 from thinkrl.run.heldout import evaluate
-from thinkrl.run.recipe import check_run_folder, clear_stale_outputs
+from thinkrl.run.recipe import check_run_folder, clear_stale_outputs, is_run_folder
 from thinkrl.run.state import (
     find_checkpoints,
     init_tracker,
@@ -89,10 +90,14 @@ class TrainerState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, overwrite: bool = False):
+        """``overwrite``: train in a folder holding files thinkrl did not write, replacing only a run's own files
+        (``thinkrl.output_folder``); without it such a folder is refused."""
         self.cfg = cfg
         tc = cfg.trainer
-        stale = check_run_folder(cfg)  # a changed recipe fails here, before anything is written or built
+        folder = output_folder.decide(tc.output_dir, "train", is_run_folder, overwrite)
+        # a changed recipe fails here, before anything is written or built; an overwritten folder holds no run
+        stale = check_run_folder(cfg) if folder.state != "overwrite" else False
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
         self.accelerator = make_accelerator(tc, self.run_dir)
@@ -100,6 +105,7 @@ class Trainer:
         set_seed(tc.seed)
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
+            output_folder.claim(folder)
             if stale:
                 clear_stale_outputs(self.run_dir)
             (self.run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
@@ -526,6 +532,7 @@ class Trainer:
                     "compute": compute,
                 },
             )
+        self.actor.close()  # before the trackers close their streams
         self.accelerator.end_training()
         return {"initial_eval": self.state.initial_eval, "final_eval": final}
 

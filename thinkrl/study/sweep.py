@@ -38,7 +38,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from thinkrl import output_folder
 from thinkrl.errors import ConfigError, ThinkRLError
+
+OVERWRITE_HELP = "write into a folder holding files thinkrl did not write: replaces only the files it writes"
 
 RESERVED = ("trainer.output_dir", "trainer.seed")  # the sweep sets these per run
 BASELINE_MAX_STEPS = 10**9  # a compute-matched baseline stops on its FLOP budget; this only caps its steps
@@ -204,6 +207,7 @@ def sweep(
     dry_run: bool = False,
     level: float = 0.95,
     baseline: bool = False,
+    overwrite: bool = False,
 ) -> dict | None:
     """Plan, check every run folder, train what is not done, then write the study; returns the study (None on a
     dry run, which only prints the plan). ``baseline``: add the compute-matched LM baselines (module docstring)."""
@@ -211,6 +215,7 @@ def sweep(
     from thinkrl.study.aggregate import aggregate, read_run, write_study
 
     out = Path(out)
+    folder = output_folder.decide(out, "sweep", _is_sweep, overwrite)
     runs, fixed, axes = plan(overrides, seeds, out, baseline)
     if baseline and load_config(config, runs[0].overrides).learner.scheduler in ("linear", "cosine"):
         print(
@@ -221,8 +226,10 @@ def sweep(
     statuses = [run_status(load_config(config, run.overrides)) for run in runs]  # every recipe valid, folders agree
     for i, (run, status) in enumerate(zip(runs, statuses), 1):
         print(f"[{i}/{len(runs)}] {run.folder.relative_to(out)}: {status}", flush=True)
+    print(folder.describe(), flush=True)
     if dry_run:
         return None
+    output_folder.claim(folder)
     for i, (run, status) in enumerate(zip(runs, statuses), 1):
         if run.matches is not None:  # its budget is the thought run's total, which may have changed just now
             status = run_status(load_config(config, run.overrides))
@@ -268,13 +275,27 @@ def add_matched_gain(thought, lm) -> None:
         thought.metrics["matched_lm/nll_gain"] = a - b
 
 
-def aggregate_folders(folders: list[str], out: str | Path, level: float = 0.95) -> dict:
+def _is_sweep(folder: Path) -> bool:
+    """A study folder written before folders carried thinkrl's stamp: a study.json, or run folders of seeds."""
+    return (
+        (folder / "study.json").is_file()
+        or any(folder.glob("seed-*/config.yaml"))
+        or any(folder.glob("*/seed-*/config.yaml"))
+    )
+
+
+def aggregate_folders(folders: list[str], out: str | Path, level: float = 0.95, overwrite: bool = False) -> dict:
     from thinkrl.study.aggregate import aggregate, group_by_point, read_result, write_study
+
+    decision = output_folder.decide(
+        out, "aggregate", lambda f: (f / "study.json").is_file(), overwrite, accept=("sweep",)
+    )
 
     seen = [Path(f).resolve() for f in folders]
     if len(set(seen)) != len(seen):
         raise ConfigError("a folder is given twice: each counts as one seed")
     points = group_by_point([read_result(f) for f in folders])
+    output_folder.claim(decision)
     study = aggregate(points, level)
     notes = ["points: folders with the same recorded recipe (all but the seed and operational settings)"]
     write_study(out, study, f"Aggregate of {len(folders)} folders", notes)
@@ -295,12 +316,13 @@ def _sweep(args: argparse.Namespace) -> int:
         args.dry_run,
         args.level,
         args.compute_matched_baseline,
+        args.overwrite,
     )
     return 0
 
 
 def _aggregate(args: argparse.Namespace) -> int:
-    aggregate_folders(args.folders, args.out, args.level)
+    aggregate_folders(args.folders, args.out, args.level, args.overwrite)
     return 0
 
 
@@ -322,6 +344,7 @@ def add_parser(sub) -> None:
         f"(default: in this process; '{Path(sys.executable).name}' gives one subprocess per run)",
     )
     sw.add_argument("--dry-run", action="store_true", help="print the runs and whether each is done, then stop")
+    sw.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     sw.add_argument(
         "--compute-matched-baseline",
         action="store_true",
@@ -339,4 +362,5 @@ def add_parser(sub) -> None:
     ag.add_argument("folders", nargs="+", help="run folders (summary.json) or thinkrl eval folders (results.json)")
     ag.add_argument("--out", required=True, help="folder for study.json, study.md and plots/")
     ag.add_argument("--level", type=_level, default=0.95, help="interval level across seeds (default 0.95)")
+    ag.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     ag.set_defaults(func=_aggregate)
