@@ -123,6 +123,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default="", help="write every row here")
     p.add_argument("--quick", action="store_true", help="seq 64, thought 4, tiny, 1 thread, 1 repeat (the test)")
     args = p.parse_args(argv)
+    if args.json:  # refuse before measuring anything: a file of someone else's is never overwritten
+        from thinkrl.errors import ConfigError
+        from thinkrl.output_folder import check_output_file
+
+        try:
+            check_output_file(args.json, "bench_every_token")
+        except ConfigError as exc:
+            p.error(str(exc))
     args.sizes = [s for s in args.sizes.split(",") if s]
     if args.quick:
         args.sizes, args.seqs, args.thought_lens, args.threads, args.repeats = ["tiny"], [64], [4], [1], 1
@@ -484,7 +492,17 @@ def main(argv=None) -> None:
         summary = [{k: v for k, v in line.items() if k != "rows"} for line in lines]
         settings = {k: v for k, v in vars(args).items() if k != "json"}
         with open(args.json, "w") as f:
-            json.dump({"settings": settings, "device": device, "rows": rows, "summary": summary}, f, indent=1)
+            json.dump(
+                {
+                    "written_by": "bench_every_token",
+                    "settings": settings,
+                    "device": device,
+                    "rows": rows,
+                    "summary": summary,
+                },
+                f,
+                indent=1,
+            )
         print(f"wrote {args.json}")
     if not ok:
         print(

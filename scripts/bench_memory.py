@@ -128,6 +128,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="dotted config overrides applied last, e.g. a SmolLM2-shaped scratch model where the package is absent",
     )
     args = p.parse_args(argv)
+    if args.json:  # refuse before measuring anything: a file of someone else's is never overwritten
+        from thinkrl.errors import ConfigError
+        from thinkrl.output_folder import check_output_file
+
+        try:
+            check_output_file(args.json, "bench_memory")
+        except ConfigError as exc:
+            p.error(str(exc))
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -375,7 +383,17 @@ def main(argv=None) -> None:
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
         with open(args.json, "w") as f:
-            json.dump({"settings": settings, "device": device, "device_name": where, "rows": rows}, f, indent=1)
+            json.dump(
+                {
+                    "written_by": "bench_memory",
+                    "settings": settings,
+                    "device": device,
+                    "device_name": where,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
         print(f"wrote {args.json}")
     if not ok:
         print("WARNING: the variants' losses differ; they did not do the same work", file=sys.stderr)

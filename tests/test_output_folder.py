@@ -137,3 +137,19 @@ def test_decide_by_hand(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         output_folder.decide(tmp_path / "file", "train")
+
+
+@pytest.mark.parametrize("script", ["bench_memory", "bench_every_token"])
+def test_benchmarks_refuse_to_overwrite_a_file_they_did_not_write(tmp_path, script):
+    import subprocess
+    import sys
+
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "numbers"}\n')
+    cmd = [sys.executable, f"scripts/{script}.py", "--quick", "--json", str(mine)]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"{mine} exists and was not written by {script}" in done.stderr
+    assert mine.read_text() == '{"my": "numbers"}\n'
+    output_folder.check_output_file(tmp_path / "absent.json", script)  # a new path is fine
+    (tmp_path / "ours.json").write_text(f'{{"written_by": "{script}", "rows": []}}')
+    output_folder.check_output_file(tmp_path / "ours.json", script)  # so is its own earlier output

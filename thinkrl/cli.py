@@ -18,7 +18,11 @@ def _train(args: argparse.Namespace) -> int:
     from thinkrl.run.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    result = Trainer(cfg, overwrite=args.overwrite).train()
+    trainer = Trainer(cfg, overwrite=args.overwrite)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
     init, final = result["initial_eval"], result["final_eval"]
     print(
         f"reward_mean {init['reward_mean']:.4f} -> {final['reward_mean']:.4f}; "

@@ -145,3 +145,17 @@ def claim(decision: Decision) -> None:
         logger.info("%s: removed thinkrl's own %s (--overwrite)", folder, ", ".join(p.name for p in decision.remove))
     if read_stamp(folder) is None:
         (folder / STAMP).write_text(json.dumps({"kind": decision.kind, "by": "thinkrl"}) + "\n", encoding="utf-8")
+
+
+def check_output_file(path: str | Path, kind: str) -> None:
+    """A file a command writes whole (a benchmark's ``--json``) may replace only that command's earlier output:
+    a JSON object whose ``written_by`` names it. Anything else there is refused in one line."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8")).get("written_by") == kind
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ConfigError(f"{path} exists and was not written by {kind}; choose another path (nothing was written)")

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from eval_fixtures import GSM8K_ROWS, TINY_BYTE, write_eval_data
+from learner_logps import hf_logps
 
 from thinkrl.cli import main
 from thinkrl.eval.answers import numbers_equal
@@ -24,7 +25,6 @@ def _hf_thought_logps(records, overrides):
     from thinkrl.eval.tasks import load_items
     from thinkrl.prompts import reasoner_prompt, wrap_contexts
     from thinkrl.rollout.base import ThoughtBatch
-    from thinkrl.rollout.policy import thought_logps
 
     setup = load_setup(None, CONFIG, overrides)
     cfg, roles = setup.cfg, setup.roles
@@ -42,17 +42,7 @@ def _hf_thought_logps(records, overrides):
     lengths = torch.tensor([[t["length"] for t in r["thoughts"]] for r in records])
     finished = torch.tensor([[t["finished"] for t in r["thoughts"]] for r in records])
     batch = ThoughtBatch(ids, mask, torch.zeros(ids.shape), finished, lengths)
-    with torch.no_grad():
-        logps, _ = thought_logps(
-            roles.model("reasoner"),
-            contexts,
-            batch,
-            roles.sot_id,
-            roles.eot_id,
-            roles.tokenizer.pad_token_id,
-            cfg.rollout.temperature,
-            cfg.rollout.length_mode == "fixed",
-        )
+    logps = hf_logps(cfg, roles, batch, contexts)
     return logps.sum(-1)
 
 

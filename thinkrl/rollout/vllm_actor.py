@@ -43,6 +43,14 @@ class _DropMessage(logging.Filter):
 
 
 _WARMUP_NOISE = _DropMessage("Chat template warmup failed")
+
+
+def _vllm_children() -> list:
+    import psutil  # a vLLM dependency
+
+    return [p for p in psutil.Process().children(recursive=True) if "VLLM" in p.name()]
+
+
 BANNED_BIAS = -1.0e9  # logit bias that gives the start marker probability 0 inside a thought
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -195,6 +203,7 @@ class VLLMRolloutActor(RolloutActor):
         if self.cfg.vllm_block_size:
             kwargs["block_size"] = self.cfg.vllm_block_size
         start = time.perf_counter()
+        before = {p.pid for p in _vllm_children()}
         try:
             self._llm = llm_cls(
                 model=str(self.weights_dir),
@@ -218,9 +227,8 @@ class VLLMRolloutActor(RolloutActor):
                 "rollout.backend=hf"
             ) from None
         logger.info("vLLM engine started in %.1f s", time.perf_counter() - start)
-        import psutil  # a vLLM dependency
-
-        self._engine_procs = [p for p in psutil.Process().children(recursive=True) if "VLLM" in p.name()]
+        # This engine's own processes: another engine of this process, or one still stopping, is not watched.
+        self._engine_procs = [p for p in _vllm_children() if p.pid not in before]
 
     def _engine_alive(self) -> bool:
         return all(p.is_running() and p.status() != "zombie" for p in self._engine_procs)

@@ -532,9 +532,12 @@ class Trainer:
                     "compute": compute,
                 },
             )
-        self.actor.close()  # before the trackers close their streams
         self.accelerator.end_training()
         return {"initial_eval": self.state.initial_eval, "final_eval": final}
+
+    def close(self) -> None:
+        """Stop the sampler's engine (vLLM) now rather than at interpreter exit; a later sample starts it again."""
+        self.actor.close()
 
     def _lm_warmup(self) -> None:
         tc = self.cfg.trainer

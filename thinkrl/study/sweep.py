@@ -193,7 +193,10 @@ def _train(run: SweepRun, config: str | None, launcher: str | None) -> None:
     from thinkrl.run.trainer import Trainer
 
     trainer = Trainer(load_config(config, run.overrides))
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()  # a vLLM engine per run would otherwise stay up until the sweep ends
     del trainer
     gc.collect()
 
