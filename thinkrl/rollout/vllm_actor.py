@@ -184,7 +184,7 @@ class VLLMRolloutActor(RolloutActor):
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # its shutdown steps and the kill of an idle engine are no news to the user
         try:
-            llm.llm_engine.engine_core.shutdown()
+            llm.llm_engine.engine_core.shutdown(timeout=2.0)  # an idle engine: no work is lost if it is killed
         except Exception as exc:  # the run's results are written; a failed stop must not turn into an error
             logger.debug("vLLM engine shutdown: %s", exc)
         finally:
