@@ -153,3 +153,31 @@ def test_benchmarks_refuse_to_overwrite_a_file_they_did_not_write(tmp_path, scri
     output_folder.check_output_file(tmp_path / "absent.json", script)  # a new path is fine
     (tmp_path / "ours.json").write_text(f'{{"written_by": "{script}", "rows": []}}')
     output_folder.check_output_file(tmp_path / "ours.json", script)  # so is its own earlier output
+
+
+def test_dry_runs_report_the_folder_decision_and_build_nothing(tmp_path, capsys, checkpoint):
+    run = checkpoint.parent
+    assert main(["train", *TINY, "trainer.max_steps=3", f"trainer.output_dir={run}", "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("recipe: models A=scratch") and out[1] == (
+        f"{run}: resumes from {checkpoint} and trains to step 3"
+    )
+    new = tmp_path / "new"
+    assert main(["train", *TINY, f"trainer.output_dir={new}", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{new}: a new run, steps 1..100") and not new.exists()
+    mine = _user_folder(tmp_path / "mine")
+    before = _fingerprint(mine)
+    assert main(["train", *TINY, f"trainer.output_dir={mine}", "--dry-run"]) == 2
+    assert main(["export", str(checkpoint), str(mine), "--dry-run"]) == 2
+    assert main(["eval", "--model", str(run), "--task", "gsm8k", "--output", str(mine), "--dry-run"]) == 2
+    assert _fingerprint(mine) == before
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run), "--task", "gsm8k", "--output", str(new), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"model: run {run}, {checkpoint.name}",
+        f"{new}: new or empty, eval writes into it",
+    ]
+    assert main(["export", str(checkpoint), str(new), "--dry-run", "--overwrite"]) == 0
+    assert "weight groups A" in capsys.readouterr().out and not new.exists()
+    assert main(["train", *TINY, "model.nonsense=1", "--dry-run"]) == 2  # an unknown key fails as it would for real
+    assert "unknown config key" in capsys.readouterr().err

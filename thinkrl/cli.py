@@ -15,9 +15,16 @@ from thinkrl.errors import ThinkRLError
 
 def _train(args: argparse.Namespace) -> int:
     from thinkrl.config import load_config
-    from thinkrl.run.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:  # the resolved recipe and the folder decision; nothing is built or written
+        from thinkrl.run.recipe import describe_start
+
+        print(describe(cfg))
+        print(describe_start(cfg, args.overwrite))
+        return 0
+    from thinkrl.run.trainer import Trainer
+
     trainer = Trainer(cfg, overwrite=args.overwrite)
     try:
         result = trainer.train()
@@ -31,6 +38,24 @@ def _train(args: argparse.Namespace) -> int:
         f"results in {cfg.trainer.output_dir}"
     )
     return 0
+
+
+def describe(cfg) -> str:
+    """The recipe a dry run resolved, in one line: models, data, thoughts, steps."""
+    groups = ", ".join(f"{g}={cfg.model.spec(g).path}" for g in dict.fromkeys(cfg.model.weight_groups))
+    return (
+        f"recipe: models {groups} (roles base/reasoner/interpreter = {cfg.model.weight_groups}), data "
+        f"{cfg.data.source}, {cfg.rollout.num_thoughts} thoughts of <= {cfg.rollout.max_thought_len} tokens "
+        f"({cfg.rollout.backend}), {cfg.trainer.max_steps} steps, seed {cfg.trainer.seed}"
+    )
+
+
+def add_dry_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve the recipe and the output folder decision, print them and stop (exit 2: it would be refused)",
+    )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
@@ -47,6 +72,7 @@ def _add_train(sub) -> None:
         action="store_true",
         help="train in a folder holding files thinkrl did not write: replaces only the files a run writes",
     )
+    add_dry_run(train)
     train.set_defaults(func=_train)
 
 

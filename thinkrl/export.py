@@ -75,7 +75,27 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def describe_export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> str:
+    """What ``export_checkpoint`` would do, reading only (``--dry-run``)."""
+    from thinkrl.config import load_config
+    from thinkrl.run import integrity
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise ConfigError(f"{checkpoint} is not a complete checkpoint folder (checkpoint-<step>/ of a thinkrl run)")
+    found = integrity.problem(checkpoint)
+    if found:
+        raise ConfigError(f"checkpoint {checkpoint} is broken ({found}); give another checkpoint")
+    groups = list(dict.fromkeys(load_config(checkpoint.parent / "config.yaml").model.weight_groups))
+    written = (output_folder.STAMP, "roles.json", "head.safetensors", *groups)
+    decision = output_folder.decide(out_dir, "export", _is_export, overwrite, owns=written)
+    return f"export {checkpoint} (weight groups {', '.join(groups)}) -> {decision.describe()}"
+
+
 def _export(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        print(describe_export(args.checkpoint, args.out_dir, args.overwrite))
+        return 0
     out = export_checkpoint(args.checkpoint, args.out_dir, args.overwrite)
     print(f"exported {args.checkpoint} to {out} (roles.json says which folder plays which role)")
     return 0
@@ -90,4 +110,7 @@ def add_parser(sub) -> None:
         action="store_true",
         help="write into a folder holding other files: replaces only the entries an export writes",
     )
+    from thinkrl.cli import add_dry_run
+
+    add_dry_run(p)
     p.set_defaults(func=_export)

@@ -12,6 +12,14 @@ def _train(args: argparse.Namespace) -> int:
     from thinkrl.coconut.trainer import CoconutTrainer
 
     cfg = load_coconut_config(args.config, args.overrides)
+    if args.dry_run:
+        from thinkrl import output_folder
+        from thinkrl.coconut.trainer import _is_coconut_run
+
+        folder = output_folder.decide(cfg.trainer.output_dir, "coconut", _is_coconut_run, args.overwrite)
+        print(f"recipe: {cfg.curriculum.mode}, model {cfg.model.path}, {cfg.trainer.num_epochs} epochs")
+        print(folder.describe())
+        return 0
     result = CoconutTrainer(cfg, overwrite=args.overwrite).train()
     for stage, r in sorted(result["stage_results"].items(), key=lambda kv: int(kv[0])):
         print(
@@ -50,7 +58,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from thinkrl.cli import add_config_arguments
+    from thinkrl.cli import add_config_arguments, add_dry_run
 
     coconut = sub.add_parser("coconut", help="Coconut baseline: continuous latent thoughts with a stage curriculum")
     actions = coconut.add_subparsers(dest="coconut_command", required=True)
@@ -61,6 +69,7 @@ def add_parser(sub) -> None:
         action="store_true",
         help="train in a folder holding files thinkrl did not write: replaces only the files a run writes",
     )
+    add_dry_run(train)
     train.set_defaults(func=_train)
     evaluate = actions.add_parser("eval", help="batched greedy evaluation of a checkpoint (eval.split, eval.stage)")
     add_config_arguments(evaluate, "configs/coconut/synthetic_cpu.yaml")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from thinkrl.cli import add_config_arguments
+from thinkrl.cli import add_config_arguments, add_dry_run
 
 
 def _eval_options(args: argparse.Namespace, output: str) -> dict:
@@ -56,6 +56,17 @@ def _eval(args: argparse.Namespace) -> int:
     from thinkrl.eval.setup import load_setup
 
     opts = EvalOptions(**_eval_options(args, _default_output(args, "eval")))  # validates before loading models
+    if args.dry_run:
+        from thinkrl import output_folder
+        from thinkrl.config import load_config
+        from thinkrl.eval.runner import _is_evaluation
+        from thinkrl.eval.setup import describe_model
+
+        print(describe_model(args.model, args.config))
+        if not args.model:
+            load_config(args.config, _overrides(args))  # unknown keys and bad values fail here
+        print(output_folder.decide(opts.output_dir, "eval", _is_evaluation, opts.overwrite).describe())
+        return 0
     setup = load_setup(args.model, args.config, _overrides(args))
     _check_text_file(args, setup.cfg)
     results = Evaluator(opts, setup).run()
@@ -69,6 +80,17 @@ def _compare(args: argparse.Namespace) -> int:
 
     check_templates(args.templates)
     opts = _eval_options(args, _default_output(args, "compare"))
+    if args.dry_run:
+        from thinkrl import output_folder
+        from thinkrl.eval.compare import _is_comparison
+        from thinkrl.eval.setup import describe_model
+
+        print(describe_model(args.model, args.config))
+        owns = (output_folder.STAMP, "compare.json", "compare.md", *(t.replace("/", "__") for t in args.templates))
+        print(
+            output_folder.decide(opts["output_dir"], "compare", _is_comparison, args.overwrite, owns=owns).describe()
+        )
+        return 0
     print(compare(args.templates, opts, args.model, args.config, _overrides(args))["table"])
     print(f"results in {opts['output_dir']}")
     return 0
@@ -107,6 +129,7 @@ def _add_eval_arguments(p: argparse.ArgumentParser, thoughts: str) -> None:
         action="store_true",
         help="write into a folder holding files thinkrl did not write: replaces only an evaluation's own files",
     )
+    add_dry_run(p)
     add_config_arguments(p, "configs/eval/smollm2_cpu.yaml")
 
 

@@ -84,6 +84,17 @@ def _build(cfg: Config) -> RoleModels:
     return build_roles(cfg)
 
 
+def describe_model(model: str | None, config: str | None) -> str:
+    """What ``load_setup`` would evaluate, without building it (``--dry-run``)."""
+    located = _run_and_checkpoint(model) if model else None
+    if located:
+        run_dir, checkpoint = located
+        return f"model: run {run_dir}, " + (checkpoint.name if checkpoint else "its initial weights (no checkpoint)")
+    if model is None and config is None:
+        raise ConfigError("give --model (run folder, checkpoint, HF folder, hub id or smollm2-135m-instruct)")
+    return f"model: {model} in every role" if model else f"model: the recipe {config}"
+
+
 def load_setup(model: str | None, config: str | None, overrides: list[str]) -> EvalSetup:
     """Build the roles to evaluate. ``overrides`` (dotted key=value) apply last, e.g. rollout.max_thought_len=16."""
     located = _run_and_checkpoint(model) if model else None

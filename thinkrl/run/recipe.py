@@ -202,3 +202,22 @@ def clear_stale_outputs(run_dir: Path) -> None:
         dump.unlink()
     if rollouts.is_dir() and not any(rollouts.iterdir()):
         rollouts.rmdir()
+
+
+def describe_start(cfg, overwrite: bool = False) -> str:
+    """What ``thinkrl train`` would do with ``trainer.output_dir``, in one line, reading only (``--dry-run``):
+    a new run, a resume from which checkpoint, a restart of a start without checkpoints, or (raised) a refusal."""
+    from thinkrl import output_folder
+    from thinkrl.run.state import checkpoint_to_resume
+
+    tc = cfg.trainer
+    folder = output_folder.decide(tc.output_dir, "train", is_run_folder, overwrite)
+    if folder.state == "overwrite":
+        return f"{folder.describe()}; a new run trains steps 1..{tc.max_steps}"
+    stale = check_run_folder(cfg)
+    checkpoint = checkpoint_to_resume(Path(tc.output_dir), tc.resume)
+    if checkpoint is not None:
+        return f"{tc.output_dir}: resumes from {checkpoint} and trains to step {tc.max_steps}"
+    if stale:
+        return f"{tc.output_dir}: a start that left no checkpoint; begins again at step 0 (its outputs are replaced)"
+    return f"{tc.output_dir}: a new run, steps 1..{tc.max_steps}"
