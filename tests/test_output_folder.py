@@ -140,19 +140,24 @@ def test_decide_by_hand(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["bench_memory", "bench_every_token"])
-def test_benchmarks_refuse_to_overwrite_a_file_they_did_not_write(tmp_path, script):
-    import subprocess
+def test_benchmarks_refuse_to_overwrite_a_file_they_did_not_write(tmp_path, script, capsys, monkeypatch):
+    import importlib.util
     import sys
 
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"_{script}", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)  # the script's own argument parsing, in this process: it refuses before measuring
     mine = tmp_path / "mine.json"
     mine.write_text('{"my": "numbers"}\n')
-    cmd = [sys.executable, f"scripts/{script}.py", "--quick", "--json", str(mine)]
-    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and f"{mine} exists and was not written by {script}" in done.stderr
+    with pytest.raises(SystemExit) as info:
+        bench.parse_args(["--quick", "--json", str(mine)])
+    assert info.value.code == 2 and f"{mine} exists and was not written by {script}" in capsys.readouterr().err
     assert mine.read_text() == '{"my": "numbers"}\n'
-    output_folder.check_output_file(tmp_path / "absent.json", script)  # a new path is fine
+    bench.parse_args(["--quick", "--json", str(tmp_path / "absent.json")])  # a new path is fine
     (tmp_path / "ours.json").write_text(f'{{"written_by": "{script}", "rows": []}}')
-    output_folder.check_output_file(tmp_path / "ours.json", script)  # so is its own earlier output
+    bench.parse_args(["--quick", "--json", str(tmp_path / "ours.json")])  # so is its own earlier output
 
 
 def test_dry_runs_report_the_folder_decision_and_build_nothing(tmp_path, capsys, checkpoint):

@@ -50,6 +50,15 @@ def describe(cfg) -> str:
     )
 
 
+def add_overwrite(parser: argparse.ArgumentParser, writes: str) -> None:
+    """``--overwrite``: write into a folder holding other files, replacing only ``writes`` (thinkrl.output_folder)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"write into a folder holding files thinkrl did not write: replaces only {writes}, keeps the rest",
+    )
+
+
 def add_dry_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run",
@@ -67,11 +76,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
 def _add_train(sub) -> None:
     train = sub.add_parser("train", help="RL-train a reasoner/interpreter pair")
     add_config_arguments(train, "configs/default.yaml")
-    train.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="train in a folder holding files thinkrl did not write: replaces only the files a run writes",
-    )
+    add_overwrite(train, "the files a run writes")
     add_dry_run(train)
     train.set_defaults(func=_train)
 

@@ -105,12 +105,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint (sharded or not) as plain HF folders, one per weight group")
     p.add_argument("checkpoint", help="a checkpoint-<step>/ folder of a thinkrl run")
     p.add_argument("out_dir", help="a new or empty folder, or an earlier export's (its files are replaced)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a folder holding other files: replaces only the entries an export writes",
-    )
-    from thinkrl.cli import add_dry_run
+    from thinkrl.cli import add_dry_run, add_overwrite
 
+    add_overwrite(p, "the entries an export writes")
     add_dry_run(p)
     p.set_defaults(func=_export)

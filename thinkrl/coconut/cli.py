@@ -58,17 +58,13 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from thinkrl.cli import add_config_arguments, add_dry_run
+    from thinkrl.cli import add_config_arguments, add_dry_run, add_overwrite
 
     coconut = sub.add_parser("coconut", help="Coconut baseline: continuous latent thoughts with a stage curriculum")
     actions = coconut.add_subparsers(dest="coconut_command", required=True)
     train = actions.add_parser("train", help="train with the stage curriculum (mode coconut | cot | no_cot | pause)")
     add_config_arguments(train, "configs/coconut/synthetic_cpu.yaml")
-    train.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="train in a folder holding files thinkrl did not write: replaces only the files a run writes",
-    )
+    add_overwrite(train, "the files a run writes")
     add_dry_run(train)
     train.set_defaults(func=_train)
     evaluate = actions.add_parser("eval", help="batched greedy evaluation of a checkpoint (eval.split, eval.stage)")

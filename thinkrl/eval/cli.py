@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from thinkrl.cli import add_config_arguments, add_dry_run
+from thinkrl.cli import add_config_arguments, add_dry_run, add_overwrite
 
 
 def _eval_options(args: argparse.Namespace, output: str) -> dict:
@@ -124,11 +124,7 @@ def _add_eval_arguments(p: argparse.ArgumentParser, thoughts: str) -> None:
     p.add_argument("--text-file", help="--task text: held-out text file (relative to data.data_dir or a path)")
     p.add_argument("--positions", default="every_k", help="--task text: every_k | random thought positions")
     p.add_argument("--output", help="output folder (rerun the same command to resume)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a folder holding files thinkrl did not write: replaces only an evaluation's own files",
-    )
+    add_overwrite(p, "an evaluation's own files")
     add_dry_run(p)
     add_config_arguments(p, "configs/eval/smollm2_cpu.yaml")
 

@@ -41,8 +41,6 @@ from pathlib import Path
 from thinkrl import output_folder
 from thinkrl.errors import ConfigError, ThinkRLError
 
-OVERWRITE_HELP = "write into a folder holding files thinkrl did not write: replaces only the files it writes"
-
 RESERVED = ("trainer.output_dir", "trainer.seed")  # the sweep sets these per run
 BASELINE_MAX_STEPS = 10**9  # a compute-matched baseline stops on its FLOP budget; this only caps its steps
 
@@ -337,6 +335,8 @@ def _level(text: str) -> float:
 
 
 def add_parser(sub) -> None:
+    from thinkrl.cli import add_overwrite
+
     sw = sub.add_parser("sweep", help="train one recipe over a grid of settings and seeds, then aggregate")
     sw.add_argument("--seeds", default="0", help="comma list of trainer.seed values (default 0)")
     sw.add_argument("--out", required=True, help="study folder: one run folder per grid point and seed inside")
@@ -347,7 +347,7 @@ def add_parser(sub) -> None:
         f"(default: in this process; '{Path(sys.executable).name}' gives one subprocess per run)",
     )
     sw.add_argument("--dry-run", action="store_true", help="print the runs and whether each is done, then stop")
-    sw.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_overwrite(sw, "the files a sweep writes")
     sw.add_argument(
         "--compute-matched-baseline",
         action="store_true",
@@ -365,5 +365,5 @@ def add_parser(sub) -> None:
     ag.add_argument("folders", nargs="+", help="run folders (summary.json) or thinkrl eval folders (results.json)")
     ag.add_argument("--out", required=True, help="folder for study.json, study.md and plots/")
     ag.add_argument("--level", type=_level, default=0.95, help="interval level across seeds (default 0.95)")
-    ag.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_overwrite(ag, "study.json, study.md and plots/")
     ag.set_defaults(func=_aggregate)
