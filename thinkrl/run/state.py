@@ -3,7 +3,8 @@
 Checkpoints are ``checkpoint-<step>/`` folders holding accelerate's full state (models, optimizers, schedulers,
 RNG, registered objects such as the data position) plus the tokenizer and ``trainer_state.json``. They are
 written into ``.tmp-checkpoint-<step>`` and renamed when complete, so a crash never leaves a folder that looks
-usable but is not; ``trainer_state.json`` marks a complete one.
+usable but is not; ``trainer_state.json`` marks a complete one. Its ``manifest.json`` (``integrity``), written last,
+lets a resume find one broken later (a truncated or deleted file) and fall back to the newest whole one.
 """
 
 from __future__ import annotations
