@@ -31,12 +31,24 @@ def _is_export(folder: Path) -> bool:
         return False
 
 
+def _checkpoint_of(path: Path) -> Path:
+    """A checkpoint folder as given; a run folder: its newest whole checkpoint."""
+    from thinkrl.run.state import newest_intact
+
+    if (path / "config.yaml").is_file() and not (path / "trainer_state.json").is_file():
+        newest, _ = newest_intact(path)
+        if newest is None:
+            raise ConfigError(f"run {path} has no complete checkpoint to export; train it first")
+        return newest
+    return path
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
     from thinkrl.eval.setup import load_setup
 
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    checkpoint, out_dir = _checkpoint_of(Path(checkpoint)), Path(out_dir)
     if not (checkpoint / "trainer_state.json").is_file():
         raise ConfigError(f"{checkpoint} is not a complete checkpoint folder (checkpoint-<step>/ of a thinkrl run)")
     setup = load_setup(str(checkpoint), None, [])
@@ -80,7 +92,7 @@ def describe_export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool
     from thinkrl.config import load_config
     from thinkrl.run import integrity
 
-    checkpoint = Path(checkpoint)
+    checkpoint = _checkpoint_of(Path(checkpoint))
     if not (checkpoint / "trainer_state.json").is_file():
         raise ConfigError(f"{checkpoint} is not a complete checkpoint folder (checkpoint-<step>/ of a thinkrl run)")
     found = integrity.problem(checkpoint)
@@ -103,7 +115,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint (sharded or not) as plain HF folders, one per weight group")
-    p.add_argument("checkpoint", help="a checkpoint-<step>/ folder of a thinkrl run")
+    p.add_argument("checkpoint", help="a checkpoint-<step>/ folder of a thinkrl run, or a run folder (its newest)")
     p.add_argument("out_dir", help="a new or empty folder, or an earlier export's (its files are replaced)")
     from thinkrl.cli import add_dry_run, add_overwrite
 
