@@ -31,16 +31,21 @@ def _is_export(folder: Path) -> bool:
         return False
 
 
-def _checkpoint_of(path: Path) -> Path:
-    """A checkpoint folder as given; a run folder: its newest whole checkpoint."""
-    from thinkrl.run.state import newest_intact
+def _plan(checkpoint: str | Path, out_dir: str | Path, overwrite: bool):
+    """(checkpoint, the entries an export writes, folder decision), reading only: a checkpoint folder as given (it
+    must be whole), a run folder's newest whole one; thinkrl's folder rule for ``out_dir``. Raises the refusals."""
+    from thinkrl.config import load_config
+    from thinkrl.eval.setup import locate_checkpoint
 
-    if (path / "config.yaml").is_file() and not (path / "trainer_state.json").is_file():
-        newest, _ = newest_intact(path)
-        if newest is None:
-            raise ConfigError(f"run {path} has no complete checkpoint to export; train it first")
-        return newest
-    return path
+    located = locate_checkpoint(str(checkpoint))
+    if located is None or located[1] is None:
+        raise ConfigError(
+            f"{checkpoint} is not a complete checkpoint folder (checkpoint-<step>/ of a thinkrl run) or a run with one"
+        )
+    run_dir, checkpoint = located
+    groups = list(dict.fromkeys(load_config(run_dir / "config.yaml").model.weight_groups))
+    written = (output_folder.STAMP, "roles.json", "head.safetensors", *groups)
+    return checkpoint, written, output_folder.decide(out_dir, "export", _is_export, overwrite, owns=written)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -48,13 +53,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
 
     from thinkrl.eval.setup import load_setup
 
-    checkpoint, out_dir = _checkpoint_of(Path(checkpoint)), Path(out_dir)
-    if not (checkpoint / "trainer_state.json").is_file():
-        raise ConfigError(f"{checkpoint} is not a complete checkpoint folder (checkpoint-<step>/ of a thinkrl run)")
+    out_dir = Path(out_dir)
+    checkpoint, written, decision = _plan(checkpoint, out_dir, overwrite)  # before any model is loaded
     setup = load_setup(str(checkpoint), None, [])
     roles = setup.roles
-    written = [output_folder.STAMP, "roles.json", "head.safetensors", *roles.models]
-    decision = output_folder.decide(out_dir, "export", _is_export, overwrite, owns=tuple(written))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-export-{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -64,11 +66,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
             roles.tokenizer.save_pretrained(tmp / group)
         head = {k: v.contiguous() for k, v in roles.head.state_dict().items()}
         save_file(head, str(tmp / "head.safetensors"), metadata={"form": roles.head.form})
-        (tmp / "roles.json").write_text(
-            json.dumps(
-                {"roles": roles.role_group, "head_form": roles.head.form, "checkpoint": str(checkpoint)}, indent=2
-            )
-        )
+        recorded = {"roles": roles.role_group, "head_form": roles.head.form, "checkpoint": str(checkpoint)}
+        (tmp / "roles.json").write_text(json.dumps(recorded, indent=2))
         if decision.state == "new" and not out_dir.exists():
             output_folder.claim(output_folder.Decision(tmp, "export", "new"))
             os.replace(tmp, out_dir)
@@ -89,19 +88,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
 
 def describe_export(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> str:
     """What ``export_checkpoint`` would do, reading only (``--dry-run``)."""
-    from thinkrl.config import load_config
-    from thinkrl.run import integrity
-
-    checkpoint = _checkpoint_of(Path(checkpoint))
-    if not (checkpoint / "trainer_state.json").is_file():
-        raise ConfigError(f"{checkpoint} is not a complete checkpoint folder (checkpoint-<step>/ of a thinkrl run)")
-    found = integrity.problem(checkpoint)
-    if found:
-        raise ConfigError(f"checkpoint {checkpoint} is broken ({found}); give another checkpoint")
-    groups = list(dict.fromkeys(load_config(checkpoint.parent / "config.yaml").model.weight_groups))
-    written = (output_folder.STAMP, "roles.json", "head.safetensors", *groups)
-    decision = output_folder.decide(out_dir, "export", _is_export, overwrite, owns=written)
-    return f"export {checkpoint} (weight groups {', '.join(groups)}) -> {decision.describe()}"
+    checkpoint, written, decision = _plan(checkpoint, out_dir, overwrite)
+    return f"export {checkpoint} (weight groups {', '.join(written[3:])}) -> {decision.describe()}"
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -103,7 +103,6 @@ def decide(
     kind: str,
     legacy: Callable[[Path], bool] | None = None,
     overwrite: bool = False,
-    flag: str = "--overwrite",
     owns: tuple[str, ...] | None = None,
     accept: tuple[str, ...] = (),
 ) -> Decision:
@@ -124,7 +123,7 @@ def decide(
         what = f"thinkrl {stamp}" if stamp else "not a thinkrl " + kind
         raise ConfigError(
             f"{folder} already holds files ({what} folder: {', '.join(p.name for p in entries[:4])}"
-            f"{', ...' if len(entries) > 4 else ''}); choose a new or empty folder, or pass {flag} to replace "
+            f"{', ...' if len(entries) > 4 else ''}); choose a new or empty folder, or pass --overwrite to replace "
             "only the files thinkrl writes there (every other file stays)"
         )
     patterns = owns if owns is not None else OWNS[kind]

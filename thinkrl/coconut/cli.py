@@ -13,10 +13,9 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_coconut_config(args.config, args.overrides)
     if args.dry_run:
-        from thinkrl import output_folder
-        from thinkrl.coconut.trainer import _is_coconut_run
+        from thinkrl.coconut.trainer import folder_decision
 
-        folder = output_folder.decide(cfg.trainer.output_dir, "coconut", _is_coconut_run, args.overwrite)
+        folder = folder_decision(cfg, args.overwrite)
         print(f"recipe: {cfg.curriculum.mode}, model {cfg.model.path}, {cfg.trainer.num_epochs} epochs")
         print(folder.describe())
         return 0

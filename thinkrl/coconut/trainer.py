@@ -82,12 +82,17 @@ def _is_coconut_run(folder: Path) -> bool:
         return False
 
 
+def folder_decision(cfg: CoconutConfig, overwrite: bool = False) -> output_folder.Decision:
+    """thinkrl's folder rule for a Coconut run's ``trainer.output_dir`` (reads only; ``train`` claims it)."""
+    return output_folder.decide(cfg.trainer.output_dir, "coconut", _is_coconut_run, overwrite)
+
+
 class CoconutTrainer:
     def __init__(self, cfg: CoconutConfig, overwrite: bool = False):
         self.cfg = cfg
         tc = cfg.trainer
         # thinkrl's folder rule (thinkrl.output_folder): decided before anything is built, claimed when training
-        self.folder = output_folder.decide(tc.output_dir, "coconut", _is_coconut_run, overwrite)
+        self.folder = folder_decision(cfg, overwrite)
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
         self.accelerator = make_accelerator(tc, self.run_dir)

@@ -57,15 +57,14 @@ def _eval(args: argparse.Namespace) -> int:
 
     opts = EvalOptions(**_eval_options(args, _default_output(args, "eval")))  # validates before loading models
     if args.dry_run:
-        from thinkrl import output_folder
         from thinkrl.config import load_config
-        from thinkrl.eval.runner import _is_evaluation
+        from thinkrl.eval.runner import folder_decision
         from thinkrl.eval.setup import describe_model
 
         print(describe_model(args.model, args.config))
         if not args.model:
             load_config(args.config, _overrides(args))  # unknown keys and bad values fail here
-        print(output_folder.decide(opts.output_dir, "eval", _is_evaluation, opts.overwrite).describe())
+        print(folder_decision(opts).describe())
         return 0
     setup = load_setup(args.model, args.config, _overrides(args))
     _check_text_file(args, setup.cfg)
@@ -81,15 +80,11 @@ def _compare(args: argparse.Namespace) -> int:
     check_templates(args.templates)
     opts = _eval_options(args, _default_output(args, "compare"))
     if args.dry_run:
-        from thinkrl import output_folder
-        from thinkrl.eval.compare import _is_comparison
+        from thinkrl.eval.compare import folder_decision
         from thinkrl.eval.setup import describe_model
 
         print(describe_model(args.model, args.config))
-        owns = (output_folder.STAMP, "compare.json", "compare.md", *(t.replace("/", "__") for t in args.templates))
-        print(
-            output_folder.decide(opts["output_dir"], "compare", _is_comparison, args.overwrite, owns=owns).describe()
-        )
+        print(folder_decision(opts["output_dir"], args.templates, args.overwrite).describe())
         return 0
     print(compare(args.templates, opts, args.model, args.config, _overrides(args))["table"])
     print(f"results in {opts['output_dir']}")

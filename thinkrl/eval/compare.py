@@ -61,6 +61,17 @@ def _is_comparison(folder: Path) -> bool:
         return False
 
 
+def template_folder(name: str) -> str:
+    """The folder inside a comparison that holds one template's evaluation."""
+    return name.replace("/", "__")
+
+
+def folder_decision(out: str | Path, names: list[str], overwrite: bool) -> output_folder.Decision:
+    """thinkrl's folder rule for a comparison's folder: its own files are compare.json/md and a folder per template."""
+    owns = (output_folder.STAMP, "compare.json", "compare.md", *map(template_folder, names))
+    return output_folder.decide(out, "compare", _is_comparison, overwrite, owns=owns)
+
+
 def compare(
     names: list[str], opts: dict, model: str | None, config: str | None, overrides: list[str], samples: int = 3
 ) -> dict:
@@ -68,17 +79,14 @@ def compare(
     check_templates(names)
     opts = dict(opts)
     out = Path(opts.pop("output_dir"))
-    folders = [name.replace("/", "__") for name in names]
-    owns = (output_folder.STAMP, "compare.json", "compare.md", *folders)
-    decision = output_folder.decide(out, "compare", _is_comparison, opts.get("overwrite", False), owns=owns)
-    output_folder.claim(decision)
+    output_folder.claim(folder_decision(out, names, opts.get("overwrite", False)))
     opts["overwrite"] = False  # each template's folder inside is new or an earlier comparison's
     rows = []
     loaded = load_setup(model, config, overrides)  # the models once: templates only change the reasoner's prompt
     for name in names:
         cfg = replace(loaded.cfg, rollout=replace(loaded.cfg.rollout, reasoner_template=name))
         setup = EvalSetup(cfg, loaded.roles, loaded.checkpoint)
-        run_opts = EvalOptions(**opts, output_dir=str(out / name.replace("/", "__")))  # as in ``folders``
+        run_opts = EvalOptions(**opts, output_dir=str(out / template_folder(name)))
         evaluator = Evaluator(run_opts, setup)
         results = evaluator.run()
         records = evaluator.records

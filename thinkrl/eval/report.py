@@ -15,6 +15,8 @@ import numbers
 import os
 from typing import Any
 
+from thinkrl.run.files import write_atomic
+
 PathLike = str | os.PathLike
 
 CI_NOTE = "intervals: 95% bootstrap over items"
@@ -48,8 +50,6 @@ def _json_safe(obj: Any) -> Any:
 def write_json(path: PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON, with NaN and ±inf written as null."""
     text = json.dumps(_json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False)
-    from thinkrl.run.files import write_atomic  # imports torch: only when writing
-
     write_atomic(path, (text + "\n").encode("utf-8"))
 
 
@@ -150,8 +150,6 @@ def save_png(fig, path: PathLike) -> None:
     """Render ``fig`` as PNG and write it atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    from thinkrl.run.files import write_atomic  # imports torch: only when writing
-
     write_atomic(path, buf.getvalue())
 
 
@@ -391,6 +389,4 @@ def html_report(items: list[dict], path: PathLike, title: str, passages: list[di
             "</body></html>",
         ]
     )
-    from thinkrl.run.files import write_atomic  # imports torch: only when writing
-
     write_atomic(path, (page + "\n").encode("utf-8"))

@@ -107,12 +107,17 @@ def _is_evaluation(folder: Path) -> bool:
         return False
 
 
+def folder_decision(opts: EvalOptions) -> output_folder.Decision:
+    """thinkrl's folder rule for ``opts.output_dir`` (reads only; ``Evaluator`` claims it)."""
+    return output_folder.decide(opts.output_dir, "eval", _is_evaluation, opts.overwrite)
+
+
 class Evaluator:
     def __init__(self, opts: EvalOptions, setup: EvalSetup):
         self.opts, self.cfg, self.roles = opts, setup.cfg, setup.roles
         self.out = Path(opts.output_dir)
         # thinkrl's folder rule, before anything (the vLLM engine's weights included) is written there
-        self.folder = output_folder.decide(self.out, "eval", _is_evaluation, opts.overwrite)
+        self.folder = folder_decision(opts)
         tok = self.roles.tokenizer
         self.items = load_items(opts.task, self.cfg, tok, opts.limit, opts.seed)
         if not self.items:

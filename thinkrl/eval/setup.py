@@ -23,7 +23,7 @@ class EvalSetup:
     checkpoint: Path | None  # None: a plain model, no thinkrl training behind it
 
 
-def _run_and_checkpoint(model: str) -> tuple[Path, Path | None] | None:
+def locate_checkpoint(model: str) -> tuple[Path, Path | None] | None:
     """(run folder, checkpoint) when ``model`` names a thinkrl run or one of its checkpoints, else None."""
     path = Path(model).expanduser()
     if path.name.startswith(CHECKPOINT_PREFIX) and (path / "trainer_state.json").is_file():
@@ -86,7 +86,7 @@ def _build(cfg: Config) -> RoleModels:
 
 def describe_model(model: str | None, config: str | None) -> str:
     """What ``load_setup`` would evaluate, without building it (``--dry-run``)."""
-    located = _run_and_checkpoint(model) if model else None
+    located = locate_checkpoint(model) if model else None
     if located:
         run_dir, checkpoint = located
         return f"model: run {run_dir}, " + (checkpoint.name if checkpoint else "its initial weights (no checkpoint)")
@@ -97,7 +97,7 @@ def describe_model(model: str | None, config: str | None) -> str:
 
 def load_setup(model: str | None, config: str | None, overrides: list[str]) -> EvalSetup:
     """Build the roles to evaluate. ``overrides`` (dotted key=value) apply last, e.g. rollout.max_thought_len=16."""
-    located = _run_and_checkpoint(model) if model else None
+    located = locate_checkpoint(model) if model else None
     if located:
         run_dir, checkpoint = located
         cfg = load_config(run_dir / "config.yaml", overrides)

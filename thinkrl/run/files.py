@@ -7,10 +7,10 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from thinkrl.run.heldout import EVAL_KEYS
+if TYPE_CHECKING:  # no torch at import: eval.report writes its files through write_atomic and stays cheap to import
+    import torch
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
@@ -73,6 +73,8 @@ def dump_rollouts(path: Path, step: int, tokenizer, positions, thoughts, out) ->
 
 
 def write_summary(run_dir: Path, initial: dict, final: dict, extra: dict) -> None:
+    from thinkrl.run.heldout import EVAL_KEYS  # models and torch: imported by a run, not by this module
+
     summary = {"initial_eval": initial, "final_eval": final, **extra}
     write_atomic(
         run_dir / "summary.json", json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2, default=_clean)

@@ -204,17 +204,24 @@ def clear_stale_outputs(run_dir: Path) -> None:
         rollouts.rmdir()
 
 
+def plan_start(cfg, overwrite: bool = False):
+    """(folder decision, stale) for ``trainer.output_dir``, reading only, on every process: thinkrl's folder rule,
+    then, unless an overwrite leaves no run there, ``check_run_folder``. Raises the refusals."""
+    from thinkrl import output_folder
+
+    folder = output_folder.decide(cfg.trainer.output_dir, "train", is_run_folder, overwrite)
+    return folder, (check_run_folder(cfg) if folder.state != "overwrite" else False)
+
+
 def describe_start(cfg, overwrite: bool = False) -> str:
     """What ``thinkrl train`` would do with ``trainer.output_dir``, in one line, reading only (``--dry-run``):
     a new run, a resume from which checkpoint, a restart of a start without checkpoints, or (raised) a refusal."""
-    from thinkrl import output_folder
     from thinkrl.run.state import checkpoint_to_resume
 
     tc = cfg.trainer
-    folder = output_folder.decide(tc.output_dir, "train", is_run_folder, overwrite)
+    folder, stale = plan_start(cfg, overwrite)
     if folder.state == "overwrite":
         return f"{folder.describe()}; a new run trains steps 1..{tc.max_steps}"
-    stale = check_run_folder(cfg)
     checkpoint = checkpoint_to_resume(Path(tc.output_dir), tc.resume)
     if checkpoint is not None:
         return f"{tc.output_dir}: resumes from {checkpoint} and trains to step {tc.max_steps}"

@@ -57,7 +57,7 @@ from thinkrl.rollout.policy import position_seeds
 from thinkrl.run.compute import ComputeCounter, crossed, flops_budget, matched_interval, merge_metrics, run_steps
 from thinkrl.run.files import dump_rollouts, mean_or_nan, write_atomic, write_summary
 from thinkrl.run.heldout import evaluate
-from thinkrl.run.recipe import check_run_folder, clear_stale_outputs, is_run_folder
+from thinkrl.run.recipe import clear_stale_outputs, plan_start
 from thinkrl.run.state import (
     find_checkpoints,
     init_tracker,
@@ -95,9 +95,8 @@ class Trainer:
         (``thinkrl.output_folder``); without it such a folder is refused."""
         self.cfg = cfg
         tc = cfg.trainer
-        folder = output_folder.decide(tc.output_dir, "train", is_run_folder, overwrite)
-        # a changed recipe fails here, before anything is written or built; an overwritten folder holds no run
-        stale = check_run_folder(cfg) if folder.state != "overwrite" else False
+        # a changed recipe or a folder of someone else's fails here, before anything is written or built
+        folder, stale = plan_start(cfg, overwrite)
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
         self.accelerator = make_accelerator(tc, self.run_dir)
