@@ -282,6 +282,23 @@ class RolloutConfig:
     sync_every: int = described(
         "vllm: push the learner's weights into the engine every N updates (staleness <= N-1)", 1
     )
+    vllm_mode: str = described(
+        "vllm: colocate (an engine inside each training process) | server (running vLLM servers, rollout.vllm_urls; "
+        "start one with `thinkrl serve`)",
+        "colocate",
+    )
+    vllm_urls: list = described(
+        "vllm_mode=server: the servers' URLs (http://host:port); a step's positions are shared among them",
+        factory=list,
+    )
+    vllm_sync: str = described(
+        "vllm: how weights reach the engine: auto (= memory) | memory (vLLM's weight-transfer API over a gloo group, "
+        "no files) | disk (save_pretrained + reload, the fallback)",
+        "auto",
+    )
+    vllm_sync_timeout_s: float = described(
+        "vllm: a weight transfer that has not finished after this many seconds ends the run with one line", 300.0
+    )
     vllm_kv_cache_gb: int = described("vllm on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", 1)
     vllm_gpu_memory_utilization: float = described("vllm on GPU: share of GPU memory the engine may take", 0.3)
     vllm_block_size: int = described(
@@ -293,6 +310,9 @@ class RolloutConfig:
     def __post_init__(self):
         check_choice("rollout.backend", self.backend, ("hf", "vllm"))
         check_choice("rollout.length_mode", self.length_mode, ("variable", "fixed"))
+        check_choice("rollout.vllm_sync", self.vllm_sync, ("auto", "memory", "disk"))
+        check_choice("rollout.vllm_mode", self.vllm_mode, ("colocate", "server"))
+        check_positive("rollout.vllm_sync_timeout_s", self.vllm_sync_timeout_s)
         check_choice("rollout.thought_passes", self.thought_passes, ("auto", "parallel", "per_position"))
         check_positive("rollout.num_thoughts", self.num_thoughts, allow_zero=True)
         check_positive("rollout.max_thought_len", self.max_thought_len)

@@ -121,8 +121,13 @@ def policy_loss(
     loss = (per_token * mask).sum(-1).mean() if mask.numel() else logps.sum() * 0
     n_tok = mask.sum().clamp_min(1)
     r = ratio.detach()
+    ratio_mean = (r * mask).sum() / n_tok
     stats = {
-        "ratio_mean": float((r * mask).sum() / n_tok),
+        "ratio_mean": float(ratio_mean),
+        # the sampler-learner gap: 0 (up to kernels) when the sampler holds the learner's weights; a sync that
+        # changed nothing, bf16 or CUDA-graph kernels, or staleness show here first
+        "sampler_gap": float(((logps.detach() - sampler_logps).abs() * mask).sum() / n_tok),
+        "ratio_std": float((((r - ratio_mean) ** 2 * mask).sum() / n_tok).sqrt()),
         "clip_frac": float((((r - 1).abs() > ratio_clip) * mask).sum() / n_tok) if ratio_clip > 0 else 0.0,
     }
     return loss, stats

@@ -14,9 +14,12 @@ def _hf(cfg: RolloutConfig, roles, run_dir, max_model_len: int) -> RolloutActor:
 
 
 def _vllm(cfg: RolloutConfig, roles, run_dir, max_model_len: int) -> RolloutActor:
-    from thinkrl.rollout.vllm_actor import VLLMRolloutActor
+    if cfg.vllm_mode == "server":
+        from thinkrl.rollout.vllm_server import VLLMServerActor as actor_cls
+    else:
+        from thinkrl.rollout.vllm_actor import VLLMRolloutActor as actor_cls
 
-    return VLLMRolloutActor(
+    return actor_cls(
         cfg,
         roles.model("reasoner"),
         roles.tokenizer,

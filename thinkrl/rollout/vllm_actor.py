@@ -22,6 +22,7 @@ import re
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,6 +53,48 @@ def _vllm_children() -> list:
 
 
 BANNED_BIAS = -1.0e9  # logit bias that gives the start marker probability 0 inside a thought
+
+
+@dataclass
+class Completion:
+    """One request's result, whichever engine served it: per sample its token ids and their log-probs."""
+
+    samples: list[tuple[list[int], list[float]]]
+    prompt_tokens: int
+    cached_tokens: int
+
+
+def sampling_fields(cfg, k: int, seed: int, sot_id: int, eot_id: int) -> dict:
+    """A thought request's sampling settings, the same for a colocated engine and a served one."""
+    m = cfg.max_thought_len
+    return {
+        "n": k,
+        "max_tokens": m,
+        "min_tokens": m if cfg.length_mode == "fixed" else 0,
+        "stop_token_ids": [eot_id],
+        "ignore_eos": True,  # only <eot> ends a thought
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": 0,
+        "logprobs": 0,
+        "logit_bias": {sot_id: BANNED_BIAS},
+        "seed": seed,
+        "skip_special_tokens": False,
+    }
+
+
+def greedy_fields(max_new_tokens: int, stop_ids, marker_ids) -> dict:
+    return {
+        "logit_bias": {int(t): -100.0 for t in marker_ids} or None,
+        "n": 1,
+        "max_tokens": max_new_tokens,
+        "temperature": 0.0,
+        "stop_token_ids": list(stop_ids),
+        "ignore_eos": True,  # the engine skipped its tokenizer: the caller's stop ids include eos
+        "skip_special_tokens": False,
+    }
+
+
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
@@ -155,6 +198,7 @@ class VLLMRolloutActor(RolloutActor):
         self.staleness = 0
         self._check_supported(model)
         self._llm, self._params_cls, self._prompt_cls = None, None, None
+        self._sender = None  # the in-memory weight sender (rollout.vllm_sync=memory), bound to one engine
         self._max_model_len = max_model_len
         self._start(max_model_len)
 
@@ -178,6 +222,9 @@ class VLLMRolloutActor(RolloutActor):
         """Stop the engine now that nothing samples: vLLM would otherwise stop it at interpreter exit, after the
         trackers closed their streams, logging its shutdown there and warning that it force-killed an idle engine."""
         llm, self._llm, self._engine_procs = self._llm, None, []
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.shutdown()
         if llm is None:
             return
         quiet = logging.getLogger("vllm")
@@ -202,6 +249,10 @@ class VLLMRolloutActor(RolloutActor):
         kwargs = {"gpu_memory_utilization": self.cfg.vllm_gpu_memory_utilization} if torch.cuda.is_available() else {}
         if self.cfg.vllm_block_size:
             kwargs["block_size"] = self.cfg.vllm_block_size
+        if self.in_memory:
+            from thinkrl.rollout.gloo_transfer import BACKEND
+
+            kwargs["weight_transfer_config"] = {"backend": BACKEND}
         start = time.perf_counter()
         before = {p.pid for p in _vllm_children()}
         try:
@@ -229,6 +280,24 @@ class VLLMRolloutActor(RolloutActor):
         logger.info("vLLM engine started in %.1f s", time.perf_counter() - start)
         # This engine's own processes: another engine of this process, or one still stopping, is not watched.
         self._engine_procs = [p for p in _vllm_children() if p.pid not in before]
+        if self.in_memory:
+            from thinkrl.rollout.weight_sync import EngineClient, gloo_trainer
+
+            client = EngineClient(lambda method, kwargs: self._llm.collective_rpc(method, kwargs=kwargs))
+            self._sender = self._watched(
+                "connecting the weight sync",
+                gloo_trainer,
+                client,
+                self.model,
+                workers=1,
+                host="127.0.0.1",
+                timeout_s=self.cfg.vllm_sync_timeout_s,
+            )
+
+    @property
+    def in_memory(self) -> bool:
+        """Weights reach the engine through vLLM's weight-transfer API (``thinkrl_gloo``), not a folder."""
+        return self.cfg.vllm_sync in ("auto", "memory")
 
     def _engine_alive(self) -> bool:
         return all(p.is_running() and p.status() != "zombie" for p in self._engine_procs)
@@ -261,23 +330,30 @@ class VLLMRolloutActor(RolloutActor):
 
     # ------------------------------------------------------------------------------------------------------------
     def _sampling_params(self, k: int, seed: int):
-        fixed = self.cfg.length_mode == "fixed"
-        m = self.cfg.max_thought_len
-        return self._params_cls(
-            n=k,
-            max_tokens=m,
-            min_tokens=m if fixed else 0,
-            stop_token_ids=[self.eot_id],
-            ignore_eos=True,  # only <eot> ends a thought
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            top_k=0,
-            logprobs=0,
-            logit_bias={self.sot_id: BANNED_BIAS},
-            seed=seed,
-            detokenize=False,
-            skip_special_tokens=False,
-        )
+        return self._params_cls(**sampling_fields(self.cfg, k, seed, self.sot_id, self.eot_id), detokenize=False)
+
+    def _sample_prompts(self, prompts: list[list[int]], k: int, seeds: list[int], groups=None) -> list[Completion]:
+        """K samples per prompt, one request seed per prompt (``groups`` matters only to served engines)."""
+        requests = [self._prompt_cls(prompt_token_ids=p) for p in prompts]
+        params = [self._sampling_params(k, seed % (2**31 - 1)) for seed in seeds]
+        outputs = self._watched("sampling", self._engine.generate, requests, params, use_tqdm=False)
+        return [
+            Completion(
+                [(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]) for c in out.outputs],
+                len(out.prompt_token_ids),
+                out.num_cached_tokens or 0,
+            )
+            for out in outputs
+        ]
+
+    def _greedy_prompts(self, prompts, max_new_tokens: int, stop_ids, marker_ids) -> list[Completion]:
+        params = self._params_cls(**greedy_fields(max_new_tokens, stop_ids, marker_ids), detokenize=False)
+        requests = [self._prompt_cls(prompt_token_ids=p) for p in prompts]
+        outputs = self._watched("generating", self._engine.generate, requests, params, use_tqdm=False)
+        return [
+            Completion([(list(out.outputs[0].token_ids), [])], len(out.prompt_token_ids), out.num_cached_tokens or 0)
+            for out in outputs
+        ]
 
     @torch.no_grad()
     def sample(self, contexts, num_thoughts, seeds) -> ThoughtBatch:
@@ -285,19 +361,17 @@ class VLLMRolloutActor(RolloutActor):
         if num_thoughts == 0:
             return empty_thoughts(len(contexts), device)
         # One request seed per position: its thoughts do not depend on the batch or the process that samples it.
-        prompts = [self._prompt_cls(prompt_token_ids=c + [self.sot_id]) for c in contexts]
-        params = [self._sampling_params(num_thoughts, seed % (2**31 - 1)) for seed in seeds]
-        outputs = self._watched("sampling", self._engine.generate, prompts, params, use_tqdm=False)
+        outputs = self._sample_prompts([c + [self.sot_id] for c in contexts], num_thoughts, seeds)
         self._count_engine_tokens(outputs)
         return self._to_batch(outputs, num_thoughts, device)
 
-    def _count_engine_tokens(self, outputs) -> None:
+    def _count_engine_tokens(self, outputs: list[Completion]) -> None:
         """Report the engine's work to compute accounting: the prompt tokens its prefix cache did not serve (once per
         request, shared by its n samples) and every generated token."""
         if self.on_engine_tokens is None:
             return
-        prompt = sum(len(out.prompt_token_ids) - (out.num_cached_tokens or 0) for out in outputs)
-        self.on_engine_tokens(prompt + sum(len(c.token_ids) for out in outputs for c in out.outputs))
+        prompt = sum(out.prompt_tokens - out.cached_tokens for out in outputs)
+        self.on_engine_tokens(prompt + sum(len(ids) for out in outputs for ids, _ in out.samples))
 
     @torch.no_grad()
     def sample_windows(self, batch: WindowBatch, num_thoughts: int, seeds: list[int]) -> ThoughtBatch:
@@ -310,20 +384,19 @@ class VLLMRolloutActor(RolloutActor):
             return empty_thoughts(batch.num_positions, self.model.device)
         contexts, _ = batch_positions(batch)
         counts = batch.valid.sum(-1).tolist()
+        window = [b for b, c in enumerate(counts) for _ in range(c)]  # each position's window (a served engine's key)
         last = [sum(counts[: b + 1]) - 1 for b in range(len(counts)) if counts[b]]
         rest = sorted(set(range(len(contexts))) - set(last))
-        outputs = [None] * len(contexts)
-        cached = prompt_tokens = 0
+        outputs: list = [None] * len(contexts)
         for wave in (last, rest):
             if not wave:
                 continue
-            prompts = [self._prompt_cls(prompt_token_ids=contexts[i] + [self.sot_id]) for i in wave]
-            params = [self._sampling_params(num_thoughts, seeds[i] % (2**31 - 1)) for i in wave]
-            for i, out in zip(wave, self._watched("sampling", self._engine.generate, prompts, params, use_tqdm=False)):
+            prompts = [contexts[i] + [self.sot_id] for i in wave]
+            done = self._sample_prompts(prompts, num_thoughts, [seeds[i] for i in wave], [window[i] for i in wave])
+            for i, out in zip(wave, done):
                 outputs[i] = out
-                cached += out.num_cached_tokens or 0
-                prompt_tokens += len(out.prompt_token_ids)
         self._count_engine_tokens(outputs)
+        cached, prompt_tokens = sum(o.cached_tokens for o in outputs), sum(o.prompt_tokens for o in outputs)
         self.stats = {"rollout/prefix_cache_hit_rate": cached / max(1, prompt_tokens)}
         return self._to_batch(outputs, num_thoughts, self.model.device)
 
@@ -332,22 +405,11 @@ class VLLMRolloutActor(RolloutActor):
     ) -> list[list[int]]:
         """Greedy continuations with the engine's weights (evaluation: the answer after a thought); the thought
         markers are biased out (vLLM's bias floor, far below any real logit gap) as HF greedy masks them."""
-        params = self._params_cls(
-            logit_bias={int(t): -100.0 for t in marker_ids} or None,
-            n=1,
-            max_tokens=max_new_tokens,
-            temperature=0.0,
-            stop_token_ids=stop_ids,
-            ignore_eos=True,  # the engine skipped its tokenizer: the caller's stop ids include eos
-            detokenize=False,
-            skip_special_tokens=False,
-        )
-        requests = [self._prompt_cls(prompt_token_ids=p) for p in prompts]
-        outputs = self._watched("generating", self._engine.generate, requests, params, use_tqdm=False)
+        outputs = self._greedy_prompts(prompts, max_new_tokens, stop_ids, marker_ids)
         self._count_engine_tokens(outputs)
-        return [list(out.outputs[0].token_ids) for out in outputs]
+        return [out.samples[0][0] for out in outputs]
 
-    def _to_batch(self, outputs, k: int, device) -> ThoughtBatch:
+    def _to_batch(self, outputs: list[Completion], k: int, device) -> ThoughtBatch:
         n, m = len(outputs), self.cfg.max_thought_len
         ids = torch.full((n, k, m), self.pad_id, dtype=torch.long)
         logps = torch.zeros((n, k, m))
@@ -356,11 +418,11 @@ class VLLMRolloutActor(RolloutActor):
         lengths = torch.zeros((n, k), dtype=torch.long)
         fixed = self.cfg.length_mode == "fixed"
         for i, out in enumerate(outputs):
-            for j, comp in enumerate(out.outputs):
-                tokens = list(comp.token_ids)[:m]
+            for j, (tokens, token_logps) in enumerate(out.samples):
+                tokens = tokens[:m]
                 stopped = bool(tokens) and tokens[-1] == self.eot_id
                 ids[i, j, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                logps[i, j, : len(tokens)] = torch.tensor([lp[t].logprob for lp, t in zip(comp.logprobs, tokens)])
+                logps[i, j, : len(tokens)] = torch.tensor(token_logps[: len(tokens)])
                 acted[i, j, : len(tokens)] = True
                 finished[i, j] = stopped or fixed
                 lengths[i, j] = len(tokens) - int(stopped)
@@ -382,13 +444,13 @@ class VLLMRolloutActor(RolloutActor):
 
     def sync_weights(self) -> float:
         start = time.perf_counter()
-        export_weights(self.model, self.tokenizer, self.weights_dir)
-        self._watched(
-            "syncing weights",
-            self._engine.collective_rpc,
-            "reload_weights",
-            kwargs={"weights_path": str(self.weights_dir)},
-        )
+        engine = self._engine
+        if self._sender is not None:
+            self._watched("syncing weights", self._sender.send_weights)
+        else:
+            export_weights(self.model, self.tokenizer, self.weights_dir)
+            folder = {"weights_path": str(self.weights_dir)}
+            self._watched("syncing weights", engine.collective_rpc, "reload_weights", kwargs=folder)
         self._watched("syncing weights", self._engine.reset_prefix_cache)  # cached prefixes hold old keys/values
         self.staleness = 0
         return time.perf_counter() - start

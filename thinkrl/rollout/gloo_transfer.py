@@ -1,0 +1,205 @@
+"""A gloo backend for vLLM's weight-transfer API: the learner's tensors reach a vLLM engine over TCP, never the disk.
+
+vLLM ships weight-transfer engines for NCCL and CUDA IPC, which need CUDA. This one carries the same protocol
+(``init_weight_transfer_engine`` → ``start_weight_update`` → ``update_weights`` → ``finish_weight_update``) over a
+gloo process group of its own, so colocated engines and ``vllm serve`` servers take in-memory syncs on CPU machines
+too. It registers with vLLM's ``WeightTransferEngineFactory`` (worker side) and ``WeightTransferTrainerFactory``
+(learner side) through the ``vllm.general_plugins`` entry point in pyproject.toml, which every vLLM process loads.
+
+Wire format: the learner announces every tensor's name, dtype and shape in the ``update_weights`` request, grouped
+by decoder layer (vLLM's ``layerwise_groups``); then it broadcasts one flat byte buffer per group. The worker cuts
+each buffer back into tensors and hands them to ``model.load_weights`` inside vLLM's layerwise reload, which
+re-packs the CPU backend's kernels as a checkpoint load does. At most one layer is ever full on either side.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+from vllm.distributed.weight_transfer.base import (
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+
+BACKEND = "thinkrl_gloo"
+
+
+def _group(host: str, port: int, rank: int, world_size: int, timeout_s: float):
+    """A gloo group of its own (not the default one: the learner may run under accelerate's, the worker under
+    vLLM's). Rank 0, the learner, hosts the rendezvous store."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+    return dist.ProcessGroupGloo(dist.PrefixStore("thinkrl-weights", store), rank, world_size, timeout), store
+
+
+def _broadcast(group, buffer: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([buffer], opts).wait()
+
+
+@dataclass
+class GlooInitInfo(WeightTransferInitInfo):
+    master_address: str
+    master_port: int
+    world_size: int
+    rank_offset: int = 1
+    timeout_s: float = 300.0
+
+
+@dataclass
+class GlooUpdateInfo(WeightTransferUpdateInfo):
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    group_sizes: list[int]  # tensors per broadcast buffer, in order
+
+    def __post_init__(self):
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes) == sum(self.group_sizes):
+            raise ValueError("names, dtype_names, shapes and group_sizes disagree in length")
+
+
+class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
+    """Worker side: receives the learner's buffers and loads them through vLLM's layerwise reload."""
+
+    init_info_cls = GlooInitInfo
+    update_info_cls = GlooUpdateInfo
+
+    def __init__(self, config, vllm_config, device, model):
+        super().__init__(config, vllm_config, device, model)
+        self.group, self._store = None, None
+
+    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        parallel = self.parallel_config
+        rank = init_info.rank_offset + parallel.data_parallel_index * parallel.world_size + parallel.rank
+        self.group, self._store = _group(
+            init_info.master_address, init_info.master_port, rank, init_info.world_size, init_info.timeout_s
+        )
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+
+    def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+        if self.group is None:
+            raise RuntimeError("gloo weight transfer is not initialised: call init_weight_transfer_engine first")
+        start = 0
+        for size in update_info.group_sizes:
+            names = update_info.names[start : start + size]
+            dtypes = [getattr(torch, d) for d in update_info.dtype_names[start : start + size]]
+            shapes = update_info.shapes[start : start + size]
+            start += size
+            nbytes = [torch.Size(s).numel() * d.itemsize for s, d in zip(shapes, dtypes)]
+            buffer = torch.empty(sum(nbytes), dtype=torch.uint8)
+            _broadcast(self.group, buffer)
+            tensors = [
+                part.view(d).view(s) for part, d, s in zip(torch.split(buffer, nbytes), dtypes, shapes, strict=True)
+            ]
+            self.model.load_weights(list(zip(names, tensors)))
+
+    def shutdown(self) -> None:
+        self.group, self._store = None, None
+
+
+@dataclass
+class GlooTrainerInitInfo(TrainerInitInfo):
+    backend: ClassVar[str] = BACKEND
+    master_address: str = "127.0.0.1"
+    master_port: int = 0
+    world_size: int = 2  # the learner plus every worker of every engine it feeds
+    timeout_s: float = field(default=300.0)
+
+
+class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
+    """Learner side: every rank iterates the source (a gather is collective under FSDP2); the sender broadcasts."""
+
+    init_info_cls = GlooTrainerInitInfo
+
+    def __init__(self, *, client, source, is_sender: bool = True, timeout_s: float = 300.0):
+        super().__init__(client=client, source=source, is_sender=is_sender)
+        self.timeout_s = timeout_s
+        self.group, self._store = None, None
+
+    @classmethod
+    def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None):
+        if source is None:
+            raise ValueError("the gloo weight transfer needs a WeightSource")
+        engine = cls(client=client, source=source, is_sender=init_info.is_sender, timeout_s=init_info.timeout_s)
+        if not engine.is_sender:
+            return engine
+        worker_info = GlooInitInfo(
+            init_info.master_address, init_info.master_port, init_info.world_size, 1, init_info.timeout_s
+        )
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the workers join the group while we host it
+            joined = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
+            engine.group, engine._store = _group(
+                init_info.master_address, init_info.master_port, 0, init_info.world_size, init_info.timeout_s
+            )
+            joined.result()
+        return engine
+
+    def send_weights(self, weight_version: str | None = None) -> None:
+        if not self.is_sender:  # still gather in step with the sender (a collective under FSDP2)
+            for _ in self.source.iter_groups():
+                pass
+            return
+        meta = self.source.metadata()
+        sizes = [len(names) for names in self.source.groups()]
+        info = GlooUpdateInfo(
+            [m.name for m in meta],
+            [str(m.dtype).removeprefix("torch.") for m in meta],
+            [list(m.shape) for m in meta],
+            sizes,
+        )
+        self.client.start_weight_update()
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the workers receive while we broadcast
+            received = pool.submit(self.client.update_weights, asdict(info))
+            for _names, tensors in self.source.iter_groups():  # one layer gathered at a time
+                flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+                _broadcast(self.group, torch.cat(flat) if len(flat) > 1 else flat[0].clone())
+                if received.done():  # a worker that failed would leave the broadcast waiting for its timeout
+                    received.result()
+            received.result()
+        self.client.finish_weight_update(weight_version)
+
+    def shutdown(self) -> None:
+        self.group, self._store = None, None
+
+
+class _RotaryCacheNotice(logging.Filter):
+    """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" on every sync: a rotary layer's only
+    tensor is its ``cos_sin_cache`` buffer, computed from the config and absent from every checkpoint, so the reload
+    puts the engine's own cache back. No learned weight is involved (tests/rollout/test_weight_sync.py checks the
+    engine's log-probs against the learner's after each sync), so the notice is dropped; any other layer's stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+def register() -> None:
+    """vLLM plugin hook (``vllm.general_plugins``): make ``thinkrl_gloo`` a weight-transfer backend."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryCacheNotice) for f in reload_log.filters):
+        reload_log.addFilter(_RotaryCacheNotice())
+
+    if BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(BACKEND, __name__, "GlooWeightTransferEngine")
+    if BACKEND not in WeightTransferTrainerFactory._registry:
+        WeightTransferTrainerFactory.register_engine(BACKEND, __name__, "GlooTrainerWeightTransferEngine")
