@@ -17,6 +17,7 @@ LAYER = {
     "eval": 8,
     "coconut": 8,
     "export": 8,
+    "serve": 8,
     "cli": 7,
     "run": 6,
     "rl": 5,

@@ -1,4 +1,4 @@
-"""Command line: ``thinkrl train|eval|prompts|coconut|export|sweep|aggregate ...`` (``thinkrl <command> --help``).
+"""Command line: ``thinkrl train|eval|prompts|coconut|export|serve|sweep|aggregate ...`` (``--help`` on each).
 
 User errors (config, data, model paths, NaN loss) print one line ``thinkrl: error: ...`` and exit 2.
 """
@@ -98,6 +98,7 @@ COMMANDS = [
     _lazy("thinkrl.eval.cli"),
     _lazy("thinkrl.coconut.cli"),
     _lazy("thinkrl.export"),
+    _lazy("thinkrl.serve"),
     _lazy("thinkrl.study.sweep"),
 ]
 

@@ -299,6 +299,14 @@ class RolloutConfig:
     vllm_sync_timeout_s: float = described(
         "vllm: a weight transfer that has not finished after this many seconds ends the run with one line", 300.0
     )
+    vllm_enforce_eager: str = described(
+        "vllm: auto (CUDA graphs on GPUs, eager on CPU, where vLLM has none) | true (eager everywhere) | false", "auto"
+    )
+    vllm_sleep: bool = described(
+        "vllm colocate on GPUs: put the engine to sleep (level 1: weights to host memory, KV cache freed) while the "
+        "learner scores and updates; it wakes before sampling and takes the new weights after waking",
+        False,
+    )
     vllm_kv_cache_gb: int = described("vllm on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", 1)
     vllm_gpu_memory_utilization: float = described("vllm on GPU: share of GPU memory the engine may take", 0.3)
     vllm_block_size: int = described(
@@ -312,6 +320,8 @@ class RolloutConfig:
         check_choice("rollout.length_mode", self.length_mode, ("variable", "fixed"))
         check_choice("rollout.vllm_sync", self.vllm_sync, ("auto", "memory", "disk"))
         check_choice("rollout.vllm_mode", self.vllm_mode, ("colocate", "server"))
+        self.vllm_enforce_eager = str(self.vllm_enforce_eager).lower()
+        check_choice("rollout.vllm_enforce_eager", self.vllm_enforce_eager, ("auto", "true", "false"))
         check_positive("rollout.vllm_sync_timeout_s", self.vllm_sync_timeout_s)
         check_choice("rollout.thought_passes", self.thought_passes, ("auto", "parallel", "per_position"))
         check_positive("rollout.num_thoughts", self.num_thoughts, allow_zero=True)

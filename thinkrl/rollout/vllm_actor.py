@@ -199,6 +199,12 @@ class VLLMRolloutActor(RolloutActor):
         self._check_supported(model)
         self._llm, self._params_cls, self._prompt_cls = None, None, None
         self._sender = None  # the in-memory weight sender (rollout.vllm_sync=memory), bound to one engine
+        self._asleep = self._pending_sync = False  # rollout.vllm_sleep: between sampling calls
+        if cfg.vllm_sleep and (cfg.vllm_mode != "colocate" or not torch.cuda.is_available()):
+            raise ConfigError(
+                "rollout.vllm_sleep is for colocated engines on GPUs (vLLM's CPU engine cannot sleep, a server "
+                "keeps its own memory); set rollout.vllm_sleep=false"
+            )
         self._max_model_len = max_model_len
         self._start(max_model_len)
 
@@ -223,6 +229,7 @@ class VLLMRolloutActor(RolloutActor):
         trackers closed their streams, logging its shutdown there and warning that it force-killed an idle engine."""
         llm, self._llm, self._engine_procs = self._llm, None, []
         sender, self._sender = self._sender, None
+        self._asleep = False  # a restarted engine starts awake, with the weights it is given then
         if sender is not None:
             sender.shutdown()
         if llm is None:
@@ -253,6 +260,7 @@ class VLLMRolloutActor(RolloutActor):
             from thinkrl.rollout.gloo_transfer import BACKEND
 
             kwargs["weight_transfer_config"] = {"backend": BACKEND}
+        cuda = torch.cuda.is_available()
         start = time.perf_counter()
         before = {p.pid for p in _vllm_children()}
         try:
@@ -260,14 +268,17 @@ class VLLMRolloutActor(RolloutActor):
                 model=str(self.weights_dir),
                 dtype=str(self.model.dtype).replace("torch.", ""),
                 max_model_len=max_model_len,
-                enforce_eager=True,
+                # CUDA graphs cut decoding's per-token launch overhead on GPUs; the CPU build has none
+                enforce_eager=self.cfg.vllm_enforce_eager == "true"
+                or (self.cfg.vllm_enforce_eager == "auto" and not cuda),
                 enable_prefix_caching=True,
                 skip_tokenizer_init=True,
                 logprobs_mode="processed_logprobs",
                 seed=0,
                 # Per-request seeds break on CPU when a prompt's prefill is split across steps (the runner rewinds
-                # a CPU torch.Generator, which cannot): schedule whole prompts only.
-                enable_chunked_prefill=False,
+                # a CPU torch.Generator, which cannot): schedule whole prompts there; CUDA generators can rewind.
+                enable_chunked_prefill=cuda,
+                enable_sleep_mode=self.cfg.vllm_sleep,
                 max_num_batched_tokens=max(max_model_len, 16384),
                 **kwargs,
             )
@@ -332,8 +343,25 @@ class VLLMRolloutActor(RolloutActor):
     def _sampling_params(self, k: int, seed: int):
         return self._params_cls(**sampling_fields(self.cfg, k, seed, self.sot_id, self.eot_id), detokenize=False)
 
+    def _wake(self) -> None:
+        """rollout.vllm_sleep: wake the engine before it samples, then push the weights of the updates it slept
+        through. The push comes after the wake on purpose: waking restores the weights the engine slept with, so a
+        sync into a sleeping engine would be undone (the stale-weights bug users of other frameworks met)."""
+        if self._asleep:
+            self._watched("waking", self._engine.wake_up)
+            self._asleep = False
+        if self._pending_sync:
+            self._pending_sync = False
+            self.sync_weights()
+
+    def _rest(self) -> None:
+        if self.cfg.vllm_sleep and self._llm is not None and not self._asleep:
+            self._watched("going to sleep", self._llm.sleep, 1)  # level 1: weights to host memory, KV cache freed
+            self._asleep = True
+
     def _sample_prompts(self, prompts: list[list[int]], k: int, seeds: list[int], groups=None) -> list[Completion]:
         """K samples per prompt, one request seed per prompt (``groups`` matters only to served engines)."""
+        self._wake()
         requests = [self._prompt_cls(prompt_token_ids=p) for p in prompts]
         params = [self._sampling_params(k, seed % (2**31 - 1)) for seed in seeds]
         outputs = self._watched("sampling", self._engine.generate, requests, params, use_tqdm=False)
@@ -347,6 +375,7 @@ class VLLMRolloutActor(RolloutActor):
         ]
 
     def _greedy_prompts(self, prompts, max_new_tokens: int, stop_ids, marker_ids) -> list[Completion]:
+        self._wake()
         params = self._params_cls(**greedy_fields(max_new_tokens, stop_ids, marker_ids), detokenize=False)
         requests = [self._prompt_cls(prompt_token_ids=p) for p in prompts]
         outputs = self._watched("generating", self._engine.generate, requests, params, use_tqdm=False)
@@ -362,6 +391,7 @@ class VLLMRolloutActor(RolloutActor):
             return empty_thoughts(len(contexts), device)
         # One request seed per position: its thoughts do not depend on the batch or the process that samples it.
         outputs = self._sample_prompts([c + [self.sot_id] for c in contexts], num_thoughts, seeds)
+        self._rest()
         self._count_engine_tokens(outputs)
         return self._to_batch(outputs, num_thoughts, device)
 
@@ -395,6 +425,7 @@ class VLLMRolloutActor(RolloutActor):
             done = self._sample_prompts(prompts, num_thoughts, [seeds[i] for i in wave], [window[i] for i in wave])
             for i, out in zip(wave, done):
                 outputs[i] = out
+        self._rest()
         self._count_engine_tokens(outputs)
         cached, prompt_tokens = sum(o.cached_tokens for o in outputs), sum(o.prompt_tokens for o in outputs)
         self.stats = {"rollout/prefix_cache_hit_rate": cached / max(1, prompt_tokens)}
@@ -406,6 +437,7 @@ class VLLMRolloutActor(RolloutActor):
         """Greedy continuations with the engine's weights (evaluation: the answer after a thought); the thought
         markers are biased out (vLLM's bias floor, far below any real logit gap) as HF greedy masks them."""
         outputs = self._greedy_prompts(prompts, max_new_tokens, stop_ids, marker_ids)
+        self._rest()
         self._count_engine_tokens(outputs)
         return [out.samples[0][0] for out in outputs]
 
@@ -443,6 +475,9 @@ class VLLMRolloutActor(RolloutActor):
         return self.sync_weights() if self.staleness >= self.cfg.sync_every else 0.0
 
     def sync_weights(self) -> float:
+        if self._asleep:  # pushed after the next wake (see _wake)
+            self._pending_sync, self.staleness = True, 0
+            return 0.0
         start = time.perf_counter()
         engine = self._engine
         if self._sender is not None:
