@@ -60,6 +60,14 @@ MAY_CHANGE_ON_RESUME = (
     "rollout.vllm_kv_cache_gb",
     "rollout.vllm_gpu_memory_utilization",
     "rollout.vllm_block_size",
+    # where and how the engine runs: a served engine samples the same thoughts as a colocated one from the same
+    # weights and seeds (tests/rollout/test_vllm_server.py), and both sync paths deliver the same weights
+    "rollout.vllm_mode",
+    "rollout.vllm_urls",
+    "rollout.vllm_sync",
+    "rollout.vllm_sync_timeout_s",
+    "rollout.vllm_enforce_eager",
+    "rollout.vllm_sleep",
 )
 # Not listed, so refused: rollout.backend (hf and vLLM draw different thoughts from the same seeds, and vLLM samples
 # with stale weights between syncs), data.data_dir (another folder may hold other data), trainer.batch_positions,
