@@ -100,35 +100,10 @@ def main() -> None:
         f"rollout   hf   {tokens / t_hf:9.1f} tok/s ({t_hf:.3f} s)   vllm {tokens / t_vl:9.1f} tok/s ({t_vl:.3f} s)   "
         f"vllm/hf {t_hf / t_vl:.2f}x   ({tokens} thought tokens per run)"
     )
-    # the two samplers agree on the policy: vLLM's log-probs of its own thoughts equal HF's recompute
     from thinkrl.rollout.policy import thought_logps
 
-    thoughts = vl.sample(contexts[:4], args.k, seeds[:4])
-    with torch.no_grad():
-        ref, _ = thought_logps(
-            model,
-            contexts[:4],
-            thoughts,
-            roles.sot_id,
-            roles.eot_id,
-            roles.tokenizer.pad_token_id,
-            cfg.rollout.temperature,
-            True,
-        )
-    print(
-        f"check     vllm vs hf log-probs of the same thoughts: max|diff| = "
-        f"{float((ref - thoughts.sampler_logps).abs().max()):.2e}"
-    )
-    disk_cfg = load_config(None, [*overrides, "rollout.backend=vllm", "rollout.vllm_sync=disk"]).rollout
-    disk = make_actor(disk_cfg, roles, f"{args.work_dir}/disk", max_len)
-    syncs: dict[str, list[float]] = {"memory": [], "disk": []}
-    engines = [("memory", vl), ("disk", disk)]
-    for repeat in range(args.repeats):
-        with torch.no_grad():
-            next(model.parameters()).add_(1e-3)  # a real change to push, the same into both engines
-        for name, actor in engines if repeat % 2 == 0 else engines[::-1]:
-            syncs[name].append(actor.sync_weights())
-    for name, actor in (("memory", vl), ("disk", disk)):
+    def engine_gap(actor) -> float:
+        """max |engine - learner| log-prob of thoughts the engine samples now (the learner recomputes them)."""
         thoughts = actor.sample(contexts[:4], args.k, seeds[:4])
         with torch.no_grad():
             ref, _ = thought_logps(
@@ -141,7 +116,21 @@ def main() -> None:
                 cfg.rollout.temperature,
                 True,
             )
-        gap = float((ref - thoughts.sampler_logps).abs().max())
+        return float((ref - thoughts.sampler_logps).abs().max())
+
+    # the two samplers agree on the policy: vLLM's log-probs of its own thoughts equal HF's recompute
+    print(f"check     vllm vs hf log-probs of the same thoughts: max|diff| = {engine_gap(vl):.2e}")
+    disk_cfg = load_config(None, [*overrides, "rollout.backend=vllm", "rollout.vllm_sync=disk"]).rollout
+    disk = make_actor(disk_cfg, roles, f"{args.work_dir}/disk", max_len)
+    syncs: dict[str, list[float]] = {"memory": [], "disk": []}
+    engines = [("memory", vl), ("disk", disk)]
+    for repeat in range(args.repeats):
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)  # a real change to push, the same into both engines
+        for name, actor in engines if repeat % 2 == 0 else engines[::-1]:
+            syncs[name].append(actor.sync_weights())
+    for name, actor in engines:
+        gap = engine_gap(actor)
         median = statistics.median(syncs[name])
         share = median / (median + t_vl + args.step_seconds)
         print(
