@@ -282,6 +282,11 @@ class RolloutConfig:
     sync_every: int = described(
         "vllm: push the learner's weights into the engine every N updates (staleness <= N-1)", 1
     )
+    async_steps: int = described(
+        "vllm: overlapped sampling; the sampler works on the batches of the next N steps while the learner trains "
+        "(staleness <= N, corrected by the clipped importance ratio); 0 = sample, then learn (docs/rollouts.md)",
+        0,
+    )
     vllm_mode: str = described(
         "vllm: colocate (an engine inside each training process) | server (running vLLM servers, rollout.vllm_urls; "
         "start one with `thinkrl serve`)",
@@ -329,10 +334,29 @@ class RolloutConfig:
         check_positive("rollout.temperature", self.temperature)
         check_positive("rollout.batch_positions", self.batch_positions)
         check_positive("rollout.sync_every", self.sync_every)
+        check_positive("rollout.async_steps", self.async_steps, allow_zero=True)
+        if self.async_steps:
+            self._check_async()
         check_positive("rollout.vllm_kv_cache_gb", self.vllm_kv_cache_gb)
         check_positive("rollout.vllm_block_size", self.vllm_block_size, allow_zero=True)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+
+    def _check_async(self) -> None:
+        """Overlap needs a sampler with weights and compute of its own; the staleness bound needs a sync per step."""
+        if self.backend != "vllm":
+            raise ConfigError(
+                "rollout.async_steps needs rollout.backend=vllm: the HF sampler is the learner's own model, so it "
+                "cannot sample while that model trains"
+            )
+        if self.sync_every != 1:
+            raise ConfigError(
+                "rollout.async_steps bounds staleness itself: keep rollout.sync_every=1 (weights pushed every update)"
+            )
+        if self.vllm_sleep:
+            raise ConfigError(
+                "rollout.async_steps keeps the engine sampling while the learner trains: set rollout.vllm_sleep=false"
+            )
 
 
 @dataclass
@@ -520,6 +544,7 @@ class Config:
         if self.learner.objective == "lm":  # the no-thought baseline: nothing is sampled or scored after a thought
             self.rollout.num_thoughts = 0
             self.rollout.backend = "hf"  # the HF actor samples nothing at K=0; a vLLM engine would idle
+            self.rollout.async_steps = 0
             if all(r in self.model.freeze for r in ("base", "interpreter")):
                 raise ConfigError("learner.objective=lm trains the base and interpreter models: unfreeze one")
         k = self.rollout.num_thoughts
@@ -532,6 +557,10 @@ class Config:
         if k == 0 and self.learner.policy_weight > 0 and "reasoner" not in self.model.freeze and not lm:
             raise ConfigError(
                 "rollout.num_thoughts=0 (control run) has no policy to train: set learner.policy_weight=0"
+            )
+        if self.rollout.async_steps and self.learner.updates_per_rollout > 1:
+            raise ConfigError(
+                "rollout.async_steps and learner.updates_per_rollout>1 both make rollouts stale: use one of them"
             )
         if self.reward.baseline == "ema" and self.trainer.sharding != "none":
             raise ConfigError("reward.baseline=ema keeps a whole copy of the interpreter: use trainer.sharding=none")

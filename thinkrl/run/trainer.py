@@ -58,6 +58,7 @@ from thinkrl.run.compute import ComputeCounter, crossed, flops_budget, matched_i
 from thinkrl.run.files import dump_rollouts, mean_or_nan, write_atomic, write_summary
 from thinkrl.run.heldout import evaluate
 from thinkrl.run.recipe import clear_stale_outputs, plan_start
+from thinkrl.run.rollout_pipeline import Draw, RolloutPipeline
 from thinkrl.run.state import (
     find_checkpoints,
     init_tracker,
@@ -167,6 +168,17 @@ class Trainer:
         # Tokens and FLOPs per weight group and phase (thinkrl/run/compute.py); a vLLM engine reports its own tokens.
         self.compute = ComputeCounter(self.roles.models, self.roles.role_group)
         self.actor.on_engine_tokens = lambda n: self.compute.add(self.roles.role_group["reasoner"], n)
+        self.pipeline = None  # rollout.async_steps: the next steps' rollouts, sampled while the learner trains
+        if cfg.rollout.async_steps and cfg.learner.objective == "thoughts":
+            self.pipeline = RolloutPipeline(
+                cfg.rollout.async_steps,
+                cfg.learner.grad_accum_steps,
+                cfg.rollout.num_thoughts,
+                self._draw,
+                self._prepare,
+                self._redraw,
+            )
+            self.actor.on_engine_tokens = self.pipeline.engine_tokens(self.actor.on_engine_tokens)
         self.max_flops = flops_budget(tc.max_flops, tc.compute_match)
         # A compute-matched run saves and evaluates as often per FLOP as the run it matches, not every save_every /
         # eval_every of its many cheaper steps (compute.matched_interval).
@@ -219,8 +231,15 @@ class Trainer:
             self.roles.tokenizer,
             self.state.state_dict(),
             self.cfg.trainer.keep_checkpoints,
-            save_weights=(lambda folder: save_sharded(folder, self.roles, self.optimizer)) if self.sharded else None,
+            save_weights=self._save_own_files if self.sharded or self.pipeline else None,
         )
+
+    def _save_own_files(self, folder: Path) -> None:
+        """What accelerate's state does not hold: sharded models, and each process's rollouts in flight."""
+        if self.sharded:
+            save_sharded(folder, self.roles, self.optimizer)
+        if self.pipeline is not None:
+            self.pipeline.save(folder, self.accelerator.process_index, self.accelerator.num_processes)
 
     def _load_weights(self, path: Path) -> bool:
         """Models and optimizer of a checkpoint written in the other mode (see ``distributed.checkpoint``)."""
@@ -258,13 +277,17 @@ class Trainer:
         if lc.objective == "lm":
             return self._lm_step()
         stats_sum: dict[str, float] = {}
-        for _ in range(lc.grad_accum_steps):
-            positions, scoring, sample = self._next_batch()
-            with self._timed("rollout"), self._gathered():
-                try:
-                    thoughts = sample(cfg.rollout.num_thoughts)
-                except NonFiniteLossError as exc:
-                    self._non_finite(str(exc))
+        taken = self._take_rollouts() if self.pipeline is not None else None
+        for micro in range(lc.grad_accum_steps):
+            if taken is not None:  # sampled in the background (rollout.async_steps)
+                positions, scoring, thoughts = taken[micro].positions, taken[micro].scoring, taken[micro].thoughts
+            else:
+                positions, scoring, sample = self._next_batch()
+                with self._timed("rollout"), self._gathered():
+                    try:
+                        thoughts = sample(cfg.rollout.num_thoughts)
+                    except NonFiniteLossError as exc:
+                        self._non_finite(str(exc))
             logp_ema = None
             if self.ema is not None:
                 with self._timed("score_and_loss"):
@@ -284,6 +307,11 @@ class Trainer:
                 stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
             stats_sum["reward"] = stats_sum.get("reward", 0.0) + mean_or_nan(out.rewards) / lc.grad_accum_steps
         grad_norm = self._optimizer_step()
+        if self.pipeline is not None:
+            with self._timed("rollout"):  # the engine's weights change next: nothing may be sampling then
+                self.pipeline.drain()
+                if self.accelerator.num_processes > 1:  # served engines are shared: every process has drained
+                    self.accelerator.wait_for_everyone()
         with self._timed("sync"):
             self.actor.after_update()
         self.state.step += 1
@@ -298,7 +326,7 @@ class Trainer:
             "train/mix_weight": float(out.scores.weight[:, :-1].detach().float().mean()) if k else 1.0,
             "train/staleness": thoughts.staleness,
             "train/lr": self.scheduler.get_last_lr()[0],
-            **self.actor.stats,
+            **(taken[-1].stats if taken is not None else self.actor.stats),
         }
         self._mean_over_processes(metrics)
         metrics.update(self._account())  # token counts and FLOPs: summed over processes, not averaged
@@ -354,15 +382,42 @@ class Trainer:
             )
             metrics.update(zip(keys, values.tolist()))
 
-    def _next_batch(self):
-        """This process's share of the next global batch: (positions, scoring, sample(K) → ThoughtBatch).
+    def _take_rollouts(self) -> list:
+        """This step's micro-batches from the pipeline (``rollout_pipeline``); the engine holds the weights of
+        ``state.step`` updates, with which the batches it starts now are sampled."""
+        with self._timed("rollout"):
+            try:
+                taken = self.pipeline.take(self.state.step, self.state.step, lambda: self.actor.stats)
+            except NonFiniteLossError as exc:
+                self._non_finite(str(exc))
+            for sampled in taken:  # the engine's tokens count when the learner uses them, as a synchronous run's
+                self.compute.add(self.roles.role_group["reasoner"], sampled.engine_tokens)
+        return taken
 
-        Sampling seeds are drawn per position of the global batch, the same on every process (they share torch's
-        RNG state), so a position's thoughts do not depend on the process count."""
+    def _next_batch(self):
+        """This process's share of the next global batch: (positions, scoring, sample(K) → ThoughtBatch)."""
+        return self._prepare(*self._draw())
+
+    def _draw(self) -> tuple[Draw, list]:
+        """The next global batch (windows or positions) and its seeds. Sampling seeds are drawn per position of the
+        global batch, the same on every process (they share torch's RNG state), so a position's thoughts do not
+        depend on the process count."""
+        stream = dict(self.stream.state_dict())
+        items = self.stream.next_batch(self.batch_windows if self.parallel else self.cfg.trainer.batch_positions)
+        return Draw(stream, position_seeds(sum(len(w.slots) for w in items) if self.parallel else len(items))), items
+
+    def _redraw(self, draw: Draw) -> list:
+        """The windows or positions of a saved draw, read again from the stream state it recorded."""
+        stream = PositionStream(self.stream.pool, draw.stream["seed"])
+        stream.load_state_dict(draw.stream)
+        return stream.next_batch(self.batch_windows if self.parallel else self.cfg.trainer.batch_positions)
+
+    def _prepare(self, draw: Draw, items: list):
+        """This process's share of a drawn global batch: (positions, scoring, sample(K) → ThoughtBatch)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        seeds = draw.seeds
         if self.parallel:
-            windows = self.stream.next_batch(self.batch_windows)
-            seeds = position_seeds(sum(len(w.slots) for w in windows))
+            windows = items
             share = self.batch_windows // world
             skip = sum(len(w.slots) for w in windows[: rank * share])
             windows = windows[rank * share : (rank + 1) * share]
@@ -372,8 +427,7 @@ class Trainer:
             scoring = WindowScoring(self.cfg, self.roles, self.scorer, batch)
             return positions, scoring, lambda k: self.actor.sample_windows(batch, k, seeds)
         global_batch = self.cfg.trainer.batch_positions
-        positions = self.stream.next_batch(global_batch)
-        seeds = position_seeds(global_batch)
+        positions = items
         share = global_batch // world
         positions, seeds = positions[rank * share : (rank + 1) * share], seeds[rank * share : (rank + 1) * share]
         contexts, targets = [p.context_ids for p in positions], [p.target_ids for p in positions]
@@ -452,8 +506,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
         tc = self.cfg.trainer
-        if resume(self.accelerator, self.run_dir, tc.resume, load_weights=self._load_weights) is not None:
+        resumed = resume(self.accelerator, self.run_dir, tc.resume, load_weights=self._load_weights)
+        if resumed is not None:
             lr_at_restored_step(self.scheduler)  # max_steps may have changed, and the schedule's length with it
+            if self.pipeline is not None:
+                world = self.accelerator.num_processes
+                self.pipeline.load(resumed, self.accelerator.process_index, world, self.accelerator.device)
             logger.info("resumed at step %d", self.state.step)
         init_tracker(self.accelerator, tc, self.run_dir, self.cfg)
         start_time = time.perf_counter()
@@ -536,6 +594,8 @@ class Trainer:
 
     def close(self) -> None:
         """Stop the sampler's engine (vLLM) now rather than at interpreter exit; a later sample starts it again."""
+        if self.pipeline is not None:
+            self.pipeline.close()
         self.actor.close()
 
     def _lm_warmup(self) -> None:
