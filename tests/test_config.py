@@ -113,3 +113,9 @@ def test_cli_errors_have_no_traceback(capsys, tmp_path):
         ],
     )
     assert "'./no/such/model' does not exist" in nomodel
+
+
+def test_truncated_importance_sampling_needs_one_update_per_rollout():
+    with pytest.raises(ConfigError, match="updates_per_rollout=1"):
+        load_config(None, ["learner.tis_cap=2.0", "learner.updates_per_rollout=2"])
+    assert load_config(None, ["learner.tis_cap=2.0"]).learner.tis_cap == 2.0

@@ -420,6 +420,12 @@ class LearnerConfig:
     )
     base_weight: float = described("weight of NLL(y | x) with no thought (keeps plain language modelling)", 0.0)
     ratio_clip: float = described("PPO-style clip of the importance ratio learner/sampler", 0.2)
+    tis_cap: float = described(
+        "truncated importance sampling: weight each thought token by min(learner/sampler probability, tis_cap) "
+        "instead of clipping the ratio against the sampler (for a lagging or bf16 sampler; 2.0 is verl's usual cap); "
+        "0 = off",
+        0.0,
+    )
     updates_per_rollout: int = described("optimizer steps on one batch of rollouts (>1 makes the sampler stale)", 1)
     lr: float = described("learning rate of every role not in role_lr", 1e-3)
     role_lr: Dict[str, float] = described(
@@ -458,6 +464,12 @@ class LearnerConfig:
             check_positive(f"learner.{name}", getattr(self, name), allow_zero=True)
         check_positive("learner.grad_accum_steps", self.grad_accum_steps)
         check_positive("learner.updates_per_rollout", self.updates_per_rollout)
+        check_positive("learner.tis_cap", self.tis_cap, allow_zero=True)
+        if self.tis_cap and self.updates_per_rollout > 1:
+            raise ConfigError(
+                "learner.tis_cap takes the learner's log-probs of this update as the old policy: keep "
+                "learner.updates_per_rollout=1"
+            )
         if self.updates_per_rollout > 1 and self.grad_accum_steps > 1:
             raise ConfigError("use learner.updates_per_rollout>1 or learner.grad_accum_steps>1, not both")
 

@@ -91,6 +91,27 @@ def test_policy_loss_clips_the_ratio():
     assert float(learner.grad[0]) == 0.0 and float(learner.grad[1]) != 0.0
 
 
+def test_truncated_importance_sampling_weights_each_token_by_the_capped_ratio():
+    """tis_cap: the gradient of token t is -A * min(p_learner/p_sampler, cap) * d log p, never clipped to 0."""
+    sampler = torch.log(torch.tensor([[[0.5, 0.3]], [[0.5, 0.9]]]))  # (2, 1, 2)
+    learner = torch.log(torch.tensor([[[0.9, 0.3]], [[0.9, 0.45]]])).requires_grad_()
+    mask = torch.ones(2, 1, 2, dtype=torch.bool)
+    adv = torch.tensor([[1.0], [-1.0]])
+    loss, stats = ca.policy_loss(learner, sampler, mask, adv, ratio_clip=0.2, tis_cap=1.5)
+    loss.backward()
+    # weights: 1.8 -> capped 1.5; 1.0; 1.8 -> 1.5; 0.5. The PPO clip that zeroed thought 0's first token is gone.
+    expected = torch.tensor([[[-1.5, -1.0]], [[1.5, 0.5]]]) / 2
+    assert torch.allclose(learner.grad, expected)
+    assert math.isclose(stats["tis_weight"], (1.5 + 1.0 + 1.5 + 0.5) / 4, rel_tol=1e-6)
+    assert stats["tis_truncated"] == 0.5
+    # learner == sampler: the same as no correction
+    on = torch.log(torch.tensor([[[0.2, 0.7]]])).requires_grad_()
+    plain = on.detach().clone().requires_grad_()
+    ca.policy_loss(on, on.detach(), mask[:1], adv[:1], tis_cap=2.0)[0].backward()
+    ca.policy_loss(plain, plain.detach(), mask[:1], adv[:1])[0].backward()
+    assert torch.allclose(on.grad, plain.grad)
+
+
 def test_nll_loss_with_row_weights():
     logp = torch.tensor([[[-1.0, -3.0], [-2.0, -4.0]]])  # (1, R=2, n=2)
     mask = torch.tensor([[True, False]])

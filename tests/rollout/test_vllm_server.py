@@ -190,6 +190,20 @@ def test_two_servers_share_the_positions_and_give_one_servers_results(servers, o
     _assert_same_rollouts(one_server, both)
 
 
+def test_overlapped_sampling_from_a_server_equals_the_colocated_engines(servers, tmp_path):
+    """rollout.async_steps=1: the served engine samples the next step's batch in the background while the learner
+    trains, with the same weight versions as a colocated engine, so the rollouts are the same."""
+    urls, _ = servers
+    colocated = _train(tmp_path / "colocated", "rollout.async_steps=1")
+    served = _train(
+        tmp_path / "served", "rollout.async_steps=1", "rollout.vllm_mode=server", f"rollout.vllm_urls=[{urls[0]}]"
+    )
+    _assert_same_rollouts(colocated, served)
+    for _, _, metrics in (colocated, served):
+        assert [m["train/staleness"] for m in metrics if "train/staleness" in m] == [0, 1, 1]
+    assert max(served[0].sync_gaps) < 1e-5  # the server holds the learner's weights after every sync
+
+
 def test_a_url_nothing_answers_at_is_one_line_before_training(tmp_path):
     from thinkrl.run.trainer import Trainer
 

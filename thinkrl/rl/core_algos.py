@@ -105,12 +105,20 @@ def policy_loss(
     action_mask: torch.Tensor,
     advantages: torch.Tensor,
     ratio_clip: float = 0.2,
+    tis_cap: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped-ratio policy gradient, summed over a thought's actions, averaged over thoughts.
 
-    logps/sampler_logps/action_mask: (N, K, M); advantages: (N, K). Returns (loss, stats)."""
+    logps/sampler_logps/action_mask: (N, K, M); advantages: (N, K). Returns (loss, stats).
+
+    ``tis_cap > 0``: truncated importance sampling instead of a ratio against the sampler. The ratio is taken
+    against the learner's own log-probs (1 in value: with one update per rollout they are the "old" policy), and
+    each token's term is weighted by min(pi_learner / pi_sampler, tis_cap), detached: the correction verl and
+    prime-rl offer for a sampler that lags or computes differently (bf16, CUDA graphs)."""
     mask = action_mask.to(logps.dtype)
-    ratio = torch.exp((logps - sampler_logps.detach()) * mask)
+    gap = (logps.detach() - sampler_logps.detach()) * mask
+    reference = logps.detach() if tis_cap > 0 else sampler_logps.detach()
+    ratio = torch.exp((logps - reference) * mask)
     adv = advantages.detach()[..., None]
     unclipped = ratio * adv
     if ratio_clip > 0:
@@ -118,9 +126,18 @@ def policy_loss(
         per_token = -torch.minimum(unclipped, clipped)
     else:
         per_token = -unclipped
+    tis_stats = {}
+    if tis_cap > 0:
+        weight = torch.exp(gap).clamp(max=tis_cap)
+        per_token = per_token * weight
+        n = mask.sum().clamp_min(1)
+        tis_stats = {
+            "tis_weight": float((weight * mask).sum() / n),
+            "tis_truncated": float(((torch.exp(gap) > tis_cap) * mask).sum() / n),
+        }
     loss = (per_token * mask).sum(-1).mean() if mask.numel() else logps.sum() * 0
     n_tok = mask.sum().clamp_min(1)
-    r = ratio.detach()
+    r = torch.exp(gap)  # learner / sampler, whatever the loss uses
     ratio_mean = (r * mask).sum() / n_tok
     stats = {
         "ratio_mean": float(ratio_mean),
@@ -129,6 +146,7 @@ def policy_loss(
         "sampler_gap": float(((logps.detach() - sampler_logps).abs() * mask).sum() / n_tok),
         "ratio_std": float((((r - ratio_mean) ** 2 * mask).sum() / n_tok).sqrt()),
         "clip_frac": float((((r - 1).abs() > ratio_clip) * mask).sum() / n_tok) if ratio_clip > 0 else 0.0,
+        **tis_stats,
     }
     return loss, stats
 

@@ -143,7 +143,7 @@ def compute_loss(cfg: Config, scoring, thoughts: ThoughtBatch, logp_ema: torch.T
         )
         action_mask = thoughts.thought_mask.to(logps.device)
         pg, pg_stats = core_algos.policy_loss(
-            logps, thoughts.sampler_logps.to(logps.device), action_mask, advantages, lc.ratio_clip
+            logps, thoughts.sampler_logps.to(logps.device), action_mask, advantages, lc.ratio_clip, lc.tis_cap
         )
         ent = core_algos.masked_mean(entropy, action_mask)
         loss = loss + lc.policy_weight * pg - lc.entropy_coef * ent

@@ -184,7 +184,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 class _RotaryCacheNotice(logging.Filter):
     """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" on every sync: a rotary layer's only
     tensor is its ``cos_sin_cache`` buffer, computed from the config and absent from every checkpoint, so the reload
-    puts the engine's own cache back. No learned weight is involved (tests/rollout/test_weight_sync.py checks the
+    puts the engine's own cache back. No learned weight is involved (tests/rollout/test_vllm_server.py checks the
     engine's log-probs against the learner's after each sync), so the notice is dropped; any other layer's stays."""
 
     def filter(self, record: logging.LogRecord) -> bool:
