@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="learning: 400 (the recipe's); throughput: 40")
     parser.add_argument("--skip", type=int, default=5, help="throughput: warm-up steps left out of the medians")
     parser.add_argument("overrides", nargs="*", help="throughput: key=value overrides for both runs")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.steps is None:
         args.steps = 400 if args.what == "learning" else 40
     (learning if args.what == "learning" else throughput)(args)

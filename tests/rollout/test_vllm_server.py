@@ -160,6 +160,8 @@ def test_colocated_in_memory_sync_reaches_the_engine_after_every_update(colocate
     steps = [m for m in metrics if "train/sampler_gap" in m]
     assert [m["step"] for m in steps] == [1, 2, 3] and max(m["train/sampler_gap"] for m in steps) < 1e-5
     assert not any((rec.trainer.run_dir / "rank0/vllm-weights").glob("*.safetensors.tmp"))
+    assert rec.actor._sender.slot is not None  # the engine is on this machine: buffers went through shared memory
+    assert not list(Path("/dev/shm").glob(f"thinkrl-weights-{os.getpid()}-*"))  # unlinked once both had mapped it
 
 
 def test_a_served_engine_samples_what_the_colocated_one_does_and_holds_the_weights_after_every_sync(
@@ -215,6 +217,17 @@ def test_a_url_nothing_answers_at_is_one_line_before_training(tmp_path):
     msg = str(info.value)
     assert url in msg and "thinkrl serve" in msg and "\n" not in msg
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_a_server_with_a_smaller_vocabulary_is_refused_before_joining(servers, tmp_path):
+    from thinkrl.run.trainer import Trainer
+
+    urls, _ = servers
+    server = ["rollout.vllm_mode=server", f"rollout.vllm_urls=[{urls[0]}]", "data.synthetic.num_symbols=16"]
+    cfg = load_config(RECIPE, [*RUN, f"trainer.output_dir={tmp_path}", *server])
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg)
+    assert "fewer than the learner's 34 token ids" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_a_server_killed_mid_run_stops_with_one_line_and_the_run_resumes_on_another(servers, tmp_path):

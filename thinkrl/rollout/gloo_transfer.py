@@ -7,15 +7,24 @@ too. It registers with vLLM's ``WeightTransferEngineFactory`` (worker side) and 
 (learner side) through the ``vllm.general_plugins`` entry point in pyproject.toml, which every vLLM process loads.
 
 Wire format: the learner announces every tensor's name, dtype and shape in the ``update_weights`` request, grouped
-by decoder layer (vLLM's ``layerwise_groups``); then it broadcasts one flat byte buffer per group. The worker cuts
+by decoder layer (vLLM's ``layerwise_groups``); then it sends one flat byte buffer per group. The worker cuts
 each buffer back into tensors and hands them to ``model.load_weights`` inside vLLM's layerwise reload, which
 re-packs the CPU backend's kernels as a checkpoint load does. At most one layer is ever full on either side.
+
+The buffers travel one of two ways. Over the gloo group (TCP), which works across machines. Or, for an engine on
+the learner's machine (colocated), through one shared-memory slot the size of the largest group, mapped by both
+sides (the CPU counterpart of the CUDA IPC handles other frameworks use): the learner writes a group into it, a
+barrier says it is ready, the worker copies it out, a second barrier frees the slot. The slot's file in /dev/shm
+is unlinked once both sides have mapped it, so a killed run leaves nothing behind. Loopback TCP costs more than
+vLLM's reload itself on a busy CPU (docs/benchmarks.md#weight-sync).
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
@@ -47,6 +56,39 @@ def _broadcast(group, buffer: torch.Tensor) -> None:
     group.broadcast([buffer], opts).wait()
 
 
+def _barrier(group) -> None:
+    group.barrier(dist.BarrierOptions()).wait()
+
+
+SHM_DIR = "/dev/shm"
+logger = logging.getLogger(__name__)
+
+
+def _shared_slot(nbytes: int) -> tuple[torch.Tensor, str] | None:
+    """A fresh shared-memory file of ``nbytes`` mapped here, or None where /dev/shm is missing or too small (Docker's
+    default is 64 MB): the buffers then go over the gloo group."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    if stat.f_bavail * stat.f_frsize < 2 * nbytes:
+        logger.info("weight sync over TCP: %s has less than %.0f MB free", SHM_DIR, 2 * nbytes / 2**20)
+        return None
+    path = os.path.join(SHM_DIR, f"thinkrl-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return torch.from_file(path, shared=True, size=max(nbytes, 32), dtype=torch.uint8), path
+
+
+def _map_learners_slot(path: str, nbytes: int, token: str) -> torch.Tensor:
+    """The worker's view of the learner's slot. torch.from_file would create a missing file, so a worker that does
+    not see the learner's /dev/shm (another machine or container) must fail here, not load zeros."""
+    if not os.path.isfile(path):
+        raise RuntimeError(f"weight-transfer slot {path} is not visible to this engine: it runs on another machine")
+    slot = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+    if bytes(slot[: len(token)].tolist()) != token.encode():
+        raise RuntimeError(f"weight-transfer slot {path} holds another learner's data")
+    return slot
+
+
 @dataclass
 class GlooInitInfo(WeightTransferInitInfo):
     master_address: str
@@ -54,6 +96,9 @@ class GlooInitInfo(WeightTransferInitInfo):
     world_size: int
     rank_offset: int = 1
     timeout_s: float = 300.0
+    shm_path: str = ""  # the shared-memory slot of an engine on the learner's machine ("" = over the group)
+    shm_bytes: int = 0
+    shm_token: str = ""  # written at the slot's start by the learner: proves both sides map the same memory
 
 
 @dataclass
@@ -76,11 +121,13 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def __init__(self, config, vllm_config, device, model):
         super().__init__(config, vllm_config, device, model)
-        self.group, self._store = None, None
+        self.group, self._store, self.slot = None, None, None
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         parallel = self.parallel_config
         rank = init_info.rank_offset + parallel.data_parallel_index * parallel.world_size + parallel.rank
+        if init_info.shm_path:  # mapped before joining: the learner unlinks the file once everyone has joined
+            self.slot = _map_learners_slot(init_info.shm_path, init_info.shm_bytes, init_info.shm_token)
         self.group, self._store = _group(
             init_info.master_address, init_info.master_port, rank, init_info.world_size, init_info.timeout_s
         )
@@ -105,15 +152,20 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             shapes = update_info.shapes[start : start + size]
             start += size
             nbytes = [torch.Size(s).numel() * d.itemsize for s, d in zip(shapes, dtypes)]
-            buffer = torch.empty(sum(nbytes), dtype=torch.uint8)
-            _broadcast(self.group, buffer)
+            if self.slot is not None:
+                _barrier(self.group)  # the learner has written this group
+                buffer = self.slot[: sum(nbytes)].clone()  # the reload may keep references until a layer is whole
+                _barrier(self.group)  # the slot is free for the next group
+            else:
+                buffer = torch.empty(sum(nbytes), dtype=torch.uint8)
+                _broadcast(self.group, buffer)
             tensors = [
                 part.view(d).view(s) for part, d, s in zip(torch.split(buffer, nbytes), dtypes, shapes, strict=True)
             ]
             self.model.load_weights(list(zip(names, tensors)))
 
     def shutdown(self) -> None:
-        self.group, self._store = None, None
+        self.group, self._store, self.slot = None, None, None
 
 
 @dataclass
@@ -123,6 +175,7 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     master_port: int = 0
     world_size: int = 2  # the learner plus every worker of every engine it feeds
     timeout_s: float = field(default=300.0)
+    shared_memory: bool = False  # every engine runs on the learner's machine: buffers through a shared slot
 
 
 class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
@@ -133,7 +186,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
     def __init__(self, *, client, source, is_sender: bool = True, timeout_s: float = 300.0):
         super().__init__(client=client, source=source, is_sender=is_sender)
         self.timeout_s = timeout_s
-        self.group, self._store = None, None
+        self.group, self._store, self.slot = None, None, None
 
     @classmethod
     def trainer_init(cls, init_info: GlooTrainerInitInfo, *, client, source=None):
@@ -145,13 +198,28 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         worker_info = GlooInitInfo(
             init_info.master_address, init_info.master_port, init_info.world_size, 1, init_info.timeout_s
         )
-        with ThreadPoolExecutor(max_workers=1) as pool:  # the workers join the group while we host it
-            joined = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
-            engine.group, engine._store = _group(
-                init_info.master_address, init_info.master_port, 0, init_info.world_size, init_info.timeout_s
-            )
-            joined.result()
+        shared = _shared_slot(engine._largest_group()) if init_info.shared_memory else None
+        if shared is not None:
+            engine.slot, worker_info.shm_path = shared
+            worker_info.shm_bytes, worker_info.shm_token = engine.slot.numel(), uuid.uuid4().hex
+            engine.slot[:32].copy_(torch.tensor(list(worker_info.shm_token.encode()), dtype=torch.uint8))
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool:  # the workers join the group while we host it
+                joined = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
+                engine.group, engine._store = _group(
+                    init_info.master_address, init_info.master_port, 0, init_info.world_size, init_info.timeout_s
+                )
+                joined.result()
+        finally:
+            if shared is not None:
+                os.unlink(worker_info.shm_path)  # both sides hold the mapping; nothing is left if a run is killed
         return engine
+
+    def _largest_group(self) -> int:
+        meta = {m.name: m for m in self.source.metadata()}
+        return max(
+            sum(torch.Size(meta[n].shape).numel() * meta[n].dtype.itemsize for n in g) for g in self.source.groups()
+        )
 
     def send_weights(self, weight_version: str | None = None) -> None:
         if not self.is_sender:  # still gather in step with the sender (a collective under FSDP2)
@@ -171,14 +239,22 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             received = pool.submit(self.client.update_weights, asdict(info))
             for _names, tensors in self.source.iter_groups():  # one layer gathered at a time
                 flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-                _broadcast(self.group, torch.cat(flat) if len(flat) > 1 else flat[0].clone())
-                if received.done():  # a worker that failed would leave the broadcast waiting for its timeout
+                if self.slot is not None:
+                    offset = 0
+                    for part in flat:
+                        self.slot[offset : offset + part.numel()].copy_(part)
+                        offset += part.numel()
+                    _barrier(self.group)  # written
+                    _barrier(self.group)  # copied out by every worker
+                else:
+                    _broadcast(self.group, torch.cat(flat) if len(flat) > 1 else flat[0].clone())
+                if received.done():  # a worker that failed would leave the transfer waiting for its timeout
                     received.result()
             received.result()
         self.client.finish_weight_update(weight_version)
 
     def shutdown(self) -> None:
-        self.group, self._store = None, None
+        self.group, self._store, self.slot = None, None, None
 
 
 class _RotaryCacheNotice(logging.Filter):

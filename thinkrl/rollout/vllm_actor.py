@@ -303,6 +303,7 @@ class VLLMRolloutActor(RolloutActor):
                 workers=1,
                 host="127.0.0.1",
                 timeout_s=self.cfg.vllm_sync_timeout_s,
+                shared_memory=True,  # the engine runs on this machine: its buffers need not cross TCP
             )
 
     @property

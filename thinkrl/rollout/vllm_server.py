@@ -78,9 +78,10 @@ class ServerClient:
             )
         return response.json() if response.content else None
 
-    def check(self, max_model_len: int) -> int:
-        """Before any training: the server answers, has the RL routes, and takes prompts this long. Returns its
-        number of workers (tensor × pipeline parallel ranks), each a member of the weight-transfer group."""
+    def check(self, max_model_len: int, vocab_size: int) -> int:
+        """Before any training: the server answers, has the RL routes, takes prompts this long and knows the
+        learner's last token id. Returns its number of workers (tensor × pipeline parallel ranks), each a member of
+        the weight-transfer group."""
         import requests
 
         try:
@@ -96,6 +97,7 @@ class ServerClient:
                 f"the vLLM server at {self.url} takes {served_len} tokens a sequence, needs {max_model_len}; "
                 "restart it with a larger --max-model-len (thinkrl serve sets it from the recipe)"
             )
+        self._check_vocabulary(vocab_size)
         response = self.session.get(self.url + "/get_world_size", timeout=10)
         if response.status_code == 404:
             raise ConfigError(
@@ -103,6 +105,17 @@ class ServerClient:
                 f'--weight-transfer-config \'{{"backend": "thinkrl_gloo"}}\' ({HOW_TO_START})'
             )
         return int(response.json()["world_size"])
+
+    def _check_vocabulary(self, vocab_size: int) -> None:
+        """One greedy token after the learner's last token id: a server with a smaller vocabulary refuses the prompt
+        (a larger one is refused when the learner's weights are pushed, their shapes differ)."""
+        body = {"model": self.model, "prompt": [vocab_size - 1], "max_tokens": 1, "temperature": 0.0}
+        response = self.session.post(self.url + "/v1/completions", json=body, timeout=self.timeout_s)
+        if response.status_code == 400 and "vocab" in response.text.lower():
+            raise ConfigError(
+                f"the vLLM server at {self.url} serves a model with fewer than the learner's {vocab_size} token ids "
+                f"(another model or tokenizer); {HOW_TO_START.replace('start one', 'start it for this recipe')}"
+            )
 
     def complete(self, body: dict) -> dict:
         return self._call("POST", "/v1/completions", "sampling", json={"model": self.model, **body})
@@ -190,7 +203,8 @@ class VLLMServerActor(VLLMRolloutActor):
                 "rollout.vllm_sync=disk needs rollout.vllm_mode=colocate: servers take weights in memory"
             )
         self.servers = [ServerClient(url, cfg.vllm_sync_timeout_s) for url in cfg.vllm_urls]
-        workers = [server.check(max_model_len) for server in self.servers]
+        vocab = self.model.get_input_embeddings().num_embeddings
+        workers = [server.check(max_model_len, vocab) for server in self.servers]
         self.sender = _is_sender()
         host = urlparse(self.servers[0].url).hostname or "127.0.0.1"
         from thinkrl.rollout.weight_sync import gloo_trainer, local_address_towards

@@ -114,15 +114,23 @@ def local_address_towards(host: str) -> str:
         return s.getsockname()[0]
 
 
-def gloo_trainer(client, model, workers: int, host: str, timeout_s: float, is_sender: bool = True):
-    """A ready ``thinkrl_gloo`` sender for ``workers`` engine workers (one per tensor-parallel rank of each engine)."""
+def gloo_trainer(
+    client, model, workers: int, host: str, timeout_s: float, is_sender: bool = True, shared_memory: bool = False
+):
+    """A ready ``thinkrl_gloo`` sender for ``workers`` engine workers (one per tensor-parallel rank of each engine);
+    ``shared_memory``: every worker runs on this machine, so the buffers go through a shared slot, not TCP."""
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
     from thinkrl.rollout.gloo_transfer import GlooTrainerInitInfo, register
 
     register()
     info = GlooTrainerInitInfo(
-        master_address=host, master_port=free_port(), world_size=1 + workers, timeout_s=timeout_s, rank=0
+        master_address=host,
+        master_port=free_port(),
+        world_size=1 + workers,
+        timeout_s=timeout_s,
+        rank=0,
+        shared_memory=shared_memory,
     )
     if not is_sender:
         info.rank = 1  # only rank 0 sends; the others gather in step
