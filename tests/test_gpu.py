@@ -205,3 +205,25 @@ def test_a_sleeping_colocated_engine_samples_with_the_learners_weights_after_it_
     gap = (hf_logps(cfg, roles, after, contexts).cpu() - after.sampler_logps.cpu()).abs().max()
     actor.close()
     assert float(gap) < 1e-3, float(gap)  # fp32 with CUDA graphs
+
+
+def test_a_server_for_a_gpu_recipe_uses_cuda_graphs_and_takes_weights_over_nccl(tmp_path, capsys):
+    """`thinkrl serve` on a CUDA machine: no --enforce-eager (CUDA graphs), chunked prefill, vLLM's NCCL weight
+    transfer; the trainer's rule picks the same backend. The NCCL transfer itself needs two GPUs (one per rank)."""
+    from thinkrl.cli import main
+    from thinkrl.rollout.vllm_server import transfer_backend
+
+    cfg = load_config(ROOT / "configs/default.yaml", [f"trainer.output_dir={tmp_path / 'run'}"])
+    assert transfer_backend(cfg.rollout) == "nccl"
+    main(
+        [
+            "serve",
+            "--config",
+            str(ROOT / "configs/default.yaml"),
+            f"trainer.output_dir={tmp_path / 'run'}",
+            "--dry-run",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert '"backend": "nccl"' in printed
+    assert "--enforce-eager" not in printed and "--no-enable-chunked-prefill" not in printed

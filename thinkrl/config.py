@@ -301,6 +301,11 @@ class RolloutConfig:
         "no files) | disk (save_pretrained + reload, the fallback)",
         "auto",
     )
+    vllm_transfer: str = described(
+        "vllm_mode=server: what carries the weights to the servers: auto (nccl where this machine has CUDA, as TRL's "
+        "server mode does; gloo without) | gloo (TCP, any machine) | nccl; thinkrl serve picks the same for a recipe",
+        "auto",
+    )
     vllm_sync_timeout_s: float = described(
         "vllm: a weight transfer that has not finished after this many seconds ends the run with one line", 300.0
     )
@@ -325,6 +330,7 @@ class RolloutConfig:
         check_choice("rollout.length_mode", self.length_mode, ("variable", "fixed"))
         check_choice("rollout.vllm_sync", self.vllm_sync, ("auto", "memory", "disk"))
         check_choice("rollout.vllm_mode", self.vllm_mode, ("colocate", "server"))
+        check_choice("rollout.vllm_transfer", self.vllm_transfer, ("auto", "gloo", "nccl"))
         self.vllm_enforce_eager = str(self.vllm_enforce_eager).lower()
         check_choice("rollout.vllm_enforce_eager", self.vllm_enforce_eager, ("auto", "true", "false"))
         check_positive("rollout.vllm_sync_timeout_s", self.vllm_sync_timeout_s)

@@ -27,10 +27,10 @@ OWNS = (output_folder.STAMP, "weights")
 
 
 def server_command(weights: Path, cfg, host: str, port: int, max_model_len: int, tensor_parallel: int) -> list[str]:
-    from thinkrl.rollout.vllm_server import SERVER_FLAGS
+    from thinkrl.rollout.vllm_server import server_flags
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights)]
-    cmd += ["--host", host, "--port", str(port), "--seed", str(cfg.trainer.seed), *SERVER_FLAGS]
+    cmd += ["--host", host, "--port", str(port), "--seed", str(cfg.trainer.seed), *server_flags(cfg.rollout)]
     cmd += ["--dtype", cfg.model.dtype]
     if cfg.rollout.vllm_block_size:
         cmd += ["--block-size", str(cfg.rollout.vllm_block_size)]
@@ -41,7 +41,7 @@ def server_command(weights: Path, cfg, host: str, port: int, max_model_len: int,
     if not torch.cuda.is_available():
         # the CPU build: no CUDA graphs; whole-prompt prefills, since per-request seeds cannot rewind a CPU generator
         cmd += ["--enforce-eager", "--no-enable-chunked-prefill"]
-    elif cfg.rollout.vllm_enforce_eager:
+    elif cfg.rollout.vllm_enforce_eager == "true":  # auto and false: CUDA graphs
         cmd += ["--enforce-eager"]
     return cmd
 

@@ -22,7 +22,8 @@ from thinkrl.run.rollout_pipeline import Draw, RolloutPipeline
 if os.environ.get("THINKRL_SKIP_VLLM") == "1":
     pytest.skip("THINKRL_SKIP_VLLM=1", allow_module_level=True)
 
-ASYNC = ["rollout.backend=vllm", "rollout.async_steps=1", "trainer.max_steps=12", "trainer.save_every=3"]
+ASYNC = ["rollout.backend=vllm", "rollout.async_steps=1", "trainer.max_steps=30", "trainer.save_every=5"]
+STEPS = 30
 
 
 def _metrics(run):
@@ -43,15 +44,17 @@ def straight(tmp_path_factory):
 @pytest.mark.slow
 def test_async_rollouts_are_one_update_stale_and_checkpoints_keep_those_in_flight(straight):
     steps = _steps(straight)
-    assert sorted(steps) == list(range(1, 13))
+    assert sorted(steps) == list(range(1, STEPS + 1))
     assert steps[1]["train/staleness"] == 0  # the first batch is sampled with the starting weights, then waited for
-    assert all(steps[s]["train/staleness"] == 1 for s in range(2, 13))  # later ones while the previous step trained
-    assert all(steps[s]["train/sampler_gap"] > 1e-4 for s in range(2, 13))  # the ratio sees the lag ...
+    assert all(
+        steps[s]["train/staleness"] == 1 for s in range(2, STEPS + 1)
+    )  # later ones while the previous step trained
+    assert all(steps[s]["train/sampler_gap"] > 1e-4 for s in range(2, STEPS + 1))  # the ratio sees the lag ...
     assert steps[1]["train/sampler_gap"] < 1e-5  # ... which is all of the gap
     kept = sorted(straight.glob("checkpoint-*"))
     assert kept and all((c / "in-flight/rank0.pt").is_file() for c in kept)
-    saved = torch.load(straight / "checkpoint-12/in-flight/rank0.pt", weights_only=True)
-    assert [(e["step"], e["version"]) for e in saved["entries"]] == [(12, 11)]
+    saved = torch.load(straight / f"checkpoint-{STEPS}/in-flight/rank0.pt", weights_only=True)
+    assert [(e["step"], e["version"]) for e in saved["entries"]] == [(STEPS, STEPS - 1)]
 
 
 @pytest.mark.slow
@@ -66,7 +69,7 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_run(straig
     )
     delay = random.Random(os.environ.get("PYTEST_XDIST_WORKER", "0")).uniform(0.0, 1.5)
     deadline = time.monotonic() + 300
-    while not (out / "checkpoint-3").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+    while not (out / "checkpoint-5").is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(delay)
     finished = (out / "summary.json").exists()
@@ -82,7 +85,10 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_run(straig
     final = json.loads((out / "summary.json").read_text())["final_eval"]
     assert final == json.loads((straight / "summary.json").read_text())["final_eval"]
     for name in ("model.safetensors", "model_1.safetensors"):
-        mine, theirs = load_file(out / "checkpoint-12" / name), load_file(straight / "checkpoint-12" / name)
+        mine, theirs = (
+            load_file(out / f"checkpoint-{STEPS}" / name),
+            load_file(straight / f"checkpoint-{STEPS}" / name),
+        )
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), name
 
 

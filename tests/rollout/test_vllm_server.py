@@ -94,8 +94,11 @@ class Recorded:
             setattr(self.actor, name, self._keep(getattr(self.actor, name)))
         sync = self.actor.sync_weights
 
+        self.shared_slot = []  # per sync: did the buffers go through a shared-memory slot
+
         def sync_and_probe():
             seconds = sync()
+            self.shared_slot.append(getattr(self.actor._sender, "slot", None) is not None)
             thoughts = probe_sample(PROBE, 4, position_seeds(2, torch.Generator().manual_seed(9)))
             gap = (hf_logps(trainer.cfg, trainer.roles, thoughts, PROBE) - thoughts.sampler_logps).abs().max()
             self.sync_gaps.append(float(gap))
@@ -160,7 +163,7 @@ def test_colocated_in_memory_sync_reaches_the_engine_after_every_update(colocate
     steps = [m for m in metrics if "train/sampler_gap" in m]
     assert [m["step"] for m in steps] == [1, 2, 3] and max(m["train/sampler_gap"] for m in steps) < 1e-5
     assert not any((rec.trainer.run_dir / "rank0/vllm-weights").glob("*.safetensors.tmp"))
-    assert rec.actor._sender.slot is not None  # the engine is on this machine: buffers went through shared memory
+    assert rec.shared_slot == [True] * len(rec.sync_gaps)  # the engine is on this machine: through shared memory
     assert not list(Path("/dev/shm").glob(f"thinkrl-weights-{os.getpid()}-*"))  # unlinked once both had mapped it
 
 
@@ -219,15 +222,18 @@ def test_a_url_nothing_answers_at_is_one_line_before_training(tmp_path):
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
-def test_a_server_with_a_smaller_vocabulary_is_refused_before_joining(servers, tmp_path):
+def test_a_server_of_another_vocabulary_is_refused_in_one_line_before_any_weight_moves(servers, tmp_path):
     from thinkrl.run.trainer import Trainer
 
     urls, _ = servers
     server = ["rollout.vllm_mode=server", f"rollout.vllm_urls=[{urls[0]}]", "data.synthetic.num_symbols=16"]
     cfg = load_config(RECIPE, [*RUN, f"trainer.output_dir={tmp_path}", *server])
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ThinkRLError) as info:
         Trainer(cfg)
-    assert "fewer than the learner's 34 token ids" in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert "(34, 64)" in message and "26 tokens" in message and "another model or vocabulary" in message
+    assert "\n" not in message
+    assert requests.get(urls[0] + "/is_paused", timeout=5).json()["is_paused"] is False  # and it still serves
 
 
 def test_a_server_killed_mid_run_stops_with_one_line_and_the_run_resumes_on_another(servers, tmp_path):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -58,6 +60,19 @@ def _broadcast(group, buffer: torch.Tensor) -> None:
 
 def _barrier(group) -> None:
     group.barrier(dist.BarrierOptions()).wait()
+
+
+def _wait_unless_failed(work, received, timeout_s: float) -> None:
+    """The learner's side of a collective with the workers: done, or the workers' ``update_weights`` call failed
+    (a worker that refused the update never joins, and the collective would wait out its whole timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while not work.is_completed():
+        if received.done():
+            received.result()  # raises the workers' error
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the engine's workers did not take the weights within {timeout_s:.0f} s")
+        time.sleep(0.002)
+    work.wait()
 
 
 SHM_DIR = "/dev/shm"
@@ -99,6 +114,7 @@ class GlooInitInfo(WeightTransferInitInfo):
     shm_path: str = ""  # the shared-memory slot of an engine on the learner's machine ("" = over the group)
     shm_bytes: int = 0
     shm_token: str = ""  # written at the slot's start by the learner: proves both sides map the same memory
+    embedding_shape: list[int] = field(default_factory=list)  # the learner's (vocab, width): checked before joining
 
 
 @dataclass
@@ -124,6 +140,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.group, self._store, self.slot = None, None, None
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        self._check_model(init_info.embedding_shape)
         parallel = self.parallel_config
         rank = init_info.rank_offset + parallel.data_parallel_index * parallel.world_size + parallel.rank
         if init_info.shm_path:  # mapped before joining: the learner unlinks the file once everyone has joined
@@ -142,9 +159,21 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
         finalize_layerwise_reload(self.model, self.model_config)
 
+    def _check_model(self, embedding_shape: list[int]) -> None:
+        """Refuse a learner of another vocabulary or width when it joins: a weight update that fails after
+        ``start_weight_update`` leaves vLLM's model half reloaded (meta tensors), and the engine dies on its next
+        request."""
+        vocab, hidden = self.model_config.get_vocab_size(), self.model_config.get_hidden_size()
+        if embedding_shape and tuple(embedding_shape) != (vocab, hidden):
+            raise ValueError(
+                f"the learner's embedding is {tuple(embedding_shape)} but this engine's model is {vocab} tokens x "
+                f"{hidden} wide: it serves another model or vocabulary"
+            )
+
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         if self.group is None:
             raise RuntimeError("gloo weight transfer is not initialised: call init_weight_transfer_engine first")
+        _barrier(self.group)  # ready: the learner starts sending only now
         start = 0
         for size in update_info.group_sizes:
             names = update_info.names[start : start + size]
@@ -166,6 +195,34 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def shutdown(self) -> None:
         self.group, self._store, self.slot = None, None, None
+
+
+def _host_group(join, init_info):
+    """Host the group (rank 0) while ``join()`` makes the workers join it. A worker that refuses to join (another
+    model) fails ``join`` at once, while hosting would wait out the whole timeout: so the hosting waits in a daemon
+    thread, abandoned when ``join`` fails."""
+    hosted: dict = {}
+
+    def host():
+        try:
+            hosted["group"] = _group(
+                init_info.master_address, init_info.master_port, 0, init_info.world_size, init_info.timeout_s
+            )
+        except BaseException as exc:  # re-raised below
+            hosted["error"] = exc
+
+    thread = threading.Thread(target=host, daemon=True, name="thinkrl-weights-host")
+    thread.start()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        joined = pool.submit(join)
+        while thread.is_alive():
+            thread.join(0.05)
+            if joined.done() and joined.exception() is not None:
+                raise joined.exception()
+        joined.result()
+    if "error" in hosted:
+        raise hosted["error"]
+    return hosted["group"]
 
 
 @dataclass
@@ -198,22 +255,23 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         worker_info = GlooInitInfo(
             init_info.master_address, init_info.master_port, init_info.world_size, 1, init_info.timeout_s
         )
+        worker_info.embedding_shape = engine._embedding_shape()
         shared = _shared_slot(engine._largest_group()) if init_info.shared_memory else None
         if shared is not None:
             engine.slot, worker_info.shm_path = shared
             worker_info.shm_bytes, worker_info.shm_token = engine.slot.numel(), uuid.uuid4().hex
             engine.slot[:32].copy_(torch.tensor(list(worker_info.shm_token.encode()), dtype=torch.uint8))
         try:
-            with ThreadPoolExecutor(max_workers=1) as pool:  # the workers join the group while we host it
-                joined = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
-                engine.group, engine._store = _group(
-                    init_info.master_address, init_info.master_port, 0, init_info.world_size, init_info.timeout_s
-                )
-                joined.result()
+            engine.group, engine._store = _host_group(
+                lambda: client.init_weight_transfer_engine(asdict(worker_info)), init_info
+            )
         finally:
             if shared is not None:
                 os.unlink(worker_info.shm_path)  # both sides hold the mapping; nothing is left if a run is killed
         return engine
+
+    def _embedding_shape(self) -> list[int]:
+        return next((list(m.shape) for m in self.source.metadata() if m.name.endswith("embed_tokens.weight")), [])
 
     def _largest_group(self) -> int:
         meta = {m.name: m for m in self.source.metadata()}
@@ -235,8 +293,11 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             sizes,
         )
         self.client.start_weight_update()
-        with ThreadPoolExecutor(max_workers=1) as pool:  # the workers receive while we broadcast
-            received = pool.submit(self.client.update_weights, asdict(info))
+        pool = ThreadPoolExecutor(max_workers=1)  # the workers receive while we send
+        received = pool.submit(self.client.update_weights, asdict(info))
+        wait = lambda work: _wait_unless_failed(work, received, self.timeout_s)  # noqa: E731
+        try:
+            wait(self.group.barrier(dist.BarrierOptions()))  # every worker accepted the names and shapes
             for _names, tensors in self.source.iter_groups():  # one layer gathered at a time
                 flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
                 if self.slot is not None:
@@ -244,13 +305,16 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                     for part in flat:
                         self.slot[offset : offset + part.numel()].copy_(part)
                         offset += part.numel()
-                    _barrier(self.group)  # written
-                    _barrier(self.group)  # copied out by every worker
+                    wait(self.group.barrier(dist.BarrierOptions()))  # written
+                    wait(self.group.barrier(dist.BarrierOptions()))  # copied out by every worker
                 else:
-                    _broadcast(self.group, torch.cat(flat) if len(flat) > 1 else flat[0].clone())
-                if received.done():  # a worker that failed would leave the transfer waiting for its timeout
-                    received.result()
+                    opts = dist.BroadcastOptions()
+                    opts.rootRank = 0
+                    buffer = torch.cat(flat) if len(flat) > 1 else flat[0].clone()
+                    wait(self.group.broadcast([buffer], opts))
             received.result()
+        finally:
+            pool.shutdown(wait=False)  # a failed transfer's call is abandoned, not waited for
         self.client.finish_weight_update(weight_version)
 
     def shutdown(self) -> None:

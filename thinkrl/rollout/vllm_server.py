@@ -16,9 +16,12 @@ Every wait is bounded (``rollout.vllm_sync_timeout_s``); a server that stops ans
 from __future__ import annotations
 
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
+
+import torch
 
 from thinkrl.errors import ConfigError
 from thinkrl.rollout.vllm_actor import Completion, VLLMEngineError, VLLMRolloutActor, greedy_fields, sampling_fields
@@ -31,12 +34,39 @@ SERVER_FLAGS = (
     "--skip-tokenizer-init",  # prompts are token ids
     "--logprobs-mode",
     "processed_logprobs",  # after temperature and the start-marker ban: the learner's policy
-    "--weight-transfer-config",
-    '{"backend": "thinkrl_gloo"}',
     "--enable-prefix-caching",
     "--enable-prompt-tokens-details",  # cached prompt tokens, for compute accounting
 )
+VLLM_BACKEND = {"gloo": "thinkrl_gloo", "nccl": "nccl"}  # rollout.vllm_transfer -> vLLM's weight-transfer backend
+
+
+def transfer_backend(cfg) -> str:
+    """``rollout.vllm_transfer`` on this machine: auto = nccl with CUDA (vLLM's own backend, GPU to GPU), else the
+    gloo backend of gloo_transfer.py. The server (``thinkrl serve``) and the trainer decide alike."""
+    if cfg.vllm_transfer != "auto":
+        return cfg.vllm_transfer
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def server_flags(cfg) -> list[str]:
+    """What a server must be started with for this recipe's training runs."""
+    import json
+
+    return [*SERVER_FLAGS, "--weight-transfer-config", json.dumps({"backend": VLLM_BACKEND[transfer_backend(cfg)]})]
+
+
 HOW_TO_START = "start one with `thinkrl serve --config RECIPE` (docs/rollouts.md)"
+
+
+def _detail(response) -> str:
+    """A refusal's reason: the workers' own error where vLLM wraps one, else the start of the body."""
+    text = response.text.strip().replace("\n", " ")
+    try:
+        text = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        pass
+    match = re.search(r"Worker failed with error '(.*?)'(, please| ?$)", text)
+    return (match.group(1) if match else text)[:300]
 
 
 def _token_id(token: str) -> int:
@@ -72,16 +102,15 @@ class ServerClient:
                 f"{HOW_TO_START.replace('start one', 'start it again')}, then rerun the same command to resume"
             ) from None
         if response.status_code >= 400:
-            detail = response.text.strip().replace("\n", " ")[:200]
             raise VLLMEngineError(
-                f"the vLLM server at {self.url} refused {what} (HTTP {response.status_code}: {detail})"
+                f"the vLLM server at {self.url} refused {what} (HTTP {response.status_code}: {_detail(response)})"
             )
         return response.json() if response.content else None
 
-    def check(self, max_model_len: int, vocab_size: int) -> int:
-        """Before any training: the server answers, has the RL routes, takes prompts this long and knows the
-        learner's last token id. Returns its number of workers (tensor × pipeline parallel ranks), each a member of
-        the weight-transfer group."""
+    def check(self, max_model_len: int) -> int:
+        """Before any training: the server answers, has the RL routes, and takes prompts this long. Returns its
+        number of workers (tensor × pipeline parallel ranks), each a member of the weight-transfer group. (A server
+        of another model or vocabulary is refused by its workers when the learner's weights are first pushed.)"""
         import requests
 
         try:
@@ -97,25 +126,13 @@ class ServerClient:
                 f"the vLLM server at {self.url} takes {served_len} tokens a sequence, needs {max_model_len}; "
                 "restart it with a larger --max-model-len (thinkrl serve sets it from the recipe)"
             )
-        self._check_vocabulary(vocab_size)
         response = self.session.get(self.url + "/get_world_size", timeout=10)
         if response.status_code == 404:
             raise ConfigError(
                 f"the vLLM server at {self.url} has no RL routes: start it with VLLM_SERVER_DEV_MODE=1 and "
-                f'--weight-transfer-config \'{{"backend": "thinkrl_gloo"}}\' ({HOW_TO_START})'
+                f"--weight-transfer-config (the flags of `thinkrl serve --dry-run`; {HOW_TO_START})"
             )
         return int(response.json()["world_size"])
-
-    def _check_vocabulary(self, vocab_size: int) -> None:
-        """One greedy token after the learner's last token id: a server with a smaller vocabulary refuses the prompt
-        (a larger one is refused when the learner's weights are pushed, their shapes differ)."""
-        body = {"model": self.model, "prompt": [vocab_size - 1], "max_tokens": 1, "temperature": 0.0}
-        response = self.session.post(self.url + "/v1/completions", json=body, timeout=self.timeout_s)
-        if response.status_code == 400 and "vocab" in response.text.lower():
-            raise ConfigError(
-                f"the vLLM server at {self.url} serves a model with fewer than the learner's {vocab_size} token ids "
-                f"(another model or tokenizer); {HOW_TO_START.replace('start one', 'start it for this recipe')}"
-            )
 
     def complete(self, body: dict) -> dict:
         return self._call("POST", "/v1/completions", "sampling", json={"model": self.model, **body})
@@ -202,18 +219,23 @@ class VLLMServerActor(VLLMRolloutActor):
             raise ConfigError(
                 "rollout.vllm_sync=disk needs rollout.vllm_mode=colocate: servers take weights in memory"
             )
+        if transfer_backend(cfg) == "nccl" and not torch.cuda.is_available():
+            raise ConfigError("rollout.vllm_transfer=nccl needs a GPU in the learner: use gloo (or auto) here")
         self.servers = [ServerClient(url, cfg.vllm_sync_timeout_s) for url in cfg.vllm_urls]
-        vocab = self.model.get_input_embeddings().num_embeddings
-        workers = [server.check(max_model_len, vocab) for server in self.servers]
+        workers = [server.check(max_model_len) for server in self.servers]
         self.sender = _is_sender()
         host = urlparse(self.servers[0].url).hostname or "127.0.0.1"
-        from thinkrl.rollout.weight_sync import gloo_trainer, local_address_towards
+        from thinkrl.rollout.weight_sync import gloo_trainer, local_address_towards, nccl_trainer
 
         self._client = ServersClient(self.servers, workers)
         start = time.perf_counter()
-        self._sender = gloo_trainer(
-            self._client, self.model, sum(workers), local_address_towards(host), cfg.vllm_sync_timeout_s, self.sender
-        )
+        address = local_address_towards(host)
+        if transfer_backend(cfg) == "nccl":
+            self._sender = nccl_trainer(self._client, self.model, sum(workers), address, self.sender)
+        else:
+            self._sender = gloo_trainer(
+                self._client, self.model, sum(workers), address, cfg.vllm_sync_timeout_s, self.sender
+            )
         self.version = 0
         self._llm = self.servers  # the engine is up: ``_engine`` does not start it again
         self._push()  # the servers now serve the learner's reasoner, whatever folder they loaded

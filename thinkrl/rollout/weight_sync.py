@@ -50,8 +50,8 @@ class ReasonerSource(WeightSource):
     """The reasoner's tensors as the engine's checkpoint loader names them. Groups are runs of one decoder layer
     (or the embedding / the head), in the model's own order: the sender holds one group in full at a time."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, device="cpu"):
+        self.model, self.device = model, device  # where the sender needs the tensors (gloo: host, NCCL: the GPU)
 
     def _named(self, base) -> Iterator[tuple[str, torch.Tensor]]:
         items = full_tensors(base) if is_sharded(base) else base.state_dict().items()
@@ -76,7 +76,7 @@ class ReasonerSource(WeightSource):
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         with merged(self.model) as base:
             for name, tensor in self._named(base):
-                yield name, tensor.detach().to("cpu")
+                yield name, tensor.detach().to(self.device)
 
 
 class EngineClient:
@@ -135,3 +135,46 @@ def gloo_trainer(
     if not is_sender:
         info.rank = 1  # only rank 0 sends; the others gather in step
     return WeightTransferTrainerFactory.trainer_init(info, client=client, source=ReasonerSource(model))
+
+
+class _Versioned:
+    """A weight-sync client whose ``finish_weight_update`` carries the version of the push under way: vLLM's NCCL
+    sender finishes without one."""
+
+    def __init__(self, client):
+        self.client, self.version = client, None
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.client.finish_weight_update(weight_version if weight_version is not None else self.version)
+
+
+class NcclSender:
+    """vLLM's own NCCL trainer engine (GPU to GPU, TRL's server-mode route) behind the gloo sender's interface."""
+
+    def __init__(self, engine, client: _Versioned):
+        self.engine, self.client = engine, client
+
+    def send_weights(self, weight_version: str | None = None) -> None:
+        self.client.version = weight_version
+        self.engine.send_weights()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def nccl_trainer(client, model, workers: int, host: str, is_sender: bool = True) -> NcclSender:
+    """A ready NCCL sender for ``workers`` served engine workers; the tensors go from the learner's GPU. Needs CUDA
+    on both sides (``rollout.vllm_transfer``); not run on the CPU machines this project is tested on."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+    info = NCCLTrainerInitInfo(
+        master_address=host, master_port=free_port(), world_size=1 + workers, rank=0 if is_sender else 1
+    )
+    versioned = _Versioned(client)
+    device = next(model.parameters()).device
+    engine = WeightTransferTrainerFactory.trainer_init(info, client=versioned, source=ReasonerSource(model, device))
+    return NcclSender(engine, versioned)

@@ -63,6 +63,7 @@ MAY_CHANGE_ON_RESUME = (
     # where and how the engine runs: a served engine samples the same thoughts as a colocated one from the same
     # weights and seeds (tests/rollout/test_vllm_server.py), and both sync paths deliver the same weights
     "rollout.vllm_mode",
+    "rollout.vllm_transfer",
     "rollout.vllm_urls",
     "rollout.vllm_sync",
     "rollout.vllm_sync_timeout_s",
@@ -70,8 +71,8 @@ MAY_CHANGE_ON_RESUME = (
     "rollout.vllm_sleep",
 )
 # Not listed, so refused: rollout.backend (hf and vLLM draw different thoughts from the same seeds, and vLLM samples
-# with stale weights between syncs), data.data_dir (another folder may hold other data), trainer.batch_positions,
-# trainer.seed and every recipe field.
+# with stale weights between syncs), rollout.async_steps (how stale every later step's rollouts are), data.data_dir
+# (another folder may hold other data), trainer.batch_positions, trainer.seed and every recipe field.
 
 STALE_OUTPUTS = ("metrics.jsonl", "summary.json", "results.md")
 
