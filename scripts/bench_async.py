@@ -82,7 +82,7 @@ def _port() -> int:
 
 
 def throughput(args) -> None:
-    import requests
+    from thinkrl.serve import is_ready
 
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -99,12 +99,7 @@ def throughput(args) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
-        while True:
-            try:
-                if requests.get(url + "/v1/models", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
+        while not is_ready(url):
             if server.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"the server did not start; see {work / 'server.log'}")
             time.sleep(1)

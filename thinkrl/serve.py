@@ -46,7 +46,8 @@ def server_command(weights: Path, cfg, host: str, port: int, max_model_len: int,
     return cmd
 
 
-def _ready(url: str) -> bool:
+def is_ready(url: str) -> bool:
+    """The vLLM server at ``url`` answers ``/v1/models`` (it has loaded its model)."""
     import requests
 
     try:
@@ -87,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
     proc = subprocess.Popen(cmd, env=env)
     try:
         deadline = time.monotonic() + args.start_timeout
-        while not _ready(url):
+        while not is_ready(url):
             if proc.poll() is not None:
                 raise ConfigError(f"the vLLM server exited ({proc.returncode}) before it was ready (see above)")
             if time.monotonic() > deadline:

@@ -110,7 +110,7 @@ def _pipeline(depth: int, versions: list, micro: int = 1) -> RolloutPipeline:
     def prepare(d, items):
         return items, None, lambda k: _thoughts(versions[-1] * 100 + items[0])
 
-    return RolloutPipeline(depth, micro, 3, draw, prepare, lambda d: [d.stream["index"]])
+    return RolloutPipeline(depth, micro, 3, draw, prepare, lambda d: [d.stream["index"]], dict)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -119,7 +119,7 @@ def test_the_pipeline_gives_each_step_the_next_batch_within_the_staleness_bound(
     pipe = _pipeline(depth, versions, micro=2)
     seen = []
     for step in range(8):
-        taken = pipe.take(step, step, dict)
+        taken = pipe.take(step)
         assert len(taken) == 2
         for s in taken:
             assert s.thoughts.staleness <= depth
@@ -132,8 +132,8 @@ def test_the_pipeline_gives_each_step_the_next_batch_within_the_staleness_bound(
     pipe.save(tmp_path, rank=0, world=1)
     restored = _pipeline(depth, [99])
     restored.load(tmp_path, 0, 1, "cpu")
-    pipe_next = pipe.take(8, 8, dict)
-    again = restored.take(8, 8, dict)
+    pipe_next = pipe.take(8)
+    again = restored.take(8)
     assert torch.equal(pipe_next[0].thoughts.thought_ids, again[0].thoughts.thought_ids)  # kept, not re-sampled
     pipe.close()
     restored.close()
@@ -142,11 +142,11 @@ def test_the_pipeline_gives_each_step_the_next_batch_within_the_staleness_bound(
 def test_a_checkpoint_of_another_process_count_samples_its_batches_again(tmp_path):
     versions = [0]
     pipe = _pipeline(1, versions)
-    pipe.take(0, 0, dict)
+    pipe.take(0)
     pipe.save(tmp_path, rank=0, world=2)  # as if written by the first of two processes
     restored = _pipeline(1, [7])
     restored.load(tmp_path, 0, 1, "cpu")
-    taken = restored.take(1, 1, dict)[0]
+    taken = restored.take(1)[0]
     assert taken.positions == [1]  # the same data ...
     assert int(taken.thoughts.thought_ids[0, 0, 0]) == 701 and taken.thoughts.staleness == 0  # ... sampled again
     pipe.close()

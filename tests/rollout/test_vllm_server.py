@@ -23,6 +23,7 @@ from learner_logps import hf_logps
 from thinkrl.config import load_config
 from thinkrl.errors import ConfigError, ThinkRLError
 from thinkrl.rollout.policy import position_seeds
+from thinkrl.serve import is_ready
 
 if os.environ.get("THINKRL_SKIP_VLLM") == "1":
     pytest.skip("THINKRL_SKIP_VLLM=1", allow_module_level=True)
@@ -62,12 +63,7 @@ def servers(tmp_path_factory):
         urls.append(f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 300
     for url, proc in zip(urls, procs):
-        while True:
-            try:
-                if requests.get(url + "/v1/models", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
+        while not is_ready(url):
             assert proc.poll() is None, (work / f"server{urls.index(url)}.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "servers not ready in 300 s"
             time.sleep(1)

@@ -116,7 +116,9 @@ def policy_loss(
     each token's term is weighted by min(pi_learner / pi_sampler, tis_cap), detached: the correction verl and
     prime-rl offer for a sampler that lags or computes differently (bf16, CUDA graphs)."""
     mask = action_mask.to(logps.dtype)
+    n_tok = mask.sum().clamp_min(1)
     gap = (logps.detach() - sampler_logps.detach()) * mask
+    r = torch.exp(gap)  # learner / sampler, whatever the loss uses
     reference = logps.detach() if tis_cap > 0 else sampler_logps.detach()
     ratio = torch.exp((logps - reference) * mask)
     adv = advantages.detach()[..., None]
@@ -128,22 +130,19 @@ def policy_loss(
         per_token = -unclipped
     tis_stats = {}
     if tis_cap > 0:
-        weight = torch.exp(gap).clamp(max=tis_cap)
+        weight = r.clamp(max=tis_cap)
         per_token = per_token * weight
-        n = mask.sum().clamp_min(1)
         tis_stats = {
-            "tis_weight": float((weight * mask).sum() / n),
-            "tis_truncated": float(((torch.exp(gap) > tis_cap) * mask).sum() / n),
+            "tis_weight": float((weight * mask).sum() / n_tok),
+            "tis_truncated": float(((r > tis_cap) * mask).sum() / n_tok),
         }
     loss = (per_token * mask).sum(-1).mean() if mask.numel() else logps.sum() * 0
-    n_tok = mask.sum().clamp_min(1)
-    r = torch.exp(gap)  # learner / sampler, whatever the loss uses
     ratio_mean = (r * mask).sum() / n_tok
     stats = {
         "ratio_mean": float(ratio_mean),
         # the sampler-learner gap: 0 (up to kernels) when the sampler holds the learner's weights; a sync that
         # changed nothing, bf16 or CUDA-graph kernels, or staleness show here first
-        "sampler_gap": float(((logps.detach() - sampler_logps).abs() * mask).sum() / n_tok),
+        "sampler_gap": float(gap.abs().sum() / n_tok),
         "ratio_std": float((((r - ratio_mean) ** 2 * mask).sum() / n_tok).sqrt()),
         "clip_frac": float((((r - 1).abs() > ratio_clip) * mask).sum() / n_tok) if ratio_clip > 0 else 0.0,
         **tis_stats,

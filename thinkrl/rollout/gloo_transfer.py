@@ -52,14 +52,15 @@ def _group(host: str, port: int, rank: int, world_size: int, timeout_s: float):
     return dist.ProcessGroupGloo(dist.PrefixStore("thinkrl-weights", store), rank, world_size, timeout), store
 
 
-def _broadcast(group, buffer: torch.Tensor) -> None:
+def _broadcast(group, buffer: torch.Tensor):
+    """Rank 0's ``buffer`` to every rank; returns the pending work."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    group.broadcast([buffer], opts).wait()
+    return group.broadcast([buffer], opts)
 
 
-def _barrier(group) -> None:
-    group.barrier(dist.BarrierOptions()).wait()
+def _barrier(group):
+    return group.barrier(dist.BarrierOptions())
 
 
 def _wait_unless_failed(work, received, timeout_s: float) -> None:
@@ -173,7 +174,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         if self.group is None:
             raise RuntimeError("gloo weight transfer is not initialised: call init_weight_transfer_engine first")
-        _barrier(self.group)  # ready: the learner starts sending only now
+        _barrier(self.group).wait()  # ready: the learner starts sending only now
         start = 0
         for size in update_info.group_sizes:
             names = update_info.names[start : start + size]
@@ -182,12 +183,12 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             start += size
             nbytes = [torch.Size(s).numel() * d.itemsize for s, d in zip(shapes, dtypes)]
             if self.slot is not None:
-                _barrier(self.group)  # the learner has written this group
+                _barrier(self.group).wait()  # the learner has written this group
                 buffer = self.slot[: sum(nbytes)].clone()  # the reload may keep references until a layer is whole
-                _barrier(self.group)  # the slot is free for the next group
+                _barrier(self.group).wait()  # the slot is free for the next group
             else:
                 buffer = torch.empty(sum(nbytes), dtype=torch.uint8)
-                _broadcast(self.group, buffer)
+                _broadcast(self.group, buffer).wait()
             tensors = [
                 part.view(d).view(s) for part, d, s in zip(torch.split(buffer, nbytes), dtypes, shapes, strict=True)
             ]
@@ -297,7 +298,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         received = pool.submit(self.client.update_weights, asdict(info))
         wait = lambda work: _wait_unless_failed(work, received, self.timeout_s)  # noqa: E731
         try:
-            wait(self.group.barrier(dist.BarrierOptions()))  # every worker accepted the names and shapes
+            wait(_barrier(self.group))  # every worker is in its receive call
             for _names, tensors in self.source.iter_groups():  # one layer gathered at a time
                 flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
                 if self.slot is not None:
@@ -305,13 +306,10 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                     for part in flat:
                         self.slot[offset : offset + part.numel()].copy_(part)
                         offset += part.numel()
-                    wait(self.group.barrier(dist.BarrierOptions()))  # written
-                    wait(self.group.barrier(dist.BarrierOptions()))  # copied out by every worker
+                    wait(_barrier(self.group))  # written
+                    wait(_barrier(self.group))  # copied out by every worker
                 else:
-                    opts = dist.BroadcastOptions()
-                    opts.rootRank = 0
-                    buffer = torch.cat(flat) if len(flat) > 1 else flat[0].clone()
-                    wait(self.group.broadcast([buffer], opts))
+                    wait(_broadcast(self.group, torch.cat(flat) if len(flat) > 1 else flat[0].clone()))
             received.result()
         finally:
             pool.shutdown(wait=False)  # a failed transfer's call is abandoned, not waited for

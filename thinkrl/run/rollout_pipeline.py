@@ -67,11 +67,12 @@ class RolloutPipeline:
 
     ``draw() -> (Draw, items)`` takes the next micro-batch's data from the live stream (main thread);
     ``redraw(Draw) -> items`` reads a saved draw's data again; ``prepare(Draw, items)`` makes this process's
-    (positions, scoring, sample(K) -> ThoughtBatch) of it. ``num_thoughts`` is K."""
+    (positions, scoring, sample(K) -> ThoughtBatch) of it; ``stats_of()`` reads the sampler's figures of the batch
+    it sampled last. ``num_thoughts`` is K."""
 
-    def __init__(self, depth: int, micro_batches: int, num_thoughts: int, draw, prepare, redraw):
+    def __init__(self, depth: int, micro_batches: int, num_thoughts: int, draw, prepare, redraw, stats_of):
         self.depth, self.micro_batches, self.k = depth, micro_batches, num_thoughts
-        self._draw, self._prepare, self._redraw = draw, prepare, redraw
+        self._draw, self._prepare, self._redraw, self._stats_of = draw, prepare, redraw, stats_of
         self._queue: list[_Entry] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thinkrl-rollouts")
         self._local = threading.local()  # the engine tokens of the batch this thread is sampling
@@ -90,7 +91,7 @@ class RolloutPipeline:
 
         return count
 
-    def _sample(self, entry: _Entry, stats_of) -> list[Sampled]:
+    def _sample(self, entry: _Entry) -> list[Sampled]:
         out = []
         for positions, scoring, sample in entry.prepared:
             self._local.tokens = []
@@ -99,25 +100,25 @@ class RolloutPipeline:
                 tokens = sum(self._local.tokens)
             finally:
                 self._local.tokens = None
-            out.append(Sampled(positions, scoring, thoughts, dict(stats_of()), tokens))
+            out.append(Sampled(positions, scoring, thoughts, dict(self._stats_of()), tokens))
         return out
 
-    def take(self, step: int, version: int, stats_of) -> list[Sampled]:
+    def take(self, step: int) -> list[Sampled]:
         """Step ``step``'s micro-batches. First the batches up to ``step + depth`` start sampling in the background
-        with the engine's current weights (``version``); a step with nothing drawn yet (a fresh start) samples here.
-        ``stats_of()`` reads the actor's figures of the batch it just sampled."""
+        with the engine's current weights: those of ``step`` updates, its version (weights are pushed after every
+        update); a step with nothing drawn yet (a fresh start) samples here."""
         if not self._queue:
-            entry = self._new_entry(step, version)
-            entry.sampled = self._sample(entry, stats_of)
+            entry = self._new_entry(step, step)
+            entry.sampled = self._sample(entry)
             self._queue.append(entry)
         while self._queue[-1].step < step + self.depth:
-            entry = self._new_entry(self._queue[-1].step + 1, version)
-            entry.future = self._pool.submit(self._sample, entry, stats_of)
+            entry = self._new_entry(self._queue[-1].step + 1, step)
+            entry.future = self._pool.submit(self._sample, entry)
             self._queue.append(entry)
         head = self._queue.pop(0)
         assert head.step == step, (head.step, step)  # the queue holds consecutive steps
         if head.sampled is None and head.future is None:  # restored without its thoughts (another process count)
-            head.version, head.sampled = version, self._sample(head, stats_of)
+            head.version, head.sampled = step, self._sample(head)
         sampled = head.future.result() if head.sampled is None else head.sampled
         for s in sampled:
             s.thoughts.staleness = step - head.version

@@ -142,6 +142,7 @@ class Trainer:
                 raise ConfigError(
                     f"trainer.batch_positions={tc.batch_positions} must be a multiple of the {world} processes"
                 )
+        self.batch_items = self.batch_windows if self.parallel else tc.batch_positions  # drawn per global batch
         null_ids = null_thought_ids(cfg.rollout.null_thought, tok)
         self.reasoner_prompt = reasoner_prompt(cfg.rollout.reasoner_template, tok)
         self.scorer = Scorer(self.roles, null_ids, cfg.data.interpreter_window, cfg.reward.source)
@@ -177,6 +178,7 @@ class Trainer:
                 self._draw,
                 self._prepare,
                 self._redraw,
+                lambda: self.actor.stats,
             )
             self.actor.on_engine_tokens = self.pipeline.engine_tokens(self.actor.on_engine_tokens)
         self.max_flops = flops_budget(tc.max_flops, tc.compute_match)
@@ -387,7 +389,7 @@ class Trainer:
         ``state.step`` updates, with which the batches it starts now are sampled."""
         with self._timed("rollout"):
             try:
-                taken = self.pipeline.take(self.state.step, self.state.step, lambda: self.actor.stats)
+                taken = self.pipeline.take(self.state.step)
             except NonFiniteLossError as exc:
                 self._non_finite(str(exc))
             for sampled in taken:  # the engine's tokens count when the learner uses them, as a synchronous run's
@@ -403,14 +405,14 @@ class Trainer:
         global batch, the same on every process (they share torch's RNG state), so a position's thoughts do not
         depend on the process count."""
         stream = dict(self.stream.state_dict())
-        items = self.stream.next_batch(self.batch_windows if self.parallel else self.cfg.trainer.batch_positions)
+        items = self.stream.next_batch(self.batch_items)
         return Draw(stream, position_seeds(sum(len(w.slots) for w in items) if self.parallel else len(items))), items
 
     def _redraw(self, draw: Draw) -> list:
         """The windows or positions of a saved draw, read again from the stream state it recorded."""
         stream = PositionStream(self.stream.pool, draw.stream["seed"])
         stream.load_state_dict(draw.stream)
-        return stream.next_batch(self.batch_windows if self.parallel else self.cfg.trainer.batch_positions)
+        return stream.next_batch(self.batch_items)
 
     def _prepare(self, draw: Draw, items: list):
         """This process's share of a drawn global batch: (positions, scoring, sample(K) → ThoughtBatch)."""
@@ -608,7 +610,7 @@ class Trainer:
                 trainable,
                 self.stream,
                 tc.lm_warmup_steps,
-                self.batch_windows if self.parallel else tc.batch_positions,
+                self.batch_items,
                 self.cfg.learner.lr,
                 self.roles.tokenizer.pad_token_id,
                 show_progress=self.is_main and tc.progress,
