@@ -5,6 +5,13 @@ Run from the repository root:
     .venv/bin/python scripts/bench_memory.py                      # SmolLM2-135M, CUDA if available, else CPU
     .venv/bin/python scripts/bench_memory.py --device cpu --threads 2 --json memory.json
     .venv/bin/python scripts/bench_memory.py --quick --json /tmp/quick.json   # tiny scratch model (the test)
+    .venv/bin/python scripts/bench_memory.py --recipe configs/quiet_star/tiny_shakespeare.yaml --threads 2
+
+``--recipe PATH [overrides]`` measures a recipe's own training step instead: the trainer is built (``Trainer``, its
+batches, sampler and optimizer; no warm-up, no evaluation) and ``Trainer.step()`` runs twice, each measured as below.
+Next to each step's measured peak growth it prints ``thinkrl plan``'s figure for that step (``run/memory_plan.py``,
+``device=cpu``, at the batch's own longest context and thought) and their ratio, and the FLOPs the step logged
+(``compute/flops``) next to the plan's, at the batch's lengths and at the recipe's maxima (a bound).
 
 Setting (the default): ``smollm2-135m-instruct`` as one shared model (base = reasoner = interpreter), the
 ``configs/smollm2/gsm8k_cpu.yaml`` recipe (gate head at 0.5, null thought in the baseline group, GSM8K
@@ -122,6 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write the settings and every row here")
     p.add_argument("--quick", action="store_true", help="tiny scratch model, K=4, thoughts of 8, 4 positions (test)")
+    p.add_argument("--recipe", default="", help="measure this recipe's own training step against thinkrl plan")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -144,6 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda but torch sees no CUDA device")
     if args.quick:
         args.k, args.thought_len, args.positions = 4, 8, 4
+    if args.recipe and not os.path.isfile(args.recipe):
+        p.error(f"--recipe {args.recipe} is not a file")
     return args
 
 
@@ -295,6 +305,95 @@ def run_job(job: Job) -> dict:
     }
 
 
+def run_recipe_job(recipe: str, overrides: tuple, threads: int, output_dir: str) -> dict:
+    """The recipe's trainer, two measured ``Trainer.step()`` calls, and the plan of each step's batch."""
+    import transformers
+
+    from thinkrl.config import load_config
+    from thinkrl.run.memory_plan import fmt_bytes, plan, resolve_archs
+    from thinkrl.run.trainer import Trainer
+
+    transformers.logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)
+    live_rss = _follow_live_memory()
+    quiet = ["trainer.report_to=none", "trainer.progress=false", f"trainer.output_dir={output_dir}/run"]
+    cfg = load_config(recipe, [*quiet, *overrides])
+    archs = resolve_archs(cfg)
+    trainer = Trainer(cfg)
+    steps = []
+    for _ in range(2):
+        box = {}
+
+        def step(box=box):
+            box["out"] = trainer.step()
+            return float(box["out"][0].get("train/loss", float("nan")))
+
+        figures = measure(step, torch.device("cpu"))
+        metrics, positions, thoughts, _ = box["out"]
+        context = max(len(p.context_ids) for p in positions)
+        longest = int(thoughts.lengths.max()) if thoughts is not None and thoughts.lengths.numel() else 0
+        at_batch = plan(cfg, archs, device="cpu", context=context, thought_len=longest, knobs=False)
+        figures.update(
+            context=context,
+            thought_len=longest,
+            logged_flops=metrics["compute/flops"],
+            plan_flops=at_batch.flops_step,
+            plan_phases={k: v / 2**20 for k, v in at_batch.phases.items()},
+        )
+        steps.append(figures)
+    bound = plan(cfg, archs, device="cpu", knobs=False)
+    steps[0]["plan_mb"] = (
+        plan(
+            cfg, archs, device="cpu", context=steps[0]["context"], thought_len=steps[0]["thought_len"], knobs=False
+        ).step1_growth
+        / 2**20
+    )
+    steps[1]["plan_mb"] = (
+        plan(
+            cfg, archs, device="cpu", context=steps[1]["context"], thought_len=steps[1]["thought_len"], knobs=False
+        ).step2_growth
+        / 2**20
+    )
+    trainer.close()
+    if live_rss:
+        for figures in steps:
+            figures["method"] += ", glibc mmap threshold 64 KiB"
+    return {
+        "recipe": recipe,
+        "overrides": list(overrides),
+        "step1": steps[0],
+        "step2": steps[1],
+        "bound_flops": bound.flops_step,
+        "bound_step1_mb": bound.step1_growth / 2**20,
+        "weights": fmt_bytes(bound.memory["weights"]),
+        "params_m": sum(g["params"] for k, g in bound.groups.items() if k != "head") / 1e6,
+    }
+
+
+def print_recipe_table(row: dict) -> None:
+    print()
+    print(
+        f"{'step':<6} {'measured MB':>12} {'plan MB':>9} {'plan/meas':>9} {'context':>8} {'thought':>8} "
+        f"{'logged FLOPs':>14} {'plan FLOPs':>12} {'seconds':>8}"
+    )
+    for name in ("step1", "step2"):
+        s = row[name]
+        ratio = s["plan_mb"] / s["peak_mb"] if s["peak_mb"] > 0 else float("nan")
+        print(
+            f"{name:<6} {s['peak_mb']:>12.1f} {s['plan_mb']:>9.1f} {ratio:>9.2f} {s['context']:>8} "
+            f"{s['thought_len']:>8} {s['logged_flops']:>14.4e} {s['plan_flops']:>12.4e} {s['seconds']:>8.2f}"
+        )
+    print(
+        f"\nplan at the recipe's maximum lengths: step-1 growth {row['bound_step1_mb']:.1f} MB, "
+        f"FLOPs {row['bound_flops']:.4e} (a bound for every step); {row['params_m']:.1f}M parameters"
+    )
+    print(
+        f"MB: peak memory of the step above what was held just before it ({row['step1']['method']}); plan: "
+        "thinkrl plan's growth for that step at the batch's longest context and thought (step1 with AdamW's state)."
+    )
+
+
 def run_fresh(pool_ctx, job: Job) -> dict:
     """``run_job`` in a fresh process (forked from the forkserver, which holds only the imported libraries)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=pool_ctx) as pool:
@@ -328,6 +427,8 @@ def print_table(rows: list[dict]) -> bool:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.recipe:
+        return main_recipe(args)
     device = args.device
     where = (
         torch.cuda.get_device_name(0)
@@ -398,6 +499,28 @@ def main(argv=None) -> None:
     if not ok:
         print("WARNING: the variants' losses differ; they did not do the same work", file=sys.stderr)
         sys.exit(1)
+
+
+def main_recipe(args) -> None:
+    print(
+        f"device    cpu ({os.cpu_count()} cores, threads {args.threads or torch.get_num_threads()})  "
+        f"torch {torch.__version__}  transformers {version('transformers')}"
+    )
+    print(f"recipe    {args.recipe} {' '.join(args.overrides)}")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", *HEAVY_MODULES, "thinkrl.run.trainer"])
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            row = pool.submit(run_recipe_job, args.recipe, tuple(args.overrides), args.threads, tmp).result()
+    print_recipe_table(row)
+    print(f"total wall time {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"written_by": "bench_memory", "settings": vars(args), "device": "cpu", "recipe": row}, f, indent=1
+            )
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

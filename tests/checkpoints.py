@@ -61,10 +61,11 @@ def trained_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return _sharded(ckpt) if is_sharded_checkpoint(ckpt) else _unsharded(ckpt)
 
 
-def assert_same_state(got: Path, want: Path, exact: bool = False) -> None:
+def assert_same_state(got: Path, want: Path, exact: bool = False, outliers: float = 1e-4) -> None:
     """``got``'s weights, moments and learning rates equal ``want``'s: bitwise when ``exact``, else within the float
     noise of another reduction order. Adam's normalisation turns a ~1e-7 gradient difference into up to lr where a
-    gradient is ~0, so a handful of elements may differ by a fraction of lr; every mean stays at noise level."""
+    gradient is ~0, so a handful of elements (at most the share ``outliers``) may differ by a fraction of lr; every
+    mean stays at noise level."""
     a, b = trained_state(got), trained_state(want)
     assert a.keys() == b.keys()
     assert torch.equal(a["lr"], b["lr"]), f"learning rates {a['lr'].tolist()} != {b['lr'].tolist()}"
@@ -79,5 +80,5 @@ def assert_same_state(got: Path, want: Path, exact: bool = False) -> None:
         scale = torch.cat([b[k].float().abs().flatten() for k in keys]).mean()
         assert float(diffs.mean()) <= 1e-5 * float(scale) + 1e-12, f"{kind}: mean |diff| {float(diffs.mean()):.3g}"
         if kind == "weight":
-            assert float((diffs > 1e-5).float().mean()) < 1e-4, kind
+            assert float((diffs > 1e-5).float().mean()) < outliers, kind
             assert float(diffs.max()) <= 1e-3, kind

@@ -44,16 +44,49 @@ def two_processes() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *port]
 
 
-def train(launcher: list[str], out: Path, *extra: str, gpu: bool = False) -> subprocess.CompletedProcess:
-    """``thinkrl train`` on COMMON + extra; on the CPU unless ``gpu`` (then on whatever GPU there is)."""
+def _env(gpu: bool = False) -> dict[str, str]:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     if not gpu:
         # Hide any GPU: accelerate's wait_for_everyone() calls barrier(device_ids=[local_rank]), and on a CUDA
         # machine torch then runs even the gloo barrier on cuda:<rank> ("invalid device ordinal" for rank 1).
         env.update(ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def train(launcher: list[str], out: Path, *extra: str, gpu: bool = False) -> subprocess.CompletedProcess:
+    """``thinkrl train`` on COMMON + extra; on the CPU unless ``gpu`` (then on whatever GPU there is)."""
     cmd = [*launcher, "-m", "thinkrl", "train", *COMMON, f"trainer.output_dir={out}", *extra]
     with one_launch_at_a_time(launcher is not ONE):
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run(cmd, cwd=ROOT, env=_env(gpu), capture_output=True, text=True, timeout=600)
+
+
+def run_script(launcher: list[str], script: Path, *args: str) -> subprocess.CompletedProcess:
+    """A Python file (not thinkrl train) under ``launcher``, on the CPU."""
+    with one_launch_at_a_time(launcher is not ONE):
+        return subprocess.run([*launcher, str(script), *args], cwd=ROOT, env=_env(), capture_output=True, text=True)
+
+
+def train_on_machines(machines: int, per_machine: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``thinkrl train`` as ``machines`` machines of ``per_machine`` processes on localhost: one ``accelerate launch
+    --num_machines M --machine_rank r --main_process_ip 127.0.0.1`` per machine, all at once, as on a cluster.
+    Returns the machines' outcome as one process: the worst exit code, every launch's stderr."""
+    port = free_port()
+    config = str(ROOT / "configs/accelerate/cpu-2proc.yaml")
+    cmd = [*COMMON, f"trainer.output_dir={out}", *extra]
+    with one_launch_at_a_time(True):
+        launches = [
+            subprocess.Popen(
+                [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+                 "--num_machines", str(machines), "--num_processes", str(machines * per_machine),
+                 "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                 "-m", "thinkrl", "train", *cmd],
+                cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for rank in range(machines)
+        ]  # fmt: skip
+        outputs = [p.communicate(timeout=600) for p in launches]
+    code = max(abs(p.returncode) for p in launches)
+    return subprocess.CompletedProcess(launches[0].args, code, outputs[0][0], "\n".join(e for _, e in outputs))
 
 
 @contextmanager

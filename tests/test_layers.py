@@ -18,6 +18,7 @@ LAYER = {
     "coconut": 8,
     "export": 8,
     "serve": 8,
+    "plan": 8,
     "cli": 7,
     "run": 6,
     "rl": 5,

@@ -100,6 +100,7 @@ COMMANDS = [
     _lazy("thinkrl.export"),
     _lazy("thinkrl.serve"),
     _lazy("thinkrl.study.sweep"),
+    _lazy("thinkrl.plan"),
 ]
 
 

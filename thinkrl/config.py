@@ -122,6 +122,11 @@ class ModelConfig:
     )
     dtype: str = described("float32 | bfloat16 | float16 (bf16 is slower than fp32 on CPU)", "float32")
     attn_implementation: str = described("sdpa | eager", "sdpa")
+    sharded_loading: str = described(
+        "sharded runs: meta (each model is built without weights and every process reads only its shards from the "
+        "safetensors files, models/meta_loading.py) | full (every process loads whole models, then shards them)",
+        "meta",
+    )
 
     def __post_init__(self):
         if len(self.weight_groups) != len(ROLES):
@@ -133,6 +138,7 @@ class ModelConfig:
             check_choice("model.freeze entry", role, FREEZABLE)
         check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         check_choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        check_choice("model.sharded_loading", self.sharded_loading, ("meta", "full"))
         unknown = set(self.groups) - set(self.weight_groups)
         if unknown:
             raise ConfigError(
@@ -527,14 +533,21 @@ class TrainerConfig:
     progress: bool = described("show a progress bar", True)
     sharding: str = described(
         "none (each process holds whole models; gradients averaged) | fsdp2 (PyTorch FSDP2: every decoder layer, "
-        "each model and the mixing head sharded across the processes; sharded checkpoints). An accelerate launch "
-        "with the FSDP plugin (fsdp_version: 2) selects fsdp2 too",
+        "each model and the mixing head sharded across the processes; sharded checkpoints) | hsdp (FSDP2 on a 2-D "
+        "mesh: sharded within a machine, replicated across machines). An accelerate launch with the FSDP plugin "
+        "(fsdp_version: 2) selects fsdp2 too",
         "none",
+    )
+    grad_bucket_mb: float = described(
+        "unsharded multi-process runs: gradients are averaged in flat buckets of this many MB, all-reduced "
+        "asynchronously while backward runs (as in DDP; distributed/grad_buckets.py); 0 = one blocking all-reduce per "
+        "parameter, kept only as the baseline of scripts/bench_grad_buckets.py",
+        25.0,
     )
 
     def __post_init__(self):
         check_choice("trainer.report_to", self.report_to, ("wandb", "tensorboard", "none"))
-        check_choice("trainer.sharding", self.sharding, ("none", "fsdp2"))
+        check_choice("trainer.sharding", self.sharding, ("none", "fsdp2", "hsdp"))
         check_positive("trainer.max_steps", self.max_steps, allow_zero=True)
         check_positive("trainer.batch_positions", self.batch_positions)
         check_positive("trainer.log_every", self.log_every)
@@ -542,6 +555,7 @@ class TrainerConfig:
             check_positive(f"trainer.{name}", getattr(self, name), allow_zero=True)
         check_positive("trainer.keep_checkpoints", self.keep_checkpoints)
         check_positive("trainer.max_flops", self.max_flops, allow_zero=True)
+        check_positive("trainer.grad_bucket_mb", self.grad_bucket_mb, allow_zero=True)
         if self.max_flops and self.compute_match:
             raise ConfigError("set trainer.max_flops or trainer.compute_match (which reads the budget), not both")
 

@@ -14,11 +14,13 @@ different numbers of decoding steps (a batch stops when its thoughts have ended)
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
@@ -42,12 +44,32 @@ def uses_fsdp2(accelerator, setting: str) -> bool:
         version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
         if version != 2:
             raise ConfigError(f"the accelerate config asks for FSDP version {version}; set fsdp_version: 2")
-    elif setting != "fsdp2":
+    elif setting not in ("fsdp2", "hsdp"):
         return False
     if not dist.is_initialized():
         backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
+
+
+def hsdp_mesh(setting: str, device_type: str) -> DeviceMesh | None:
+    """``trainer.sharding=hsdp``: a 2-D mesh (machines × processes per machine) on which FSDP2 shards within a
+    machine and replicates across machines (gradients reduce-scattered inside a machine, then all-reduced between
+    the replicas); None for fsdp2 (one 1-D mesh over every process, FSDP2's default)."""
+    if setting != "hsdp":
+        return None
+    world = dist.get_world_size()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % local:
+        raise ConfigError(
+            f"trainer.sharding=hsdp needs the same process count on every machine ({world} over {local})"
+        )
+    return init_device_mesh(device_type, (world // local, local), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_group(mesh: DeviceMesh | None):
+    """The processes that together hold each parameter once: a machine under hsdp, everyone under fsdp2."""
+    return mesh["shard"].get_group() if mesh is not None else None
 
 
 def vllm_memory_need(param_count: int, world: int, compute_bytes: int) -> int:
@@ -95,21 +117,31 @@ def mixed_precision(name: str) -> MixedPrecisionPolicy:
     raise ConfigError(f"trainer.sharding=fsdp2 supports mixed_precision bf16 or no, not {name}; launch with bf16")
 
 
-def shard_model(model: nn.Module, policy: MixedPrecisionPolicy) -> None:
+def shard_model(model: nn.Module, policy: MixedPrecisionPolicy, mesh: DeviceMesh | None = None) -> None:
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=False)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     model.set_reshard_after_backward(False)  # recurses: reshard_all does it once the whole backward is done
 
 
-def shard_roles(roles, device: torch.device, policy: MixedPrecisionPolicy) -> None:
-    """Shard every weight group's model and the mixing head in place (build the optimizer afterwards)."""
-    for model in roles.models.values():
+def shard_roles(roles, device: torch.device, policy: MixedPrecisionPolicy, fill=None, mesh=None) -> None:
+    """Shard every weight group's model and the mixing head in place (build the optimizer afterwards); ``mesh``:
+    see ``hsdp_mesh``.
+
+    A model built on the meta device (``models/meta_loading``) is sharded there, given empty local shards, and
+    then ``fill(group, model, buffers)`` writes them; ``buffers`` are its buffers from before ``to_empty``."""
+    for group, model in roles.models.items():
+        if any(p.is_meta for p in model.parameters()):
+            buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+            shard_model(model, policy, mesh)
+            model.to_empty(device=device)
+            fill(group, model, buffers)
+            continue
         model.to(device)
-        shard_model(model, policy)
+        shard_model(model, policy, mesh)
     roles.head.to(device)
     if any(True for _ in roles.head.parameters()):
-        fully_shard(roles.head, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(roles.head, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
         roles.head.set_reshard_after_backward(False)
 
 
@@ -160,8 +192,9 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
     return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
-def group_grad_norms(param_groups: list[dict]) -> dict[str, float]:
-    """L2 norm of each optimizer group's gradients across all shards (one all-reduce; every process gets them)."""
+def group_grad_norms(param_groups: list[dict], group=None) -> dict[str, float]:
+    """L2 norm of each optimizer group's gradients across all shards (one all-reduce over ``group``, the processes
+    holding each parameter once: ``shard_group``; every process gets them)."""
     squares = torch.stack(
         [
             sum(
@@ -172,7 +205,7 @@ def group_grad_norms(param_groups: list[dict]) -> dict[str, float]:
         ]
     )
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(squares)
+        dist.all_reduce(squares, group=group)
     return {g["name"]: float(s.sqrt()) for g, s in zip(param_groups, squares)}
 
 

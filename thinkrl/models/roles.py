@@ -111,10 +111,16 @@ def _untie(model: PreTrainedModel) -> None:
     model.config.tie_word_embeddings = False
 
 
-def build_model(spec: ModelSpec, tokenizer, cfg: Config) -> PreTrainedModel:
+def build_model(spec: ModelSpec, tokenizer, cfg: Config, meta: bool = False) -> PreTrainedModel:
+    """``meta``: a pretrained model comes without weights (the meta device), to be sharded and then filled from
+    its files (``models/meta_loading``, which also makes the thought-marker rows); scratch models are built whole."""
     dtype = DTYPES[cfg.model.dtype]
     if spec.path == "scratch":
         model = scratch_model(spec, tokenizer, dtype, cfg.model.attn_implementation)
+    elif meta:
+        from thinkrl.models.meta_loading import meta_model
+
+        model = meta_model(spec.path, tokenizer, dtype, cfg.model.attn_implementation)
     else:
         model = from_pretrained_or_error(
             AutoModelForCausalLM, spec.path, "model", dtype=dtype, attn_implementation=cfg.model.attn_implementation
@@ -123,7 +129,8 @@ def build_model(spec: ModelSpec, tokenizer, cfg: Config) -> PreTrainedModel:
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         _untie(model)
-    _init_thought_embeddings(model, tokenizer, cfg.model.thought_init_token)
+    if not is_meta(model):
+        _init_thought_embeddings(model, tokenizer, cfg.model.thought_init_token)
     if spec.lora.r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -177,11 +184,16 @@ def hidden_size(model: PreTrainedModel) -> int:
     return model.config.get_text_config().hidden_size
 
 
-def build_roles(cfg: Config, tokenizer=None) -> RoleModels:
-    """Build every weight group's model, the mixing head, and apply freezing."""
+def is_meta(model: nn.Module) -> bool:
+    """Built without weights (``build_model(meta=True)``): to be filled after sharding."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def build_roles(cfg: Config, tokenizer=None, meta: bool = False) -> RoleModels:
+    """Build every weight group's model, the mixing head, and apply freezing (``meta``: see build_model)."""
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
     groups = dict.fromkeys(cfg.model.weight_groups)  # ordered, unique
-    models = {g: build_model(cfg.model.spec(g), tokenizer, cfg) for g in groups}
+    models = {g: build_model(cfg.model.spec(g), tokenizer, cfg, meta) for g in groups}
     role_group = dict(zip(ROLES, cfg.model.weight_groups))
     if len({len(tokenizer)} | {m.get_input_embeddings().weight.shape[0] for m in models.values()}) > 1:
         raise ModelLoadError(

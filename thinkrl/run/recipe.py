@@ -52,6 +52,8 @@ MAY_CHANGE_ON_RESUME = (
     # every position has its own sampling seed whatever the sampling batch
     "trainer.num_threads",
     "trainer.sharding",
+    "model.sharded_loading",  # a resumed run loads its weights from the checkpoint anyway
+    "trainer.grad_bucket_mb",
     "rollout.batch_positions",
     # memory knobs that compute the same values; the vLLM engine's size and cache blocks, not its samples
     "model.default.gradient_checkpointing",

@@ -32,18 +32,22 @@ from thinkrl.data.positions import PositionStream
 from thinkrl.data.sources import build_pools
 from thinkrl.data.windows import WindowPool, positions_of, window_batch
 from thinkrl.distributed.checkpoint import is_sharded_checkpoint, load_sharded, load_unsharded_into, save_sharded
+from thinkrl.distributed.grad_buckets import GradBucketReducer
 from thinkrl.distributed.sharding import (
     check_vllm_fits,
     clip_gradients,
     gathered,
     group_grad_norms,
+    hsdp_mesh,
     mixed_precision,
     reshard_all,
+    shard_group,
     shard_roles,
     shard_sizes,
     uses_fsdp2,
 )
 from thinkrl.errors import ConfigError, NonFiniteLossError
+from thinkrl.models.meta_loading import fill_sharded
 from thinkrl.models.parallel_attention import check_supported
 from thinkrl.models.roles import build_roles, set_threads
 from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
@@ -71,6 +75,7 @@ from thinkrl.run.state import (
 from thinkrl.run.warmup import lm_warmup
 
 logger = logging.getLogger(__name__)
+POST_BUILD_SEED_OFFSET = 1_000_003  # the RNG stream after the models are built (sampling seeds) is its own
 
 
 class TrainerState:
@@ -91,6 +96,11 @@ class TrainerState:
 
 
 class Trainer:
+    # Unsharded data parallelism (_average_gradients): the bucketed reducer of the parameter list being trained, and
+    # the all-reduces it issued this step (train/grad_collectives).
+    _reducer: GradBucketReducer | None = None
+    _grad_collectives: int = 0
+
     def __init__(self, cfg: Config, overwrite: bool = False):
         """``overwrite``: train in a folder holding files thinkrl did not write, replacing only a run's own files
         (``thinkrl.output_folder``); without it such a folder is refused."""
@@ -102,6 +112,7 @@ class Trainer:
         self.run_dir = Path(tc.output_dir)
         self.accelerator = make_accelerator(tc, self.run_dir)
         self.sharded = uses_fsdp2(self.accelerator, tc.sharding)
+        self.mesh = None  # trainer.sharding=hsdp: machines × processes (sharding.hsdp_mesh)
         set_seed(tc.seed)
         self.is_main = self.accelerator.is_main_process
         if self.is_main:
@@ -111,16 +122,23 @@ class Trainer:
             (self.run_dir / "rollouts").mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
 
-        self.roles = build_roles(cfg)
+        # sharded: pretrained models come without weights and each process reads only its shards (meta_loading)
+        self.roles = build_roles(cfg, meta=self.sharded and cfg.model.sharded_loading == "meta")
         self.parallel = cfg.parallel_passes()
         if self.parallel:  # fail before any data is read
             for model in self.roles.models.values():
                 check_supported(model)
         if self.sharded:  # before the optimizer: it must hold the sharded parameters
-            shard_roles(self.roles, self.accelerator.device, mixed_precision(self.accelerator.mixed_precision))
+            policy = mixed_precision(self.accelerator.mixed_precision)
+            self.mesh = hsdp_mesh(tc.sharding, self.accelerator.device.type)
+            fill = partial(fill_sharded, cfg, self.roles.tokenizer)
+            shard_roles(self.roles, self.accelerator.device, policy, fill, self.mesh)
             rank_dir = self.run_dir / f"rank{self.accelerator.process_index}"
             rank_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(rank_dir / "shards.json", json.dumps(shard_sizes(self.roles), indent=2))
+        # What is sampled must not depend on how the models were built: a whole load draws new vocabulary rows and
+        # LoRA matrices from the global RNG, a sharded (meta) load from generators of its own.
+        set_seed(tc.seed + POST_BUILD_SEED_OFFSET)
         tok = self.roles.tokenizer
         self.train_pool, self.eval_pool = build_pools(cfg.data, tok, tc.seed)
         # Every process walks the same stream and takes its slice of each global batch (see _next_batch), so a run
@@ -299,7 +317,8 @@ class Trainer:
                     out = compute_loss(cfg, scoring, thoughts, logp_ema)
                 if not torch.isfinite(out.loss):
                     self._non_finite(f"loss is {float(out.loss)}")
-                with self._timed("backward"):
+                # the last backward before an optimizer step also starts the gradient all-reduces
+                with self._backward(_update < lc.updates_per_rollout - 1 or micro == lc.grad_accum_steps - 1):
                     self.accelerator.backward(out.loss / lc.grad_accum_steps)
                 if _update < lc.updates_per_rollout - 1:  # further updates on these rollouts make them stale
                     self._optimizer_step()
@@ -322,6 +341,7 @@ class Trainer:
             **{f"train/{k_}": v for k_, v in stats_sum.items()},
             "train/grad_norm": grad_norm,
             **self.group_norms,
+            **self._collective_metrics(),
             "train/null_rate": float((out.null_rewards.max(dim=1).values <= 0).float().mean()) if k else 1.0,
             "train/thought_len": mean_or_nan(thoughts.lengths),
             "train/unfinished_rate": mean_or_nan((~thoughts.finished).float()),
@@ -339,13 +359,13 @@ class Trainer:
         thought run takes, the target tokens' NLL under the base/interpreter models, no thought."""
         lc = self.cfg.learner
         stats_sum: dict[str, float] = {}
-        for _ in range(lc.grad_accum_steps):
+        for micro in range(lc.grad_accum_steps):
             positions, scoring, _ = self._next_batch()
             with self._timed("score_and_loss"):
                 loss, stats = lm_loss(self.lm_models, self._target_logps(positions, scoring))
             if not torch.isfinite(loss):
                 self._non_finite(f"loss is {float(loss)}")
-            with self._timed("backward"):
+            with self._backward(micro == lc.grad_accum_steps - 1):
                 self.accelerator.backward(loss / lc.grad_accum_steps)
             for key, value in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
@@ -355,6 +375,7 @@ class Trainer:
             **{f"train/{k}": v for k, v in stats_sum.items()},
             "train/grad_norm": grad_norm,
             **self.group_norms,
+            **self._collective_metrics(),
             "train/lr": self.scheduler.get_last_lr()[0],
         }
         self._mean_over_processes(metrics)
@@ -441,7 +462,7 @@ class Trainer:
         """Average, clip and apply the gradients; records each parameter group's norm in ``self.group_norms``."""
         with self._timed("optimizer"):
             max_norm = self.cfg.learner.max_grad_norm
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            params = self._trainable()
             self._before_step(params)
             if self.sharded:
                 norm = self._clip_sharded(params, max_norm)
@@ -457,7 +478,7 @@ class Trainer:
         return norm
 
     def _clip_sharded(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
-        norms = group_grad_norms(self.optimizer.param_groups)
+        norms = group_grad_norms(self.optimizer.param_groups, shard_group(self.mesh))
         self.group_norms = {f"train/grad_norm/{name}": value for name, value in norms.items()}
         total = math.sqrt(sum(v * v for v in norms.values()))
         if max_norm > 0 and math.isfinite(total):
@@ -486,15 +507,55 @@ class Trainer:
         else:
             self._average_gradients(params)
 
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @contextmanager
+    def _backward(self, final: bool):
+        """Times a backward; ``final``: an optimizer step follows it. With bucketed averaging (``grad_buckets``) the
+        final backward all-reduces gradient buckets as they fill, earlier ones (accumulation) only accumulate."""
+        reducer = self._reducer_for(self._trainable())
+        with self._timed("backward"), reducer.no_sync() if reducer is not None and not final else nullcontext():
+            yield
+
+    def _reducer_for(self, params: list[torch.nn.Parameter]) -> GradBucketReducer | None:
+        """The bucketed reducer over ``params`` (None: one process, fsdp2, or ``trainer.grad_bucket_mb=0``), built
+        at first use and again when the list or the bucket size changes (the LM warm-up trains the models without
+        the head; the benchmark switches sizes between steps). A reducer built after a backward hooked nothing in
+        it; its ``finish`` then reduces every bucket."""
+        mb = self.cfg.trainer.grad_bucket_mb
+        wanted = not self.sharded and self.accelerator.num_processes > 1 and mb > 0
+        current = self._reducer
+        if current is not None and not (wanted and current.bucket_mb == mb and current.covers(params)):
+            current.remove()  # its hooks would keep launching buckets
+            self._reducer = None
+        if wanted and self._reducer is None:
+            self._reducer = GradBucketReducer(params, mb)
+        return self._reducer
+
     def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Data-parallel gradient mean across processes (a no-op with one). Models are used unwrapped, since the
-        scorer needs their hidden states and LM heads, so the all-reduce DDP would do happens here."""
+        scorer needs their hidden states and LM heads, so the all-reduce DDP would do happens here: in buckets
+        reduced while backward runs (``grad_buckets``), or with ``trainer.grad_bucket_mb=0`` one blocking all-reduce
+        per parameter (the benchmark's baseline)."""
         if self.accelerator.num_processes == 1:
+            return
+        reducer = self._reducer_for(params)
+        if reducer is not None:
+            self._grad_collectives += reducer.finish()
             return
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        self._grad_collectives += len(params)
+
+    def _collective_metrics(self) -> dict:
+        """``train/grad_collectives``: the all-reduces this process issued this step to average gradients (unsharded
+        multi-process runs: one per bucket, or one per parameter with ``trainer.grad_bucket_mb=0``)."""
+        if self.sharded or self.accelerator.num_processes == 1:
+            return {}
+        return {"train/grad_collectives": self._grad_collectives}
 
     def _non_finite(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -536,7 +597,7 @@ class Trainer:
         )
         saved_step = None
         while self.state.step < tc.max_steps and not self._budget_spent():
-            self.timings = {}
+            self.timings, self._grad_collectives = {}, 0
             flops_before = self.state.compute.get("flops_total", 0)
             started = time.perf_counter()
             metrics, positions, thoughts, out = self.step()
@@ -593,6 +654,9 @@ class Trainer:
                     "compute": compute,
                 },
             )
+        # Every process reaches here before any tears its process group down (end_training destroys it): a rank
+        # that exits while another's collective is in flight can abort in gloo's teardown.
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return {"initial_eval": self.state.initial_eval, "final_eval": final}
 
