@@ -5,17 +5,26 @@ state) and ``sharded/``: every process writes its own shards of the models, the 
 keyed by parameter name (``A.model.layers.0...``, ``head....``). DCP reshards on load, so a checkpoint resumes
 under any process count, sharded or not. Unsharded runs keep accelerate's files (``model*.safetensors``,
 ``optimizer.bin``); a sharded run can resume from those too (``load_unsharded_into``).
+
+Offline, in one process (``thinkrl eval``, ``thinkrl export``), ``ShardedTensors`` reads a checkpoint one tensor at
+a time: DCP's metadata gives every tensor's name, shape and dtype, and each read is a ``dcp.load`` of that one key
+(DCP assembles it from the shards of every process that wrote it). ``fill_from_sharded`` fills models built on the
+meta device that way, so the host never holds a whole model beside the checkpoint.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -98,3 +107,114 @@ def load_unsharded_into(path: Path, roles, optimizer) -> None:
         set_optimizer_state_dict(container(roles), optimizer, {"state": state, "param_groups": groups}, options=full)
     except (RuntimeError, KeyError, ValueError, IndexError) as exc:
         raise _mismatch(path, exc) from None
+
+
+class _Reader(FileSystemReader):
+    """DCP's file reader with the metadata read once (each ``dcp.load`` asks for it again)."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self._metadata = super().read_metadata()
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        return self._metadata
+
+
+class ShardedTensors:
+    """The model tensors of a checkpoint's ``sharded/`` folder, read one at a time in one process (no process
+    group): names as in the container (``A.model.layers.0...``, ``head....``), without the optimizer's."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._reader = _Reader(self.path / SHARDED_DIR)
+        entries = self._reader.read_metadata().state_dict_metadata
+        self.meta: dict[str, TensorStorageMetadata] = {
+            k.removeprefix("model."): v
+            for k, v in entries.items()
+            if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+        }
+
+    def names(self, prefix: str = "") -> list[str]:
+        """Tensor names under ``prefix`` (``"A."``: weight group A's), in the checkpoint's order."""
+        return [k for k in self.meta if k.startswith(prefix)]
+
+    def shape(self, name: str) -> torch.Size:
+        return self.meta[name].size
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.meta[name].properties.dtype
+
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name``, whole: into ``into`` (its shape, on its device, cast to its dtype) or a new CPU one."""
+        if name not in self.meta:
+            raise KeyError(f"no tensor {name} in the checkpoint")
+        shape = self.shape(name)
+        if into is not None and into.shape != shape:
+            raise ValueError(f"{name} is {tuple(shape)} in the checkpoint, {tuple(into.shape)} in the model")
+        direct = into is not None and into.dtype == self.dtype(name) and into.is_contiguous()
+        out = into if direct else torch.empty(shape, dtype=self.dtype(name))
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({f"model.{name}": out}, storage_reader=self._reader, no_dist=True)
+        if into is not None and not direct:
+            into.copy_(out)
+            return into
+        return out
+
+
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a sharded checkpoint, whole, on the CPU (``ShardedTensors`` for several)."""
+    return ShardedTensors(path).read(name)
+
+
+def iter_sharded_tensors(path: Path, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every model tensor under ``prefix``, one at a time: drop each before the next."""
+    tensors = ShardedTensors(path)
+    for name in tensors.names(prefix):
+        yield name, tensors.read(name)
+
+
+def _restore_marker_originals(model: nn.Module) -> None:
+    """peft's ``trainable_tokens_original`` (not saved: used only to unmerge) are the base rows at the markers."""
+    for module in model.modules():
+        originals = getattr(module, "trainable_tokens_original", None)
+        if originals is None or not hasattr(module, "token_indices"):
+            continue
+        for adapter, buf in originals.items():
+            buf.copy_(module.base_layer.weight[module.token_indices[adapter]])
+
+
+def fill_from_sharded(path: Path, roles, device: torch.device) -> None:
+    """Every weight group's model and the head from ``path/sharded``, one tensor at a time, on ``device``.
+
+    A model built on the meta device (``build_roles(meta=True)``) gets empty storage on ``device`` first (its
+    buffers, real on the meta device, are kept, as ``sharding.shard_roles`` keeps them); whole ones are moved there.
+    Names match the checkpoint's (same container), so a model whose tensors differ from the checkpoint's in name or
+    shape raises the one-line ConfigError of ``load_sharded``."""
+    tensors = ShardedTensors(path)
+    for name, module in container(roles).items():
+        if any(p.is_meta for p in module.parameters()):
+            buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+            module.to_empty(device=device)
+            with torch.no_grad():
+                for n, b in module.named_buffers():
+                    if n in buffers and buffers[n].device.type != "meta":
+                        b.copy_(buffers[n])
+        else:
+            module.to(device)
+        state = module.state_dict(keep_vars=True)
+        wanted = {f"{name}.{k}" for k in state}
+        saved = set(tensors.names(f"{name}."))
+        try:
+            if wanted != saved:
+                missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
+                raise ValueError(
+                    f"missing in the checkpoint: {missing[0]}" if missing else f"not in the model: {unexpected[0]}"
+                )
+            with torch.no_grad():
+                for key, value in state.items():
+                    tensors.read(f"{name}.{key}", into=value.data)
+        except (CheckpointException, RuntimeError, KeyError, ValueError) as exc:
+            raise _mismatch(path, exc) from None
+        with torch.no_grad():
+            _restore_marker_originals(module)

@@ -7,7 +7,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from thinkrl.config import Config, load_config
+from thinkrl.distributed.checkpoint import is_sharded_checkpoint
 from thinkrl.errors import ConfigError
 from thinkrl.models.roles import RoleModels, build_roles, set_threads
 from thinkrl.run import integrity
@@ -49,15 +52,21 @@ class _Skipped:
         pass
 
 
+def checkpoint_device() -> torch.device:
+    """Where evaluation puts the models: accelerate's choice (a GPU unless ``ACCELERATE_USE_CPU`` or none)."""
+    return torch.device("cpu" if use_cpu() else "cuda")
+
+
 def load_checkpoint_weights(roles: RoleModels, checkpoint: Path) -> None:
-    """Load a training checkpoint's models and head: a sharded checkpoint's ``sharded/`` folder, or accelerate's
-    state (same order as the trainer prepared them)."""
+    """Load a training checkpoint's models and head: a sharded checkpoint's ``sharded/`` folder one tensor at a time
+    (``distributed.checkpoint.fill_from_sharded``: the models may be on the meta device), or accelerate's state
+    (same order as the trainer prepared them)."""
     from accelerate import Accelerator
 
-    from thinkrl.distributed.checkpoint import is_sharded_checkpoint, load_sharded
+    from thinkrl.distributed.checkpoint import fill_from_sharded, is_sharded_checkpoint
 
     if is_sharded_checkpoint(checkpoint):
-        load_sharded(checkpoint, roles)
+        fill_from_sharded(checkpoint, roles, checkpoint_device())
         return
 
     accelerator = Accelerator(cpu=use_cpu())
@@ -75,13 +84,12 @@ def load_checkpoint_weights(roles: RoleModels, checkpoint: Path) -> None:
         ) from None
 
 
-def _build(cfg: Config) -> RoleModels:
-    """Roles with the recipe's seed: new parts (scratch weights, a fresh head) are the same on every call."""
-    import torch
-
+def _build(cfg: Config, meta: bool = False) -> RoleModels:
+    """Roles with the recipe's seed: new parts (scratch weights, a fresh head) are the same on every call.
+    ``meta``: models with a path come without weights (``build_roles``), to be filled from a sharded checkpoint."""
     set_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
-    return build_roles(cfg)
+    return build_roles(cfg, meta=meta)
 
 
 def describe_model(model: str | None, config: str | None) -> str:
@@ -101,7 +109,9 @@ def load_setup(model: str | None, config: str | None, overrides: list[str]) -> E
     if located:
         run_dir, checkpoint = located
         cfg = load_config(run_dir / "config.yaml", overrides)
-        roles = _build(cfg)
+        # A sharded checkpoint is read one tensor at a time into models built without weights: the host never
+        # holds the pretrained weights beside the checkpoint (scratch models and the head are small: built whole).
+        roles = _build(cfg, meta=checkpoint is not None and is_sharded_checkpoint(checkpoint))
         if checkpoint is None:
             logger.warning("run %s has no complete checkpoint: using its initial weights", run_dir)
         else:
