@@ -1,5 +1,3 @@
-import sys
+from thinkrl.cli import run
 
-from thinkrl.cli import main
-
-sys.exit(main())
+run()

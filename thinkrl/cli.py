@@ -12,6 +12,12 @@ import sys
 
 from thinkrl.errors import ThinkRLError
 
+# A sharded run's process group outlives destroy_process_group: torch's DTensor caches keep its device mesh, so its
+# gloo threads are still running when the interpreter finalizes, and their teardown there can abort the process
+# after all work is done ("terminate called without an active exception", SIGABRT: a failed launch). ``run`` then
+# ends the process once everything is written and flushed, without that finalization.
+_HARD_EXIT = False
+
 
 def _train(args: argparse.Namespace) -> int:
     from thinkrl.config import load_config
@@ -30,6 +36,8 @@ def _train(args: argparse.Namespace) -> int:
         result = trainer.train()
     finally:
         trainer.close()
+    global _HARD_EXIT
+    _HARD_EXIT = trainer.sharded
     init, final = result["initial_eval"], result["final_eval"]
     print(
         f"reward_mean {init['reward_mean']:.4f} -> {final['reward_mean']:.4f}; "
@@ -135,5 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``thinkrl`` command and ``python -m thinkrl``: ``main``, then exit (see ``_HARD_EXIT``)."""
+    code = main()
+    if _HARD_EXIT:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
