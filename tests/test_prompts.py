@@ -84,3 +84,29 @@ def test_prompts_sit_below_the_data_layer():
     check = "import sys, thinkrl.prompts; assert not [m for m in sys.modules if m.startswith('thinkrl.data')]"
     for code in (check, "import thinkrl.data.sources"):
         subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_header_marks_chat_templates(prompt_dir):
+    """A ``---`` header is not part of the text (nor of an include); a chat template's rendering decides the BOS."""
+
+    class ChatTok:  # one token per character; its chat template: [system] user turn, then the generation prompt
+        chat_template = "fake"
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(ch) for ch in text]
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize, enable_thinking):
+            assert add_generation_prompt and not tokenize and enable_thinking is False
+            return "^" + "".join(f"<{m['role'][0]}>{m['content']}|" for m in messages) + "<a>"
+
+    prompt_dir("system/s", "sys {sot}")
+    prompt_dir("thinking/c", "---\nchat: true\nsystem: system/s\n---\n[{context}]")
+    prompt_dir("thinking/uses", "{@thinking/c}!")
+    assert prompts.template_header("thinking/c") == {"chat": "true", "system": "system/s"}
+    assert load_template("thinking/c") == "[{context}]" and load_template("thinking/uses") == "[{context}]!"
+    wrap = ReasonerPrompt("thinking/c", ChatTok(), "S", "E", bos=[1])
+    expected = [ord(ch) for ch in "^<s>sys S|<u>["] + [50, 51] + [ord(ch) for ch in "]|<a>"]
+    assert wrap.wrap([1, 50, 51]) == wrap.wrap([50, 51]) == expected  # the context's own BOS gives way
+    prompt_dir("thinking/bad", "---\nchat: yes\n---\n{context}")
+    with pytest.raises(ConfigError, match="bad header line 'chat: yes'"):
+        load_template("thinking/bad")

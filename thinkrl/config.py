@@ -204,13 +204,54 @@ class SyntheticTaskConfig:
 class DataConfig:
     """Where text comes from and where thoughts are placed."""
 
-    source: str = described("synthetic | text | gsm8k | csqa", "synthetic")
+    source: str = described(
+        "synthetic | text | gsm8k | csqa | hf (any datasets corpus or QA set; gsm8k and csqa are its presets)",
+        "synthetic",
+    )
     data_dir: str = described("folder with gsm8k/, csqa/, ... ('auto' = ../shared/data when it exists)", "auto")
     train_file: str = described(
         "file for source=text (path, or relative to data_dir); task sources pick their own", ""
     )
     eval_file: str = described("held-out file; '' = the task's held-out split, or the tail of train_file for text", "")
-    hub_id: str = described("datasets hub id used when the local file is absent (users with internet)", "")
+    hub_id: str = described(
+        "datasets hub id: source=hf's dataset when data.data_files is empty; gsm8k/csqa read it when the local file "
+        "is absent (users with internet)",
+        "",
+    )
+    hub_config: str = described("hf: the dataset's configuration name (load_dataset's name, e.g. main)", "")
+    data_files: list = described(
+        "hf: local parquet/json/jsonl/csv/arrow/txt files of the training split (paths, or relative to data_dir); "
+        "the builder follows the extension",
+        factory=list,
+    )
+    split: str = described("hf: the training split", "train")
+    eval_split: str = described(
+        "hf: the held-out split ('' = the last data.eval_docs documents of the training split); with data_files, "
+        "the held-out files are data.eval_file",
+        "",
+    )
+    eval_docs: int = described("hf without eval_split: documents/items held out from the end of the split", 100)
+    streaming: bool = described(
+        "hf: stream the split (datasets IterableDataset, buffer-shuffled by the seed; its order differs from the "
+        "non-streamed one) for corpora that do not fit in memory",
+        False,
+    )
+    shuffle_buffer: int = described("hf streaming: documents in the shuffle buffer (0 = stream order)", 10_000)
+    text_field: str = described("hf text corpus: the column holding the text", "text")
+    question_field: str = described("hf: the question column; set, the dataset is a QA task (one position each)", "")
+    answer_field: str = described("hf QA: the answer column", "answer")
+    answer_extractor: str = described(
+        "hf QA: how the gold answer comes out of answer_field: none (the field, stripped) | gsm8k (after '####', "
+        "commas dropped) | regex (data.answer_regex) | math-verify (the final LaTeX answer, e.g. \\boxed{...})",
+        "none",
+    )
+    answer_regex: str = described("hf QA, answer_extractor=regex: its first group (or the match) is the answer", "")
+    mixture: list = described(
+        "hf text corpora mixed by weight: a list of {hub_id or data_files, hub_config, split, text_field, weight}; "
+        "documents are drawn from each at its weight, reproducibly by the seed",
+        factory=list,
+    )
+    cache_dir: str = described("hf: datasets' cache folder ('' = datasets' default)", "")
     positions: str = described("task (task-defined, e.g. before an answer) | every_k | random", "task")
     every_k: int = described("every_k: distance between thought positions", 16)
     positions_per_doc: int = described("random: thought positions drawn per document window", 4)
@@ -219,13 +260,19 @@ class DataConfig:
     interpreter_window: int = described(
         "context tokens the interpreter and base see before the thought; 0 = all (the reasoner always sees all)", 0
     )
-    prompt_template: str = described("prompts/ name that formats task items (gsm8k, csqa)", "")
+    prompt_template: str = described("prompts/ name that formats task items (gsm8k, csqa, hf QA: tasks/gsm8k)", "")
+    chat_template: bool = described(
+        "task items as a chat turn rendered by the tokenizer's chat template (apply_chat_template, thinking mode "
+        "off); the thought follows the generation prompt, before the answer (docs/evaluation.md)",
+        False,
+    )
+    system_prompt: str = described("chat: prompts/ name of the system turn ('' = none, or the template's own)", "")
     max_docs: int = described("read at most this many documents/items per split; 0 = all", 0)
     eval_positions: int = described("held-out thought positions used by every evaluation", 64)
     synthetic: SyntheticTaskConfig = described("synthetic task settings", factory=SyntheticTaskConfig)
 
     def __post_init__(self):
-        check_choice("data.source", self.source, ("synthetic", "text", "gsm8k", "csqa"))
+        check_choice("data.source", self.source, ("synthetic", "text", "gsm8k", "csqa", "hf"))
         check_choice("data.positions", self.positions, ("task", "every_k", "random"))
         for name in ("every_k", "positions_per_doc", "context_len", "n_ahead", "eval_positions"):
             check_positive(f"data.{name}", getattr(self, name))
@@ -236,10 +283,23 @@ class DataConfig:
             )
         check_positive("data.interpreter_window", self.interpreter_window, allow_zero=True)
         check_positive("data.max_docs", self.max_docs, allow_zero=True)
+        if self.chat_template and self.is_text_corpus():  # synthetic: the default that `eval --task` replaces
+            raise ConfigError(
+                "data.chat_template renders task items; a text corpus has no turn to wrap: use a chat reasoner "
+                "template (rollout.reasoner_template=thinking/chat) for the reasoner"
+            )
         if self.source == "text" and self.positions == "task":
             raise ConfigError("data.source=text has no task positions; set data.positions=every_k or random")
         if self.source == "text" and not self.train_file:
             raise ConfigError("data.source=text needs data.train_file (e.g. tinyshakespeare/input.txt)")
+        if self.source == "hf" or self.streaming or self.mixture:
+            from thinkrl.data.hf_sources import check_hf_config  # the hf rules live with the hf reader
+
+            check_hf_config(self)
+
+    def is_text_corpus(self) -> bool:
+        """Whether the data is running text (positions inside documents) rather than a task's items."""
+        return self.source == "text" or (self.source == "hf" and not self.question_field)
 
     def resolved_data_dir(self) -> Path | None:
         """The data folder: as given, or ../shared/data next to the working directory or the checkout."""
@@ -607,6 +667,11 @@ class Config:
             self.model.tokenizer = "synthetic" if self.data.source == "synthetic" else "byte"
 
         if self.rollout.thought_passes == "parallel":
+            if self.data.streaming:
+                raise ConfigError(
+                    "rollout.thought_passes=parallel needs the windows in memory; data.streaming reads documents one "
+                    "by one: use rollout.thought_passes=per_position (or auto)"
+                )
             if self.data.positions == "task":
                 raise ConfigError(
                     "rollout.thought_passes=parallel needs many positions per text (data.positions=every_k or "
@@ -622,7 +687,12 @@ class Config:
         """Whether thoughts are grown in parallel passes over whole windows (see ``rollout.thought_passes``)."""
         mode = self.rollout.thought_passes
         if mode == "auto":
-            return self.data.source == "text" and self.data.positions != "task" and not self.rollout.reasoner_template
+            return (
+                self.data.is_text_corpus()
+                and not self.data.streaming
+                and self.data.positions != "task"
+                and not self.rollout.reasoner_template
+            )
         return mode == "parallel"
 
     def all_scratch(self) -> bool:

@@ -15,7 +15,7 @@ from transformers import ByT5Tokenizer
 
 import thinkrl.prompts as prompts
 from thinkrl.config import DataConfig, SyntheticTaskConfig
-from thinkrl.data.sources import CSQA_LABELS, _csqa_item, _gsm8k_item, build_pools, gsm8k_answer, read_jsonl
+from thinkrl.data.sources import CSQA_LABELS, _csqa_item, _gsm8k_item, build_pools, gsm8k_answer
 from thinkrl.data.synthetic import synthetic_documents
 from thinkrl.errors import ConfigError, DataError
 from thinkrl.models.synthetic_vocab import SPECIALS, synthetic_tokenizer
@@ -324,17 +324,13 @@ def test_csqa_real_file(byt5):
 # ----------------------------------------------------------------------------------------------------------------
 # broken input
 # ----------------------------------------------------------------------------------------------------------------
-def test_read_jsonl_skips_blank_lines_and_limits(tmp_path):
-    path = write_jsonl(tmp_path / "x.jsonl", [{"a": 1}, "", "   ", {"a": 2}, {"a": 3}])
-    assert read_jsonl(path) == [{"a": 1}, {"a": 2}, {"a": 3}]
-    assert read_jsonl(path, limit=2) == [{"a": 1}, {"a": 2}]
-
-
-def test_read_jsonl_malformed_line_names_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "x.jsonl", [{"a": 1}, "", '{"a": 2', {"a": 3}])
-    with pytest.raises(DataError) as err:
-        read_jsonl(path)
-    assert f"{path}:3 " in str(err.value)
+def test_task_file_blank_lines_and_max_docs(tmp_path, elsewhere, byt5):
+    rows = [GSM_ROWS[0], "", "   ", GSM_ROWS[1], GSM_ROWS[0]]
+    root = gsm_dir(tmp_path / "data", train=rows)
+    train, _ = build_pools(DataConfig(source="gsm8k", data_dir=str(root)), byt5, seed=0)
+    assert [p.meta["answer"] for p in train] == ["5", "1234", "5"]
+    train, _ = build_pools(DataConfig(source="gsm8k", data_dir=str(root), max_docs=2), byt5, seed=0)
+    assert [p.meta["answer"] for p in train] == ["5", "1234"]
 
 
 def test_task_malformed_json_line(tmp_path, elsewhere, byt5):
@@ -366,11 +362,11 @@ def test_gsm8k_numeric_answer_field_is_data_error(tmp_path, elsewhere, byt5):
         build_pools(DataConfig(source="gsm8k", data_dir=str(root)), byt5, seed=0)
 
 
-def test_jsonl_not_utf8_is_data_error(tmp_path):
-    path = tmp_path / "x.jsonl"
-    path.write_bytes(b'{"question": "caf\xe9"}\n')
-    with pytest.raises(DataError, match="x.jsonl"):
-        read_jsonl(path)
+def test_task_file_not_utf8_is_data_error(tmp_path, elsewhere, byt5):
+    root = gsm_dir(tmp_path / "data")
+    (root / "gsm8k" / "train.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(DataError, match="train.jsonl"):
+        build_pools(DataConfig(source="gsm8k", data_dir=str(root)), byt5, seed=0)
 
 
 @pytest.mark.parametrize("split,content", [("train", ""), ("eval", "\n  \n")])

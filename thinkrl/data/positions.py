@@ -85,21 +85,29 @@ def text_pool(
 
 
 class PositionStream:
-    """Endless shuffled batches over a pool, one reshuffle per epoch; its state is two integers (for resume)."""
+    """Endless shuffled batches over a pool, one reshuffle per epoch; its state is two integers (for resume).
 
-    def __init__(self, pool: PositionPool, seed: int):
-        if len(pool) == 0:
+    A streamed pool (``hf_sources.StreamedPool``: ``documents(seed, epoch, skip)``) is walked document by document
+    in its buffer-shuffled order instead; then ``index`` counts the documents done in the epoch and ``offset`` the
+    positions of the current one, and a resumed stream continues at exactly that position."""
+
+    def __init__(self, pool, seed: int):
+        self.streamed = hasattr(pool, "documents")
+        if not self.streamed and len(pool) == 0:
             raise DataError(
                 "the training set has no thought positions; check data.source/train_file and data.max_docs"
             )
         self.pool, self.seed = pool, seed
-        self.epoch, self.index = 0, 0
-        self._order = self._permutation()
+        self.epoch, self.index, self.offset = 0, 0, 0
+        self._docs, self._current, self._fresh = None, None, True  # streamed: document iterator, its positions
+        self._order = None if self.streamed else self._permutation()
 
     def _permutation(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pool))
 
     def next_batch(self, n: int) -> list[Position]:
+        if self.streamed:
+            return self._next_streamed(n)
         batch = []
         while len(batch) < n:
             if self.index >= len(self._order):
@@ -109,9 +117,34 @@ class PositionStream:
             self.index += 1
         return batch
 
+    def _next_streamed(self, n: int) -> list[Position]:
+        batch = []
+        while len(batch) < n:
+            if self._current is None:
+                if self._docs is None:
+                    self._docs, self._start = self.pool.documents(self.seed, self.epoch, self.index), self.index
+                self._current = next(self._docs, None)
+                if self._current is None:  # the epoch is over
+                    if self._fresh and self._start == 0:  # a whole epoch without one
+                        raise DataError("the streamed training split gave no thought positions; check data.* fields")
+                    self.epoch, self.index, self.offset, self._docs, self._fresh = self.epoch + 1, 0, 0, None, True
+                    continue
+            if self.offset < len(self._current):
+                batch.append(self._current[self.offset])
+                self.offset += 1
+                self._fresh = False
+            if self.offset >= len(self._current):
+                self.index, self.offset, self._current = self.index + 1, 0, None
+        return batch
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        state = {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        return {**state, "offset": self.offset} if self.streamed else state
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
-        self._order = self._permutation()
+        if self.streamed:
+            self.offset = state.get("offset", 0)
+            self._docs, self._current, self._fresh = None, None, True
+        else:
+            self._order = self._permutation()

@@ -1,37 +1,58 @@
 """Data sources → train and held-out position pools.
 
-Local files under ``data.data_dir`` come first (default ``../shared/data``); for users with internet a
-``data.hub_id`` (or the task's usual one) is loaded with ``datasets`` when the local file is absent.
+``synthetic`` (generated here), ``text`` (one local text file) and ``hf`` (any ``datasets`` corpus or QA set, see
+``hf_sources``). ``gsm8k`` and ``csqa`` are presets of the hf path: local JSON-lines files under ``data.data_dir``
+(default ``../shared/data``) read with ``datasets.load_dataset("json", ...)``, or, for users with internet, their hub
+copies when the local file is absent.
 """
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from thinkrl.config import DataConfig
-from thinkrl.data.positions import PositionPool, task_pool, text_pool
+from thinkrl.data.hf_sources import (
+    HfSpec,
+    StreamedPool,
+    answer_extractor,
+    check_fields,
+    load_split,
+    qa_fields,
+    spec_from_config,
+    text_datasets,
+    train_and_held_out,
+)
+from thinkrl.data.positions import Position, PositionPool, task_pool, text_pool
 from thinkrl.data.synthetic import synthetic_documents
 from thinkrl.errors import DataError
-from thinkrl.prompts import bos_prefix, load_template, placeholders
+from thinkrl.prompts import load_template, placeholders, task_context_encoder
 
-# task → (local train file, local held-out file, hub id, hub config, hub train split, hub held-out split)
-TASK_FILES = {
-    "gsm8k": ("gsm8k/train.jsonl", "gsm8k/test.jsonl", "openai/gsm8k", "main", "train", "test"),
-    "csqa": (
-        "csqa/train_rand_split.jsonl",
-        "csqa/dev_rand_split.jsonl",
-        "tau/commonsense_qa",
-        None,
-        "train",
-        "validation",
+
+@dataclass(frozen=True)
+class Preset:
+    """A task that is a fixed hf dataset: local files under data.data_dir, else its hub copy."""
+
+    train_file: str
+    eval_file: str
+    hub_id: str
+    hub_config: str | None
+    hub_train: str
+    hub_eval: str
+
+
+PRESETS = {
+    "gsm8k": Preset("gsm8k/train.jsonl", "gsm8k/test.jsonl", "openai/gsm8k", "main", "train", "test"),
+    "csqa": Preset(
+        "csqa/train_rand_split.jsonl", "csqa/dev_rand_split.jsonl", "tau/commonsense_qa", None, "train", "validation"
     ),
 }
 SYNTHETIC_TRAIN_DOCS = 20_000
 CSQA_LABELS = ("A", "B", "C", "D", "E")  # every CSQA question has five choices; templates name them {A} … {E}
+HF_QA_TEMPLATE = "tasks/gsm8k_harness"  # "Question: {question}\nAnswer:", the thought goes after "Answer:"
 
 
 def resolve_data_file(cfg: DataConfig, name: str) -> Path:
@@ -52,44 +73,42 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it") from None
 
 
-def read_jsonl(path: Path, limit: int = 0) -> list[dict]:
-    """Rows of a JSON-lines file; a broken row is a one-line error with its line number."""
-    rows = []
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or delete that line") from None
-        if limit and len(rows) >= limit:
-            break
-    return rows
-
-
-def load_task_rows(cfg: DataConfig, split: str) -> list[dict]:
-    train_file, eval_file, hub_id, hub_cfg, hub_train, hub_eval = TASK_FILES[cfg.source]
-    local = cfg.train_file or train_file if split == "train" else cfg.eval_file or eval_file
+def preset_spec(cfg: DataConfig, split: str) -> HfSpec:
+    """The hf spec of a preset task's split: its local file (data.train_file/eval_file override it), else the hub."""
+    preset = PRESETS[cfg.source]
+    setting = f"data.{split}_file"
+    local = (cfg.train_file or preset.train_file) if split == "train" else (cfg.eval_file or preset.eval_file)
     path = resolve_data_file(cfg, local)
     if path.is_file():
-        rows = read_jsonl(path, cfg.max_docs)
-    elif cfg.hub_id or cfg.data_dir == "auto":
-        import datasets  # only users with internet reach this
-
+        return HfSpec("json", files={split: [path]}, split=split, what=cfg.source, hint=setting)
+    if cfg.hub_id or cfg.data_dir == "auto":  # only users with internet get further than load_dataset here
+        hub_split = preset.hub_train if split == "train" else preset.hub_eval
+        spec = HfSpec(cfg.hub_id or preset.hub_id, preset.hub_config, split=hub_split, what=cfg.source, hint=setting)
         try:
-            ds = datasets.load_dataset(
-                cfg.hub_id or hub_id, hub_cfg, split=hub_train if split == "train" else hub_eval
-            )
-        except Exception as exc:  # offline, wrong id...
+            return spec, load_split(spec, hub_split, cfg)
+        except DataError:
             raise DataError(
-                f"{path} does not exist and the hub copy could not be loaded ({type(exc).__name__}); "
-                "set data.data_dir to a folder with the task files"
+                f"{path} does not exist and the hub copy could not be loaded; set data.data_dir to a folder with the "
+                "task files"
             ) from None
-        rows = [dict(r) for r in (ds.select(range(min(cfg.max_docs, len(ds)))) if cfg.max_docs else ds)]
+    raise DataError(f"data file {path} does not exist; set data.data_dir (folder with {local}) or data.hub_id")
+
+
+def load_task_rows(cfg: DataConfig, split: str):
+    """The rows (a ``datasets.Dataset``) of a task's ``split`` (train | eval): a preset's, or an hf QA set's."""
+    if cfg.source == "hf":
+        train, held = train_and_held_out(spec_from_config(cfg), cfg)
+        rows = train if split == "train" else held
+        needed = {"question_field": cfg.question_field, "answer_field": cfg.answer_field}
+        check_fields(rows, needed, f"hf {split} ({spec_from_config(cfg).where('train')})")
+        return rows
+    spec = preset_spec(cfg, split)
+    if isinstance(spec, tuple):  # loaded from the hub
+        spec, rows = spec
     else:
-        raise DataError(f"data file {path} does not exist; set data.data_dir (folder with {local}) or data.hub_id")
-    if not rows:
-        raise DataError(f"{path} holds no rows; point data.{split}_file at a non-empty file")
+        rows = load_split(spec, split, cfg)
+    if cfg.max_docs:
+        rows = rows.select(range(min(cfg.max_docs, len(rows))))
     return rows
 
 
@@ -141,35 +160,144 @@ def _csqa_item(row: dict, template: str) -> tuple[str, str, dict]:
 TASK_ITEMS = {"gsm8k": (_gsm8k_item, {"question"}), "csqa": (_csqa_item, {"question", "choices", *CSQA_LABELS})}
 
 
+def hf_item(cfg: DataConfig):
+    """(row, template) → (prompt, " " + answer, meta) for an hf QA set: the GSM8K item with the set's own field
+    names and answer extractor (the gsm8k preset is this with question/answer and the #### rule)."""
+    fields = qa_fields(cfg, answer_extractor(cfg))
+
+    def item(row: dict, template: str) -> tuple[str, str, dict]:
+        question, answer = fields(row)
+        return template.format(question=question), " " + answer, {"answer": answer}
+
+    return item
+
+
+def task_context(cfg: DataConfig, tokenizer):
+    """``encode(prompt) -> context ids`` of a task item: bos + its tokens, or (``data.chat_template`` or a template
+    with ``chat: true``) the tokens of the tokenizer's chat template around it, the thought after the generation
+    prompt (``thinkrl.prompts.task_context_encoder``)."""
+    name = cfg.prompt_template or (HF_QA_TEMPLATE if cfg.source == "hf" else f"tasks/{cfg.source}")
+    return task_context_encoder(tokenizer, name, cfg.chat_template, cfg.system_prompt)
+
+
 def task_template(cfg: DataConfig) -> str:
-    """The prompt template that formats ``cfg.source``'s items (``data.prompt_template`` or ``tasks/<source>``)."""
+    """The prompt template that formats ``cfg.source``'s items (``data.prompt_template``, else ``tasks/<source>``;
+    ``tasks/gsm8k_harness`` for an hf QA set)."""
+    if cfg.source == "hf":
+        return load_template(cfg.prompt_template or HF_QA_TEMPLATE, {"question"})
     _, allowed = TASK_ITEMS[cfg.source]
     return load_template(cfg.prompt_template or f"tasks/{cfg.source}", allowed)
 
 
-def parse_rows(rows: list[dict], indices, parse, what: str):
-    """Yield (index, parse(row)) for the given rows; a row that does not parse is a one-line error naming it."""
+def parse_rows(rows, indices, parse, what: str, where: str = ""):
+    """Yield (index, parse(row)) for the given rows; a row that does not parse is a one-line error naming it (and,
+    for a missing field, the fields the rows have)."""
     for i in indices:
         try:
             parsed = parse(rows[i])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise DataError(f"{what} row {i + 1} is malformed ({type(exc).__name__}: {exc}); fix or drop it") from None
+            names = getattr(rows, "column_names", None)
+            known = f"; its fields are {', '.join(names)}" if isinstance(exc, KeyError) and names else ""
+            raise DataError(
+                f"{what} row {i + 1}{where} is malformed ({type(exc).__name__}: {exc}{known}); fix or drop it"
+            ) from None
         yield i, parsed
 
 
+def _row_item(cfg: DataConfig):
+    return hf_item(cfg) if cfg.source == "hf" else TASK_ITEMS[cfg.source][0]
+
+
 def _task_pool(cfg: DataConfig, tokenizer, split: str) -> PositionPool:
-    make_item, _ = TASK_ITEMS[cfg.source]
+    make_item = _row_item(cfg)
     template = task_template(cfg)
     contexts, targets, metas = [], [], []
-    bos = bos_prefix(tokenizer)
+    encode_context = task_context(cfg, tokenizer)
     rows = load_task_rows(cfg, split)
+    where = _rows_where(cfg, split)
     for _, (context, target, meta) in parse_rows(
-        rows, range(len(rows)), lambda row: make_item(row, template), f"{cfg.source} {split}"
+        rows,
+        range(len(rows)),
+        lambda row: make_item(row, template),
+        f"{cfg.source} {split}",
+        where,
     ):
-        contexts.append(bos + tokenizer.encode(context, add_special_tokens=False))
+        contexts.append(encode_context(context))
         targets.append(tokenizer.encode(target, add_special_tokens=False)[: cfg.n_ahead])
         metas.append(meta)
     return task_pool(contexts, targets, cfg.context_len, metas)
+
+
+def _rows_where(cfg: DataConfig, split: str) -> str:
+    """ " in <file>" when the split's rows are one local file's, row for row (so "row N" is its N-th row)."""
+    if cfg.source in PRESETS:
+        preset = PRESETS[cfg.source]
+        local = (cfg.train_file or preset.train_file) if split == "train" else (cfg.eval_file or preset.eval_file)
+        path = resolve_data_file(cfg, local)
+        return f" ({path})" if path.is_file() else ""
+    if cfg.data_files and (split == "train" or cfg.eval_file):
+        spec = spec_from_config(cfg)
+        return f" ({spec.where(spec.split if split == 'train' else 'eval')})"
+    return ""
+
+
+def _task_stream(cfg: DataConfig, tokenizer) -> StreamedPool:
+    """Training items of a streamed hf QA set, one position each."""
+    train, _ = train_and_held_out(spec_from_config(cfg), cfg)
+    make_item, template, encode_context = hf_item(cfg), task_template(cfg), task_context(cfg, tokenizer)
+
+    def positions(row: dict, epoch: int, index: int) -> list[Position]:
+        ((_, (context, target, meta)),) = parse_rows([row], [0], lambda r: make_item(r, template), "hf train")
+        ctx = encode_context(context)
+        tgt = tokenizer.encode(target, add_special_tokens=False)[: cfg.n_ahead]
+        return [Position(ctx[-cfg.context_len :], tgt, index, meta)]
+
+    return StreamedPool(train, positions, cfg.context_len, cfg.shuffle_buffer)
+
+
+def _windows(ids, cfg: DataConfig) -> list[np.ndarray]:
+    """A token document cut into windows of context_len + n_ahead tokens (positions stay within one window)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    span = cfg.context_len + cfg.n_ahead
+    return [ids[i : i + span] for i in range(0, max(1, len(ids) - cfg.n_ahead), cfg.context_len)]
+
+
+def _hf_text_pools(cfg: DataConfig, tokenizer, seed: int):
+    """(train, held-out) pools of an hf text corpus (or mixture); the train pool is a StreamedPool when streaming."""
+    train, held = text_datasets(cfg, seed)
+
+    def encode(batch: dict) -> dict:
+        return {"ids": [tokenizer.encode(t or "", add_special_tokens=False) for t in batch["text"]]}
+
+    def pool(ds, pool_seed: int) -> PositionPool:
+        tokenized = ds.map(encode, batched=True, remove_columns=["text"], desc="tokenizing")
+        docs = [w for ids in tokenized["ids"] for w in _windows(ids, cfg) if len(ids)]
+        if cfg.max_docs:
+            docs = docs[: cfg.max_docs]
+        return text_pool(
+            docs, cfg.positions, cfg.n_ahead, cfg.context_len, cfg.every_k, cfg.positions_per_doc, pool_seed
+        )
+
+    if not cfg.streaming:
+        return pool(train, seed), pool(held, seed + 1)
+
+    def positions(row: dict, epoch: int, index: int) -> list[Position]:
+        windows = [w for w in _windows(tokenizer.encode(row["text"] or "", add_special_tokens=False), cfg)]
+        windows = [w for w in windows if len(w) >= cfg.n_ahead + 2]
+        if not windows:
+            return []
+        doc_pool = text_pool(
+            windows,
+            cfg.positions,
+            cfg.n_ahead,
+            cfg.context_len,
+            cfg.every_k,
+            cfg.positions_per_doc,
+            [seed, epoch, index],
+        )
+        return [Position(p.context_ids, p.target_ids, index) for p in doc_pool]
+
+    return StreamedPool(train, positions, cfg.context_len, cfg.shuffle_buffer), pool(held, seed + 1)
 
 
 def _text_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, PositionPool]:
@@ -218,9 +346,13 @@ def _synthetic_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPoo
 
 
 def build_pools(cfg: DataConfig, tokenizer, seed: int) -> tuple[PositionPool, PositionPool]:
-    """(train pool, held-out pool) for ``cfg.source``."""
+    """(train pool, held-out pool) for ``cfg.source``; a streamed hf train split gives a ``StreamedPool``."""
     if cfg.source == "synthetic":
         return _synthetic_pools(cfg, tokenizer, seed)
     if cfg.source == "text":
         return _text_pools(cfg, tokenizer, seed)
+    if cfg.is_text_corpus():  # hf text corpus or mixture
+        return _hf_text_pools(cfg, tokenizer, seed)
+    if cfg.streaming:
+        return _task_stream(cfg, tokenizer), _task_pool(cfg, tokenizer, "eval")
     return _task_pool(cfg, tokenizer, "train"), _task_pool(cfg, tokenizer, "eval")

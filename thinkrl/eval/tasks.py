@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -24,13 +25,14 @@ from thinkrl.data.sources import (
     csqa_lists_choices,
     csqa_prompt,
     gsm8k_answer,
+    hf_item,
     load_task_rows,
     parse_rows,
+    task_context,
     task_template,
 )
 from thinkrl.data.windows import Window
 from thinkrl.errors import DataError
-from thinkrl.prompts import bos_prefix
 
 TASKS = ("gsm8k", "csqa", "text")
 
@@ -88,23 +90,30 @@ def _csqa_fields(row: dict, template: str, encode) -> tuple:
     return csqa_prompt(template, stem, labels, texts), letters + answers, answer, info
 
 
+def _hf_fields(data, row: dict, template: str, encode) -> tuple:
+    prompt, target, meta = hf_item(data)(row, template)  # an hf QA set, scored like GSM8K (one gold answer)
+    question = row[data.question_field].strip()
+    return prompt, [encode(target)], meta["answer"], {"question": question}
+
+
 TASK_FIELDS = {"gsm8k": _gsm8k_fields, "csqa": _csqa_fields}
 
 
 def _task_items(cfg: Config, tokenizer, rows: list[dict], ids: list[int]) -> list[EvalItem]:
     """(prompt, candidate targets, gold, info) per row, formatted by the task's template, as token items."""
-    template, fields = task_template(cfg.data), TASK_FIELDS[cfg.data.source]
+    template = task_template(cfg.data)
+    fields = partial(_hf_fields, cfg.data) if cfg.data.source == "hf" else TASK_FIELDS[cfg.data.source]
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    bos = bos_prefix(tokenizer)
+    encode_context = task_context(cfg.data, tokenizer)
     parsed = parse_rows(rows, ids, lambda row: fields(row, template, encode), f"{cfg.data.source} eval")
-    return [EvalItem(i, bos + encode(prompt), targets, gold, info) for i, (prompt, targets, gold, info) in parsed]
+    return [EvalItem(i, encode_context(prompt), targets, gold, info) for i, (prompt, targets, gold, info) in parsed]
 
 
 def _text_items(cfg: Config, tokenizer, limit: int, seed: int) -> list[EvalItem]:
     """Held-out positions of a text corpus (or of the synthetic task): the recipe's own evaluation pool. Text is
     sliced by whole windows (``choose_windows``); the synthetic task, one position per document, by positions."""
     _, pool = build_pools(cfg.data, tokenizer, cfg.trainer.seed)
-    if cfg.data.source == "text":
+    if cfg.data.is_text_corpus():
         ids = choose_windows(pool.spots, limit, seed)
     else:
         ids = choose_slice(len(pool), limit, seed)
@@ -140,13 +149,14 @@ def item_windows(items: list[EvalItem]) -> list[Window]:
 def load_items(task: str, cfg: Config, tokenizer, limit: int, seed: int) -> list[EvalItem]:
     """The held-out items of ``task``: a reproducible slice of ``limit`` items chosen by ``seed``."""
     if task == "text":
-        if cfg.data.source not in ("text", "synthetic"):
+        if not (cfg.data.is_text_corpus() or cfg.data.source == "synthetic"):
             raise DataError(
                 "--task text scores the recipe's held-out positions: give --text-file or a text/synthetic recipe"
             )
         return _text_items(cfg, tokenizer, limit, seed)
     data = cfg.data
-    data.source = task
+    if not (data.source == "hf" and data.question_field and task == "gsm8k"):  # hf QA sets are scored as gsm8k
+        data.source = task
     rows = load_task_rows(data, "eval")
     ids = choose_slice(len(rows), limit, seed)
     return _task_items(cfg, tokenizer, rows, ids)
