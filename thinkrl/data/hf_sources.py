@@ -30,64 +30,11 @@ from typing import Callable, Iterator
 from thinkrl.errors import ConfigError, DataError
 
 BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
-EXTRACTORS = ("none", "gsm8k", "regex", "math-verify")
-MIXTURE_KEYS = {"hub_id", "hub_config", "data_files", "split", "text_field", "weight"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # configuration rules (called from DataConfig.__post_init__)
 # ----------------------------------------------------------------------------------------------------------------
-def check_hf_config(cfg) -> None:
-    """One-line ConfigErrors for the hf fields of a DataConfig."""
-    if cfg.source != "hf":
-        what = "data.streaming" if cfg.streaming else "data.mixture"
-        raise ConfigError(f"{what} is for data.source=hf (gsm8k/csqa/text read local files); set data.source=hf")
-    if not (cfg.hub_id or cfg.data_files or cfg.mixture):
-        raise ConfigError("data.source=hf needs data.hub_id (a hub dataset) or data.data_files (local files)")
-    if cfg.eval_docs < 1:
-        raise ConfigError(f"data.eval_docs must be > 0, got {cfg.eval_docs}")
-    if cfg.shuffle_buffer < 0:
-        raise ConfigError(f"data.shuffle_buffer must be >= 0, got {cfg.shuffle_buffer}")
-    if cfg.answer_extractor not in EXTRACTORS:
-        raise ConfigError(f"data.answer_extractor={cfg.answer_extractor!r} is not one of {', '.join(EXTRACTORS)}")
-    if cfg.answer_extractor == "regex":
-        if not cfg.answer_regex:
-            raise ConfigError("data.answer_extractor=regex needs data.answer_regex (e.g. '####\\s*(\\S+)')")
-        try:
-            re.compile(cfg.answer_regex)
-        except re.error as exc:
-            raise ConfigError(f"data.answer_regex does not compile ({exc}); fix the pattern") from None
-    if cfg.answer_extractor == "math-verify":
-        try:
-            import math_verify  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "data.answer_extractor=math-verify needs the math-verify package (pip install it)"
-            ) from None
-    if cfg.question_field and cfg.positions != "task":
-        raise ConfigError("an hf QA set (data.question_field) has one position per item: set data.positions=task")
-    if not cfg.question_field and cfg.positions == "task":
-        raise ConfigError(
-            "an hf text corpus has no task positions: set data.positions=every_k or random (or data.question_field "
-            "for a QA set)"
-        )
-    for i, entry in enumerate(cfg.mixture):
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"data.mixture[{i}] must be a mapping like {{data_files: [a.parquet], weight: 1}}")
-        unknown = set(entry) - MIXTURE_KEYS
-        if unknown:
-            raise ConfigError(
-                f"data.mixture[{i}] has unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(MIXTURE_KEYS))}"
-            )
-        if not (entry.get("hub_id") or entry.get("data_files")):
-            raise ConfigError(f"data.mixture[{i}] needs hub_id or data_files")
-        weight = entry.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or weight <= 0:
-            raise ConfigError(f"data.mixture[{i}].weight must be a number > 0, got {weight!r}")
-    if cfg.mixture and cfg.question_field:
-        raise ConfigError("data.mixture mixes text corpora; drop data.question_field")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # specs and loading
 # ----------------------------------------------------------------------------------------------------------------
