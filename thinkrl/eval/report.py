@@ -1,4 +1,9 @@
-"""What an evaluation writes besides its per-item jsonl: markdown tables, PNG plots, an HTML token view, JSON.
+"""What an evaluation writes besides its per-item jsonl: markdown tables, PNG plots, HTML pages, JSON.
+
+The HTML pages are self-contained (inline CSS, plots as data URIs, no JS) and every text in them is escaped:
+``report.html`` (``thinkrl eval``: the results table and the plots, then each item's best thought with the answer
+tokens coloured by Δ log-prob) and ``compare.html`` (``thinkrl prompts compare``: the summary table, then one row
+per item with one column per template).
 
 Metrics are ``{"value", "ci_low", "ci_high", "n"}`` dicts (see ``thinkrl.eval.stats``) keyed ``"<mode>/<metric>"``.
 matplotlib is imported inside the plotting functions so that importing this module stays cheap; the plots draw on
@@ -7,12 +12,14 @@ an Agg canvas directly, which needs no display and leaves the caller's pyplot ba
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
 import math
 import numbers
 import os
+from pathlib import Path
 from typing import Any
 
 from thinkrl.run.files import write_atomic
@@ -213,6 +220,92 @@ def plot_accuracy(results: dict, path: PathLike, metric_names: tuple[str, ...] =
 
 # ---------------------------------------------------------------- html
 
+PLOTS = ("accuracy.png", "token_deltas.png")  # report.html shows these first, then any other PNG in plots/
+
+
+def cell_html(x: Any) -> str:
+    """An HTML table cell's content: like the markdown cells, with a metric's interval in a grey ``ci`` span."""
+    if isinstance(x, dict) and "ci_low" in x and "ci_high" in x:
+        value, _, interval = format_metric(x).partition(" ")
+        return f'{html.escape(value)} <span class="ci">{html.escape(interval)}</span>'
+    return html.escape(x if isinstance(x, str) else _cell(x))
+
+
+def _html_table(header: list[str], rows: list[list[str]], css_class: str, numeric_from: int = 1) -> str:
+    """``rows`` hold HTML already escaped; cells from ``numeric_from`` on are numbers (no wrapping)."""
+    head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in header)
+    body = []
+    for row in rows:
+        cells = [f'<th scope="row">{row[0]}</th>']
+        cells += [
+            f'<td class="num">{c}</td>' if i >= numeric_from else f"<td>{c}</td>" for i, c in enumerate(row[1:], 1)
+        ]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def results_html(results: dict) -> str:
+    """``markdown_table`` as HTML: the heading line, one row per metric, one column per mode, the interval note."""
+    modes, table = _by_metric(results)
+    heading = (
+        f"{results.get('task', '?')} · {results.get('model', '?')} · "
+        f"N={results.get('n_items', '?')} · seed {results.get('seed', '?')}"
+    )
+    rows = [
+        [html.escape(name)] + [cell_html(per_mode.get(mode)) for mode in modes] for name, per_mode in table.items()
+    ]
+    grouped = any(isinstance(m, dict) and "groups" in m for m in results.get("metrics", {}).values())
+    return "\n".join(
+        [
+            f'<p class="note">{html.escape(heading)}</p>',
+            _html_table(["metric", *modes], rows, "results"),
+            f'<p class="note">{html.escape(CI_NOTE_GROUPED if grouped else CI_NOTE)}</p>',
+        ]
+    )
+
+
+def compare_table_html(rows: list[dict], columns: list[tuple[str, str]], links: list[str] | None = None) -> str:
+    """``compare_table`` as HTML; ``links`` (one per row, relative URLs) turn the first column into links."""
+    body = []
+    for i, row in enumerate(rows):
+        first = html.escape(str(row.get(columns[0][0], "")))
+        if links and links[i]:
+            first = f'<a href="{html.escape(links[i])}">{first}</a>'
+        body.append([first] + [cell_html(row.get(key)) for key, _ in columns[1:]])
+    return _html_table([header for _, header in columns], body, "results")
+
+
+def image_html(path: PathLike, alt: str) -> str:
+    """An ``<img>`` holding the PNG at ``path`` as a data URI, so the page stays one file."""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" title="{html.escape(alt)}">'
+
+
+def _plot_files(folder: Path) -> list[Path]:
+    found = sorted((folder / "plots").glob("*.png")) if (folder / "plots").is_dir() else []
+    first = [p for name in PLOTS for p in found if p.name == name]
+    return first + [p for p in found if p not in first]
+
+
+def _summary_html(results: dict | None, folder: Path) -> list[str]:
+    """The report's top: the results table, then every plot in ``folder/plots``."""
+    parts = []
+    if results is not None:
+        parts += ['<h2 id="results">Results</h2>', results_html(results)]
+    plots = _plot_files(folder)
+    if plots:
+        images = [image_html(p, f"plots/{p.name}") for p in plots]
+        parts += ['<h2 id="plots">Plots</h2>', '<div class="plots">', *images, "</div>"]
+    return parts
+
+
+def _read_results(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 _CONTEXT_CHARS = 600
 _GREEN, _RED = (0, 150, 0), (210, 0, 0)
 _BLACK, _WHITE = (0, 0, 0), (255, 255, 255)
@@ -240,6 +333,13 @@ body { font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; 
              max-width: 28rem; padding: 0.3rem 0.6rem; border: 1px dashed #6a4fc4; border-radius: 4px;
              background: #f4f0ff; color: #222; font-size: 0.8rem; white-space: pre-wrap; cursor: auto; }
 .mark:hover .tip, .mark:focus .tip, .mark:focus-within .tip { display: block; }
+table.results { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.9rem; }
+table.results th, table.results td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left;
+                                     vertical-align: top; }
+table.results thead th { background: #f0f0f0; }
+table.results td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
+.ci { color: #666; font-size: 0.85em; }
+.plots img { display: block; max-width: 100%; height: auto; margin: 0.6rem 0; border: 1px solid #eee; }
 """
 
 
@@ -365,17 +465,28 @@ def _passage_legend_html() -> str:
     )
 
 
-def html_report(items: list[dict], path: PathLike, title: str, passages: list[dict] | None = None) -> None:
-    """A self-contained HTML page (inline CSS, no JS): ``passages`` (text: whole windows with a marker per thought
-    position), then context, thought and Δ-coloured target per item.
+def html_report(
+    items: list[dict],
+    path: PathLike,
+    title: str,
+    passages: list[dict] | None = None,
+    results: dict | None = None,
+) -> None:
+    """A self-contained HTML page (inline CSS, no JS): the results table and the plots on top, then ``passages``
+    (text: whole windows with a marker per thought position), then context, thought and Δ-coloured target per item.
 
+    ``results`` defaults to the ``results.json`` beside ``path``, and the plots are the PNGs in ``plots/`` beside it
+    (embedded as data URIs), so the page shows what its evaluation folder holds.
     A passage is ``{"title", "tokens": [[text, Δ or None], ...], "marks": [{"at": token index, "thought": text or
     None, "reward": float or None}, ...], "note"}``; an item is ``{"title", "context", "thought", "tokens", "note"}``.
     """
-    sections = []
+    folder = Path(path).parent
+    sections = _summary_html(results if results is not None else _read_results(folder), folder)
     if passages:
         sections += ["<h2>Passages</h2>", _passage_legend_html(), *(_passage_html(p) for p in passages)]
         sections.append("<h2>Positions</h2>")
+    elif sections:
+        sections.append('<h2 id="items">Items</h2>')
     page = "\n".join(
         [
             "<!DOCTYPE html>",
@@ -386,6 +497,152 @@ def html_report(items: list[dict], path: PathLike, title: str, passages: list[di
             *sections,
             _legend_html(),
             *(_item_html(item) for item in items),
+            "</body></html>",
+        ]
+    )
+    write_atomic(path, (page + "\n").encode("utf-8"))
+
+
+# ---------------------------------------------------------------- compare.html
+
+_THOUGHT_CHARS = 280  # a longer best thought shows its start; the rest opens in a <details>
+
+_COMPARE_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fff; }
+h1 { font-size: 1.3rem; } h2 { font-size: 1.1rem; margin-top: 1.6rem; }
+.note { font-size: 0.85rem; color: #555; }
+.ci { color: #666; font-size: 0.85em; }
+table.results { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.9rem; }
+table.results th, table.results td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }
+table.results thead th { background: #f0f0f0; }
+table.results td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.items { border-collapse: separate; border-spacing: 0; table-layout: fixed; width: 100%; font-size: 0.85rem; }
+table.items th, table.items td { border-right: 1px solid #ddd; border-bottom: 1px solid #ddd; padding: 0.4rem 0.5rem;
+                                 vertical-align: top; text-align: left; overflow-wrap: anywhere; }
+table.items thead th { position: sticky; top: 0; z-index: 2; background: #eef0f5; border-bottom: 2px solid #99a;
+                       font-size: 0.9rem; }
+table.items tbody tr:nth-child(even) th, table.items tbody tr:nth-child(even) td { background: #fafafa; }
+table.items tbody th { font-weight: normal; }
+.item-title { font-weight: bold; }
+.question, .thought { white-space: pre-wrap; }
+.thought { font-family: ui-monospace, monospace; font-size: 0.8rem; background: #f4f0ff;
+           border-left: 3px solid #6a4fc4; padding: 0.2rem 0.4rem; margin-top: 0.3rem; }
+.empty { color: #888; font-style: italic; }
+.gold { color: #555; margin-top: 0.3rem; }
+.reward { font-variant-numeric: tabular-nums; font-weight: bold; white-space: nowrap; }
+.reward.pos { color: #1b5e20; } .reward.neg { color: #b71c1c; }
+.verdict { margin-left: 0.4rem; padding: 0 0.3rem; border-radius: 3px; white-space: nowrap; }
+.verdict.right { background: #dff2df; color: #1b5e20; } .verdict.wrong { background: #fbe0e0; color: #b71c1c; }
+.verdict.na { color: #666; }
+.unfinished { color: #8a5a00; font-size: 0.75rem; margin-left: 0.3rem; white-space: nowrap; }
+td.top { box-shadow: inset 3px 0 0 #2e7d32; }
+details summary { cursor: pointer; color: #444; }
+details.others { margin-top: 0.3rem; font-size: 0.78rem; }
+details.others ol { margin: 0.2rem 0 0; padding-left: 1.3rem; }
+details.others li { margin: 0.15rem 0; }
+"""
+
+
+def _verdict_html(right: bool | None, answer: str | None) -> str:
+    said = f" ({html.escape(answer)})" if answer is not None else ""
+    if right is None:
+        return f'<span class="verdict na">no answer checked{said}</span>' if said else ""
+    word = "✓ right" if right else "✗ wrong"
+    return f'<span class="verdict {"right" if right else "wrong"}">{word}{said}</span>'
+
+
+def _reward_html(reward: float) -> str:
+    shown = round(reward, 3)  # the colour follows the number shown: -0.0004 is no loss
+    sign = "pos" if shown > 0 else "neg" if shown < 0 else "zero"
+    return f'<span class="reward {sign}">reward {reward:+.3f}</span>'
+
+
+def _thought_text_html(text: str) -> str:
+    """The thought, escaped; a long one shows its start and opens in full."""
+    if not text.strip():
+        return '<div class="thought empty">(empty thought)</div>'
+    if len(text) <= _THOUGHT_CHARS:
+        return f'<div class="thought">{html.escape(text)}</div>'
+    head = html.escape(text[:_THOUGHT_CHARS].rstrip() + " …")
+    full = f'<div class="thought">{html.escape(text)}</div>'
+    return f'<details class="long"><summary class="thought">{head}</summary>{full}</details>'
+
+
+def _compare_cell_html(cell: dict | None, top: bool) -> str:
+    """One template's best thought for one item: reward, right/wrong, the thought, and every thought folded."""
+    if cell is None:
+        return '<td class="missing"><span class="empty">not evaluated</span></td>'
+    right = cell.get("right")
+    attrs = f' data-reward="{cell["reward"]:.6f}" data-right="{"" if right is None else str(bool(right)).lower()}"'
+    parts = [_reward_html(cell["reward"]), _verdict_html(right, cell.get("answer"))]
+    if cell.get("finished") is False:
+        parts.append('<span class="unfinished">unfinished</span>')
+    parts.append(_thought_text_html(cell["thought"]))
+    others = cell.get("thoughts") or []
+    if len(others) > 1:
+        rows = []
+        for t in others:
+            text = html.escape(t["text"]) if t["text"].strip() else '<span class="empty">(empty)</span>'
+            rows.append(f"<li>{_reward_html(t['reward'])}{_verdict_html(t.get('right'), t.get('answer'))} {text}</li>")
+        parts.append(
+            f'<details class="others"><summary>all {len(others)} thoughts</summary><ol>{"".join(rows)}</ol></details>'
+        )
+    return f'<td class="{"cell top" if top else "cell"}"{attrs}>{"".join(parts)}</td>'
+
+
+def _compare_item_html(item: dict, n_templates: int) -> str:
+    head = [f'<div class="item-title">{html.escape(str(item["title"]))}</div>']
+    if item.get("question"):
+        head.append(f'<div class="question">{html.escape(str(item["question"]))}</div>')
+    if item.get("gold") is not None:
+        head.append(f'<div class="gold">gold: <b>{html.escape(str(item["gold"]))}</b></div>')
+    cells = item["cells"] + [None] * (n_templates - len(item["cells"]))
+    rewards = [c["reward"] for c in cells if c is not None]
+    best = max(rewards) if len(set(rewards)) > 1 else None  # a row where all templates tie marks none
+    tds = [_compare_cell_html(c, best is not None and c is not None and c["reward"] == best) for c in cells]
+    anchor = f' id="{html.escape(str(item["anchor"]))}"' if item.get("anchor") else ""
+    return f'<tr{anchor}><th scope="row">{"".join(head)}</th>{"".join(tds)}</tr>'
+
+
+def compare_html(
+    path: PathLike,
+    title: str,
+    summary: str,
+    templates: list[str],
+    items: list[dict],
+    notes: list[str] = (),
+) -> None:
+    """``compare.html``: ``summary`` (an HTML table, e.g. ``compare_table_html``) on top, then one row per item and
+    one column per template (equal widths, a header that stays on screen while scrolling).
+
+    An item is ``{"title", "question", "gold", "anchor" (the row's id), "cells": [cell or None per template]}``;
+    a cell is ``{"thought", "reward", "right": bool or None, "answer": str or None, "finished", "thoughts": [{"text",
+    "reward", "right", "answer"}, ...]}``, the best thought by reward first. The highest reward of a row is marked
+    (``td.top``; a row where all templates tie marks none).
+    """
+    first = 22 if len(templates) <= 4 else 16  # % of the width for the item column; the templates share the rest
+    cols = [f'<col style="width: {first}%">'] + [f'<col style="width: {(100 - first) / len(templates):.3f}%">'] * len(
+        templates
+    )
+    head = "".join(f'<th scope="col">{html.escape(name)}</th>' for name in ["item", *templates])
+    min_width = 16 + 15 * len(templates)  # rem: wide comparisons scroll sideways instead of squeezing each column
+    rows = "\n".join(_compare_item_html(item, len(templates)) for item in items)
+    page = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{html.escape(title)}</title>",
+            f"<style>{_COMPARE_CSS}table.items {{ min-width: {min_width}rem; }}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1>",
+            '<h2 id="summary">Summary</h2>',
+            summary,
+            *(f'<p class="note">{html.escape(n)}</p>' for n in notes),
+            f'<h2 id="items">Items ({len(items)})</h2>',
+            '<p class="note">Each cell: the template\'s best thought by reward (log p of the gold answer after the '
+            "thought minus after the null thought), whether the answer after it was right, and all its thoughts "
+            "folded below. A green left edge marks the row's highest reward.</p>",
+            f'<table class="items"><colgroup>{"".join(cols)}</colgroup><thead><tr>{head}</tr></thead>',
+            f"<tbody>\n{rows}\n</tbody></table>",
             "</body></html>",
         ]
     )
