@@ -29,20 +29,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loading import ENV, LAUNCH, ROOT  # noqa: E402  (the same 2-process CPU launch)
+from bench_loading import ENV, LAUNCH, ROOT, TRAIN  # noqa: E402  (the same 2-process CPU launch and recipe)
 
-TRAIN = [
-    "trainer.max_steps=1",
-    "trainer.batch_positions=2",
-    "data.eval_positions=2",
-    "rollout.num_thoughts=2",
-    "rollout.max_thought_len=4",
-    "trainer.report_to=none",
-    "trainer.progress=false",
-    "trainer.sharding=fsdp2",
-    "trainer.eval_every=0",
-    "trainer.save_every=1",
-]
+TRAIN = [*TRAIN, "trainer.max_steps=1", "trainer.save_every=1"]  # later overrides win: one step, its checkpoint
 VARIANTS = ("whole", "streamed")
 
 

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from thinkrl.errors import ConfigError
+from thinkrl.models.meta_loading import to_empty_keeping_buffers
 
 SHARDED_DIR = "sharded"
 
@@ -187,19 +188,14 @@ def _restore_marker_originals(model: nn.Module) -> None:
 def fill_from_sharded(path: Path, roles, device: torch.device) -> None:
     """Every weight group's model and the head from ``path/sharded``, one tensor at a time, on ``device``.
 
-    A model built on the meta device (``build_roles(meta=True)``) gets empty storage on ``device`` first (its
-    buffers, real on the meta device, are kept, as ``sharding.shard_roles`` keeps them); whole ones are moved there.
+    A model built on the meta device (``build_roles(meta=True)``) gets empty storage on ``device`` first, its real
+    buffers kept (``meta_loading.to_empty_keeping_buffers``, as ``sharding.shard_roles`` does); whole ones are moved.
     Names match the checkpoint's (same container), so a model whose tensors differ from the checkpoint's in name or
     shape raises the one-line ConfigError of ``load_sharded``."""
     tensors = ShardedTensors(path)
     for name, module in container(roles).items():
         if any(p.is_meta for p in module.parameters()):
-            buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
-            module.to_empty(device=device)
-            with torch.no_grad():
-                for n, b in module.named_buffers():
-                    if n in buffers and buffers[n].device.type != "meta":
-                        b.copy_(buffers[n])
+            to_empty_keeping_buffers(module, device)  # peft's marker originals: _restore_marker_originals below
         else:
             module.to(device)
         state = module.state_dict(keep_vars=True)

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from thinkrl.errors import ConfigError
 from thinkrl.models.checkpointing import decoder_layers as checkpointed_layers
+from thinkrl.models.meta_loading import to_empty_keeping_buffers
 
 
 def uses_fsdp2(accelerator, setting: str) -> bool:
@@ -129,13 +130,11 @@ def shard_roles(roles, device: torch.device, policy: MixedPrecisionPolicy, fill=
     see ``hsdp_mesh``.
 
     A model built on the meta device (``models/meta_loading``) is sharded there, given empty local shards, and
-    then ``fill(group, model, buffers)`` writes them; ``buffers`` are its buffers from before ``to_empty``."""
+    then ``fill(group, model, made)`` writes them (``made``: its buffers that were on the meta device too)."""
     for group, model in roles.models.items():
         if any(p.is_meta for p in model.parameters()):
-            buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
             shard_model(model, policy, mesh)
-            model.to_empty(device=device)
-            fill(group, model, buffers)
+            fill(group, model, to_empty_keeping_buffers(model, device))
             continue
         model.to(device)
         shard_model(model, policy, mesh)

@@ -36,6 +36,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from thinkrl.errors import ModelLoadError
+from thinkrl.models.roles import EOT, SOT, from_pretrained_or_error, resolve_model_path
 
 PEFT_PREFIX = "base_model.model."
 WRAPPERS = (".base_layer", ".token_adapter")  # module levels peft inserts between a layer and its weight
@@ -43,8 +44,6 @@ WRAPPERS = (".base_layer", ".token_adapter")  # module levels peft inserts betwe
 
 def checkpoint_files(path: str) -> dict[str, Path]:
     """Checkpoint tensor name → the safetensors file holding it (single file, or sharded with an index)."""
-    from thinkrl.models.roles import resolve_model_path
-
     folder = Path(resolve_model_path(path)).expanduser()
     if not folder.is_dir():
         try:
@@ -72,8 +71,6 @@ def checkpoint_files(path: str) -> dict[str, Path]:
 def meta_model(path: str, tokenizer, dtype: torch.dtype, attn: str) -> PreTrainedModel:
     """The model of ``path`` without weights: untied, its vocabulary grown to the tokenizer's (as build_model
     does), parameters on the meta device, buffers real."""
-    from thinkrl.models.roles import from_pretrained_or_error
-
     config = from_pretrained_or_error(AutoConfig, path, "model")
     config.tie_word_embeddings = False
     config.vocab_size = max(config.vocab_size, len(tokenizer))
@@ -115,21 +112,20 @@ class CheckpointFiller:
         modules = {id(m): checkpoint_key(n) for n, m in model.named_modules()}
         self.embed_key = modules[id(self.base.get_input_embeddings())] + ".weight"
         self.head_key = modules[id(self.base.get_output_embeddings())] + ".weight"
-        self.marker_ids = tokenizer.convert_tokens_to_ids(["<|startofthought|>", "<|endofthought|>"])
+        self.marker_ids = tokenizer.convert_tokens_to_ids([SOT, EOT])
         self.init_ids = tokenizer.encode(init_text, add_special_tokens=False) or [tokenizer.eos_token_id]
         self._marker_rows: dict[str, torch.Tensor] = {}
 
     # -------------------------------------------------------------------------------------------------------------
-    def fill(self, buffers: dict[str, torch.Tensor]) -> None:
-        """Every parameter's local shard; buffers back from ``buffers`` (saved before ``to_empty``), or made."""
+    def fill(self, made: list[str]) -> None:
+        """Every parameter's local shard, and the buffers named in ``made`` (those that were on the meta device:
+        peft's marker rows; ``to_empty_keeping_buffers`` put the others back)."""
         with torch.no_grad():
             for name, param in self.model.named_parameters():
                 self._fill(name, param)
-            for name, buf in self.model.named_buffers():
-                if name in buffers and buffers[name].device.type != "meta":
-                    buf.copy_(buffers[name])
-                else:
-                    self._fill(name, buf)
+            buffers = dict(self.model.named_buffers())
+            for name in made:
+                self._fill(name, buffers[name])
 
     def _fill(self, name: str, tensor: torch.Tensor) -> None:
         local, offset = local_rows(tensor)
@@ -137,7 +133,7 @@ class CheckpointFiller:
             return
         rows = slice(offset[0], offset[0] + local.shape[0])
         if "lora_A." in name:
-            local.copy_(self._drawn(name, tensor, "kaiming")[rows])
+            local.copy_(self._drawn(name, tensor.shape, tensor.dtype, "kaiming")[rows])
         elif "lora_B." in name:
             local.zero_()
         elif "trainable_tokens_" in name:  # peft's marker rows of the embedding or LM head it adapts
@@ -163,9 +159,9 @@ class CheckpointFiller:
                 local[: end - rows.start].copy_(stored[rows.start : end].to(local.dtype))
         if key in (self.embed_key, self.head_key):
             if rows.stop > saved_rows:  # rows the tokenizer added: drawn as resize_token_embeddings draws them
-                new = self._drawn(name, tensor, "normal")
+                new = self._drawn(name, (tensor.shape[0] - saved_rows, *tensor.shape[1:]), tensor.dtype, "normal")
                 lo = max(rows.start, saved_rows)
-                local[lo - rows.start :].copy_(new[lo : rows.stop])
+                local[lo - rows.start :].copy_(new[lo - saved_rows : rows.stop - saved_rows])
             for i in self.marker_ids:
                 if rows.start <= i < rows.stop:
                     local[i - rows.start].copy_(self.marker_rows(key)[0])
@@ -181,22 +177,35 @@ class CheckpointFiller:
             self._marker_rows[key] = picked.mean(0, keepdim=True).to(dtype)
         return self._marker_rows[key]
 
-    def _drawn(self, name: str, tensor: torch.Tensor, how: str) -> torch.Tensor:
-        """A full tensor drawn on every process alike (small: LoRA matrices, or the embedding's shape for new rows,
-        of which only this process's rows are kept)."""
-        full = torch.empty(tensor.shape, dtype=torch.float32)
+    def _drawn(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, how: str) -> torch.Tensor:
+        """A tensor drawn on every process alike, of which each keeps its rows: small (a LoRA matrix, or the block
+        of rows past the checkpoint's vocabulary)."""
+        full = torch.empty(shape, dtype=torch.float32)
         g = _generator(self.seed, name)
         if how == "kaiming":  # peft's LoRA A initialisation
             nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=g)
         else:
             nn.init.normal_(full, std=getattr(self.config, "initializer_range", 0.02), generator=g)
-        return full.to(tensor.dtype)
+        return full.to(dtype)
 
 
-def fill_sharded(cfg, tokenizer, group: str, model: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+def to_empty_keeping_buffers(module: nn.Module, device: torch.device) -> list[str]:
+    """``module.to_empty(device)`` with its real buffers (RoPE's frequencies, built with the model) put back; returns
+    the names of the buffers that were on the meta device, which the caller fills."""
+    real = {n: b.detach().clone() for n, b in module.named_buffers() if not b.is_meta}
+    made = [n for n, b in module.named_buffers() if b.is_meta]
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in real:
+                buf.copy_(real[name])
+    return made
+
+
+def fill_sharded(cfg, tokenizer, group: str, model: nn.Module, made: list[str]) -> None:
     """``sharding.shard_roles``'s fill: the local shards of weight group ``group``'s model from its files."""
     path = cfg.model.spec(group).path
-    CheckpointFiller(model, path, tokenizer, cfg.model.thought_init_token, cfg.trainer.seed).fill(buffers)
+    CheckpointFiller(model, path, tokenizer, cfg.model.thought_init_token, cfg.trainer.seed).fill(made)
 
 
 def _unwrapped(model: nn.Module) -> PreTrainedModel:

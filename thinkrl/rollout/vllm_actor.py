@@ -29,6 +29,7 @@ import torch
 
 from thinkrl.data.windows import WindowBatch, batch_positions
 from thinkrl.errors import ConfigError, ThinkRLError
+from thinkrl.models.meta_loading import checkpoint_key
 from thinkrl.rollout.base import RolloutActor, ThoughtBatch, empty_thoughts
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def export_weights(model, tokenizer, path: Path) -> None:
         try:
             base = model.get_base_model()
             state = {
-                k.replace(".token_adapter", "").replace(".base_layer", ""): v
+                checkpoint_key(k): v
                 for k, v in base.state_dict().items()
                 if "lora_" not in k and "trainable_tokens" not in k
             }

@@ -18,10 +18,7 @@ import torch
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
 from thinkrl.distributed.sharding import full_tensors, is_sharded
-
-
-def _checkpoint_name(name: str) -> str:
-    return name.replace(".token_adapter", "").replace(".base_layer", "")
+from thinkrl.models.meta_loading import checkpoint_key
 
 
 def _keep(name: str) -> bool:
@@ -57,12 +54,12 @@ class ReasonerSource(WeightSource):
         items = full_tensors(base) if is_sharded(base) else base.state_dict().items()
         for name, tensor in items:
             if _keep(name):
-                yield _checkpoint_name(name), tensor
+                yield checkpoint_key(name), tensor
 
     def metadata(self) -> list[ParamMeta]:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         state = base.state_dict()  # DTensors report their global shape: nothing is gathered here
-        return [ParamMeta(_checkpoint_name(n), t.dtype, tuple(t.shape)) for n, t in state.items() if _keep(n)]
+        return [ParamMeta(checkpoint_key(n), t.dtype, tuple(t.shape)) for n, t in state.items() if _keep(n)]
 
     def groups(self) -> list[list[str]]:
         groups: list[list[str]] = []
