@@ -12,6 +12,7 @@
 #   scripts/study_smollm2.sh a            # thoughts before GSM8K answers    (configs/smollm2/study_a_gsm8k.yaml)
 #   scripts/study_smollm2.sh b            # thoughts that must carry text    (configs/smollm2/study_b_wikitext.yaml)
 #   scripts/study_smollm2.sh c            # the Quiet-STaR setting            (configs/smollm2/study_c_quiet_star.yaml)
+#   scripts/study_smollm2.sh d            # (b) from an LM-adapted start      (configs/smollm2/study_d_wikitext.yaml)
 #   SEEDS=0 OUT=runs/try scripts/study_smollm2.sh a   # another seed list or output folder
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,12 +22,27 @@ case "${1:-}" in
   a) config=configs/smollm2/study_a_gsm8k.yaml; task=gsm8k; limit=300; k=4 ;;
   b) config=configs/smollm2/study_b_wikitext.yaml; task=text; limit=256; k=4 ;;
   c) config=configs/smollm2/study_c_quiet_star.yaml; task=text; limit=508; k=2 ;;
-  *) echo "usage: scripts/study_smollm2.sh a|b|c   (SEEDS=0,1,2 OUT=runs/study-smollm2-<recipe>)" >&2; exit 2 ;;
+  d) config=configs/smollm2/study_d_wikitext.yaml; task=text; limit=256; k=4 ;;
+  *) echo "usage: scripts/study_smollm2.sh a|b|c|d   (SEEDS=0,1,2 OUT=runs/study-smollm2-<recipe>)" >&2; exit 2 ;;
 esac
 out=${OUT:-runs/study-smollm2-$1}
+if [ "$1" = d ]; then
+  # Stage 1: LM adaptation until the held-out NLL is flat (the rule is in study_d_adapt.yaml); both arms start there;
+  # then the upper bound (all 256 tokens, no thought) and the copy gauge's chance level (untrained thoughts).
+  PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+  THINKRL="$THINKRL" "$PYTHON" scripts/adapt_until_flat.py \
+    --config configs/smollm2/study_d_adapt.yaml --out "$out/adapt"
+  config_d=("model.init_from=$out/adapt")
+  [ -f "$out/eval/upper_bound/results.json" ] || "$THINKRL" eval --config "$config" --task "$task" --limit "$limit" \
+    --no-generate --thoughts none --output "$out/eval/upper_bound" "${config_d[@]}" data.interpreter_window=0
+  [ -f "$out/eval/untrained/results.json" ] || "$THINKRL" eval --config "$config" --task "$task" --limit "$limit" \
+    --no-generate --thoughts "none,null,sampled:$k" --output "$out/eval/untrained" "${config_d[@]}"
+else
+  config_d=()
+fi
 
 for seed in ${SEEDS//,/ }; do
-  "$THINKRL" sweep --config "$config" --seeds "$seed" --compute-matched-baseline --out "$out"
+  "$THINKRL" sweep --config "$config" --seeds "$seed" --compute-matched-baseline --out "$out" "${config_d[@]}"
   "$THINKRL" eval --model "$out/seed-$seed" --task "$task" --limit "$limit" --no-generate \
     --thoughts "none,null,sampled:$k" --output "$out/eval/thoughts/seed-$seed"
   "$THINKRL" eval --model "$out/baseline/seed-$seed" --task "$task" --limit "$limit" --no-generate \
@@ -37,5 +53,6 @@ done_seeds=$(for f in "$out"/eval/baseline/seed-*/results.json; do basename "$(d
   sed 's/^seed-//' | sort -n)
 evals=()
 for seed in $done_seeds; do evals+=("$out/eval/thoughts/seed-$seed" "$out/eval/baseline/seed-$seed"); done
-"$THINKRL" sweep --config "$config" --seeds "$(echo $done_seeds | tr ' ' ,)" --compute-matched-baseline --out "$out"
+"$THINKRL" sweep --config "$config" --seeds "$(echo $done_seeds | tr ' ' ,)" --compute-matched-baseline --out "$out" \
+  "${config_d[@]}"
 "$THINKRL" aggregate "${evals[@]}" --out "$out/eval/study"

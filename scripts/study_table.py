@@ -60,6 +60,7 @@ def row(name: str, study: dict) -> str:
         _plain(m.get(f"{mode}/null_rate"), 2),
         _plain(m.get(f"{mode}/thought_len"), 1),
         _plain(m.get(f"{mode}/unfinished_rate"), 2),
+        _plain(m.get(f"{mode}/copy_rate"), 3),
         _plain(baseline["metrics"].get("none/nll")) if baseline else "–",
         _cell(m.get("matched_lm/delta_nll")),
     ]
@@ -68,8 +69,8 @@ def row(name: str, study: dict) -> str:
 
 HEADER = (
     "| recipe | seeds | NLL after thought | NLL null | NLL no thought | NLL(null) − NLL(thought) "
-    "| NLL(no thought) − NLL(thought) | null rate | thought length | unfinished | baseline NLL "
-    "| NLL(baseline) − NLL(thought) |\n|" + "---|" * 12
+    "| NLL(no thought) − NLL(thought) | null rate | thought length | unfinished | copy rate | baseline NLL "
+    "| NLL(baseline) − NLL(thought) |\n|" + "---|" * 13
 )
 
 

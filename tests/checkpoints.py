@@ -1,6 +1,7 @@
 """What a checkpoint holds after its step's optimizer update, read independently of the trainer's loading code:
-every trained parameter's weight and AdamW moments keyed by name (``A.model.layers.0...``), for unsharded
-(accelerate's files) and sharded (torch distributed checkpoint) checkpoints alike. Resume tests compare these
+every trained parameter's weight and AdamW moments keyed by name (``A.model.layers.0...``), and the EMA reference's
+weights (``reward.baseline=ema``, keyed by the interpreter model's own names), for unsharded (accelerate's files) and
+sharded (torch distributed checkpoint) checkpoints alike. Resume tests compare these
 with the uninterrupted run's, so a dropped or misassigned optimizer state, or a wrong LR step, shows."""
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def _unsharded(ckpt: Path) -> dict[str, torch.Tensor]:
     for index, state in optim["state"].items():
         out.update({f"{m}:{order[index]}": state[m] for m in MOMENTS})
     out["lr"] = torch.tensor([g["lr"] for g in optim["param_groups"]], dtype=torch.float64)
+    for custom in sorted(ckpt.glob("custom_checkpoint_*.pkl")):  # accelerate's registered objects: the EMA's
+        state = torch.load(custom, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and "decay" in state and state.get("weights") is not None:
+            out.update({f"ema:{name}": value for name, value in state["weights"].items()})
     return out
 
 
@@ -52,11 +57,13 @@ def _sharded(ckpt: Path) -> dict[str, torch.Tensor]:
     for name in order:
         out.update({f"{m}:{name}": saved["optim"]["state"][name][m] for m in MOMENTS})
     out["lr"] = torch.tensor([g["lr"] for g in saved["optim"]["param_groups"]], dtype=torch.float64)
+    out.update({f"ema:{name}": value for name, value in saved.get("ema", {}).items()})
     return out
 
 
 def trained_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """``weight:<name>``, ``exp_avg:<name>``, ``exp_avg_sq:<name>`` per trained parameter, and ``lr`` per group."""
+    """``weight:<name>``, ``exp_avg:<name>``, ``exp_avg_sq:<name>`` per trained parameter, ``lr`` per group, and
+    ``ema:<name>`` per EMA weight when the run keeps an EMA reference."""
     ckpt = Path(ckpt)
     return _sharded(ckpt) if is_sharded_checkpoint(ckpt) else _unsharded(ckpt)
 
@@ -65,11 +72,14 @@ def assert_same_state(got: Path, want: Path, exact: bool = False, outliers: floa
     """``got``'s weights, moments and learning rates equal ``want``'s: bitwise when ``exact``, else within the float
     noise of another reduction order. Adam's normalisation turns a ~1e-7 gradient difference into up to lr where a
     gradient is ~0, so a handful of elements (at most the share ``outliers``) may differ by a fraction of lr; every
-    mean stays at noise level."""
+    mean stays at noise level. EMA weights are compared as weights when ``want`` has them (``got`` must too)."""
     a, b = trained_state(got), trained_state(want)
+    ema = any(k.startswith("ema:") for k in b)
+    if not ema:  # a run with an EMA reference against one without: the rest must still agree
+        a = {k: v for k, v in a.items() if not k.startswith("ema:")}
     assert a.keys() == b.keys()
     assert torch.equal(a["lr"], b["lr"]), f"learning rates {a['lr'].tolist()} != {b['lr'].tolist()}"
-    for kind in ("weight", *MOMENTS):
+    for kind in ("weight", *MOMENTS, *(("ema",) if ema else ())):
         keys = [k for k in a if k.startswith(f"{kind}:")]
         assert keys, kind
         if exact:
@@ -79,6 +89,6 @@ def assert_same_state(got: Path, want: Path, exact: bool = False, outliers: floa
         diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in keys])
         scale = torch.cat([b[k].float().abs().flatten() for k in keys]).mean()
         assert float(diffs.mean()) <= 1e-5 * float(scale) + 1e-12, f"{kind}: mean |diff| {float(diffs.mean()):.3g}"
-        if kind == "weight":
+        if kind in ("weight", "ema"):
             assert float((diffs > 1e-5).float().mean()) < outliers, kind
             assert float(diffs.max()) <= 1e-3, kind

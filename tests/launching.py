@@ -53,9 +53,11 @@ def _env(gpu: bool = False) -> dict[str, str]:
     return env
 
 
-def train(launcher: list[str], out: Path, *extra: str, gpu: bool = False) -> subprocess.CompletedProcess:
-    """``thinkrl train`` on COMMON + extra; on the CPU unless ``gpu`` (then on whatever GPU there is)."""
-    cmd = [*launcher, "-m", "thinkrl", "train", *COMMON, f"trainer.output_dir={out}", *extra]
+def train(
+    launcher: list[str], out: Path, *extra: str, gpu: bool = False, recipe: list[str] = COMMON
+) -> subprocess.CompletedProcess:
+    """``thinkrl train`` on ``recipe`` (COMMON) + extra; on the CPU unless ``gpu`` (then on whatever GPU there is)."""
+    cmd = [*launcher, "-m", "thinkrl", "train", *recipe, f"trainer.output_dir={out}", *extra]
     with one_launch_at_a_time(launcher is not ONE):
         return subprocess.run(cmd, cwd=ROOT, env=_env(gpu), capture_output=True, text=True, timeout=600)
 

@@ -129,6 +129,12 @@ class ModelConfig:
         "safetensors files, models/meta_loading.py) | full (every process loads whole models, then shards them)",
         "meta",
     )
+    init_from: str = described(
+        "start from another run's weights: its run folder (newest whole checkpoint) or a checkpoint-<step> folder; "
+        "models (thought markers, LoRA) and a mixing head of the same form come over, the optimizer, step and data "
+        "position start fresh in this run's own folder (run/init_from.py); '' = the model paths' weights",
+        "",
+    )
 
     def __post_init__(self):
         if len(self.weight_groups) != len(ROLES):
@@ -494,7 +500,7 @@ class RewardConfig:
     baseline: str | None = described(
         "what a thought's prediction is compared with: null (the null thought, TRICE; YAML's null means it too) | "
         "no_thought (the base model reading no thought, Quiet-STaR) | ema (an exponential moving average of the "
-        "interpreter's weights reading no thought, RLP; unsharded runs)",
+        "interpreter's weights reading no thought, RLP; sharded like the interpreter under fsdp2/hsdp)",
         "null",
     )
     ema_decay: float = described(
@@ -505,6 +511,12 @@ class RewardConfig:
     clip: float = described("clip rewards to [-clip, clip] before advantages; 0 = off", 0.0)
     length_penalty: float = described("subtracted per thought token", 0.0)
     unfinished_penalty: float = described("subtracted when a thought hits max_thought_len without its end token", 0.0)
+    copy_penalty: float = described(
+        "subtracted (after the clip, like the other penalties) from the reward of a thought whose tokens contain the "
+        "first target token y_1, against the reward hacking of repeating the target (docs/evaluation.md, copy "
+        "gauge). It changes what is learned: it also penalises thoughts that legitimately predict y_1. 0 = off",
+        0.0,
+    )
 
     def __post_init__(self):
         check_choice("reward.source", self.source, ("mixed", "interpreter"))
@@ -515,7 +527,7 @@ class RewardConfig:
             raise ConfigError(f"reward.ema_decay must be in [0, 1], got {self.ema_decay}")
         if not 0.0 < self.discount <= 1.0:
             raise ConfigError(f"reward.discount must be in (0, 1], got {self.discount}")
-        for name in ("clip", "length_penalty", "unfinished_penalty"):
+        for name in ("clip", "length_penalty", "unfinished_penalty", "copy_penalty"):
             check_positive(f"reward.{name}", getattr(self, name), allow_zero=True)
 
 
@@ -710,8 +722,6 @@ class Config:
             raise ConfigError(
                 "rollout.async_steps and learner.updates_per_rollout>1 both make rollouts stale: use one of them"
             )
-        if self.reward.baseline == "ema" and self.trainer.sharding != "none":
-            raise ConfigError("reward.baseline=ema keeps a whole copy of the interpreter: use trainer.sharding=none")
         if self.head.form == "none" and self.reward.source == "mixed":
             self.reward.source = "interpreter"  # nothing to mix: both names mean the interpreter's prediction
         if self.model.tokenizer == "synthetic" and self.data.source != "synthetic":

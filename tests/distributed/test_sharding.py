@@ -1,8 +1,12 @@
 """FSDP2 sharding (trainer.sharding=fsdp2): real `accelerate launch`-ed processes (gloo on CPU) that call
 fully_shard themselves, against a 1-process unsharded run with the same global batch; sharded checkpoints that
 resume under other process counts and in the other mode; export and evaluation of sharded checkpoints (streamed:
-one tensor at a time, no model built for export, models on the meta device for evaluation)."""
+one tensor at a time, no model built for export, models on the meta device for evaluation). The sharded runs keep
+an EMA reference (reward.baseline=ema, sharded like its model): with leave-one-out advantages its per-position
+reference cancels, so their updates still equal the unsharded run's, and its own weights are checked in every
+checkpoint and resume. The RLP recipe (configs/rlp/) trains in 2 processes with its vLLM engines."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -12,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import assert_same_state, trained_state
-from launching import ONE, ok, step_metrics, train, two_processes
+from launching import ONE, ROOT, ok, step_metrics, train, two_processes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -39,6 +43,11 @@ def _exported_weights(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+# The sharded runs' reward reference: an EMA of the interpreter that moves half way each step, so a wrong restore or
+# update shows in its weights.
+EMA = ["reward.baseline=ema", "reward.ema_decay=0.5"]
+
+
 def _resume_from(run: Path, step: int, dest: Path) -> Path:
     """A copy of ``run`` holding only its checkpoint-<step> (the next run resumes there)."""
     shutil.copytree(run, dest)
@@ -50,10 +59,11 @@ def _resume_from(run: Path, step: int, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, single_run):
-    """Two steps each, a checkpoint after every step: 1 process unsharded, and 2 processes with FSDP2."""
+    """Two steps each, a checkpoint after every step: 1 process unsharded, and 2 processes with FSDP2 and the EMA
+    reward reference."""
     root = tmp_path_factory.mktemp("sharding")
     sharded = root / "sharded"
-    ok(train(two_processes(), sharded, "trainer.max_steps=2", "trainer.sharding=fsdp2"))
+    ok(train(two_processes(), sharded, "trainer.max_steps=2", "trainer.sharding=fsdp2", *EMA))
     return root, single_run, sharded
 
 
@@ -63,7 +73,8 @@ def test_fsdp2_in_two_processes_equals_one_unsharded_process(runs):
     a, b = step_metrics(single, 1), step_metrics(sharded, 1)
     grad_keys = [k for k in a if k.startswith("train/grad_norm/")]
     assert len(grad_keys) == 3  # model A, model B, head
-    for key in ("train/loss", "train/reward", "train/grad_norm", "train/policy_loss", *grad_keys):
+    # train/reward is measured against the EMA here, the null thought there; losses and gradients do not see it
+    for key in ("train/loss", "train/null_rate", "train/grad_norm", "train/policy_loss", *grad_keys):
         assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
     # Each process holds about half of every sharded model (dim-0 shards; tensors with an odd first dimension
     # put the extra row on rank 0), and together exactly all of it.
@@ -84,26 +95,39 @@ def test_fsdp2_in_two_processes_equals_one_unsharded_process(runs):
         assert float((diffs > 1e-5).float().mean()) < 1e-4, step
         assert float(diffs.max()) <= 1e-3, step
         assert float(diffs[diffs <= 1e-5].mean()) < 1e-8, step  # the rest at float noise (outliers dominate a mean)
+    # The EMA copy of the interpreter (group A), updated shard by shard: after step 2 it is half way between its
+    # step-1 weights and the live step-2 weights, element for element.
+    ema = [trained_state(sharded / f"checkpoint-{step}") for step in (1, 2)]
+    names = [k.split(":", 1)[1] for k in ema[1] if k.startswith("ema:")]
+    assert names and all(f"weight:A.{n}" in ema[1] for n in names)
+    for name in names:
+        want = torch.lerp(ema[0][f"ema:{name}"], ema[1][f"weight:A.{name}"], 0.5)
+        torch.testing.assert_close(ema[1][f"ema:{name}"], want, rtol=0, atol=1e-7)
+    assert not torch.equal(ema[0][f"ema:{names[0]}"], ema[1][f"ema:{names[0]}"])
 
 
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_in_one_process_and_in_two(runs):
-    """Resumed at checkpoint-1, step 2 ends where the uninterrupted runs' step 2 ends: weights, AdamW moments and
-    the linear schedule's next lr, read from the checkpoints written after the update."""
+    """Resumed at checkpoint-1, step 2 ends where the uninterrupted runs' step 2 ends: weights, AdamW moments, the
+    EMA reference's weights and the linear schedule's next lr, read from the checkpoints written after the update."""
     root, single, sharded = runs
     unsharded_one = _resume_from(sharded, 1, root / "resume-one")
-    ok(train(ONE, unsharded_one, "trainer.max_steps=2"))  # sharded → unsharded, 2 → 1 process
-    for reference in (sharded, single):
+    ok(train(ONE, unsharded_one, "trainer.max_steps=2", *EMA))  # sharded → unsharded, 2 → 1 process
+    for reference in (sharded, single):  # the EMA weights against the sharded run's (the unsharded one has none)
         for key in ("train/loss", "train/lr"):
             assert step_metrics(unsharded_one, 2)[key] == pytest.approx(step_metrics(reference, 2)[key], rel=1e-4)
         assert_same_state(unsharded_one / "checkpoint-2", reference / "checkpoint-2")
+    # the reward after the resumed update is measured against the EMA restored from the shards
+    assert step_metrics(unsharded_one, 2)["train/reward"] == pytest.approx(
+        step_metrics(sharded, 2)["train/reward"], rel=1e-4
+    )
     # 2 → 2, the newest checkpoint broken as after a disk crash: one rank's shard file of checkpoint-2 cut in half.
     # Both processes agree on checkpoint-1, checkpoint-2 is kept aside as checkpoint-2.broken with one log line.
     sharded_two = root / "resume-two"
     shutil.copytree(sharded, sharded_two)
     shard = sorted((sharded_two / "checkpoint-2" / "sharded").glob("__1_*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    done = train(two_processes(), sharded_two, "trainer.max_steps=2", "trainer.sharding=fsdp2")
+    done = train(two_processes(), sharded_two, "trainer.max_steps=2", "trainer.sharding=fsdp2", *EMA)
     ok(done)
     warned = [line for line in done.stderr.splitlines() if "is broken" in line]
     assert len(warned) == 1 and shard.name in warned[0] and "resuming from checkpoint-1" in warned[0], warned
@@ -112,7 +136,8 @@ def test_sharded_checkpoint_resumes_in_one_process_and_in_two(runs):
     assert final == json.loads((sharded / "summary.json").read_text())["final_eval"]
     for key in ("train/loss", "train/grad_norm", "train/reward", "train/lr"):
         assert step_metrics(sharded_two, 2)[key] == step_metrics(sharded, 2)[key], key
-    assert_same_state(sharded_two / "checkpoint-2", sharded / "checkpoint-2", exact=True)  # same processes: bitwise
+    # same processes: bitwise, the EMA reference's shards included
+    assert_same_state(sharded_two / "checkpoint-2", sharded / "checkpoint-2", exact=True)
 
 
 @pytest.mark.slow
@@ -152,14 +177,14 @@ def test_eval_loads_a_sharded_checkpoint_and_a_mismatched_run_gets_one_line(runs
     # resuming with other model sizes: the recorded recipe refuses it in one line naming the key, nothing overwritten
     other = _resume_from(sharded, 2, root / "mismatch")
     recorded = (other / "config.yaml").read_text()
-    done = train(ONE, other, "trainer.max_steps=3", "model.default.scratch.intermediate_size=128")
+    done = train(ONE, other, "trainer.max_steps=3", "model.default.scratch.intermediate_size=128", *EMA)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert "model.default.scratch.intermediate_size (256 → 128)" in last and "output_dir" in last
     assert (other / "config.yaml").read_text() == recorded
     # without a recorded recipe the sharded checkpoint itself says it does not fit
     (other / "config.yaml").unlink()
-    done = train(ONE, other, "trainer.max_steps=3", "model.default.scratch.intermediate_size=128")
+    done = train(ONE, other, "trainer.max_steps=3", "model.default.scratch.intermediate_size=128", *EMA)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("thinkrl: error: checkpoint ") and "does not fit" in last and "output_dir" in last
@@ -286,6 +311,21 @@ def test_eval_fills_meta_models_from_a_sharded_checkpoint(runs):
 
 
 @pytest.mark.slow
+def test_init_from_a_sharded_run_takes_its_weights(runs, tmp_path):
+    """``model.init_from`` reads a sharded source one tensor at a time into an unsharded run's models and head."""
+    from thinkrl.config import load_config
+    from thinkrl.eval.setup import load_setup
+    from thinkrl.models.roles import build_roles
+    from thinkrl.run.init_from import load_initial_weights
+
+    _, _, sharded = runs
+    cfg = load_config(sharded / "config.yaml", [f"model.init_from={sharded}", f"trainer.output_dir={tmp_path}"])
+    roles = build_roles(cfg)
+    assert load_initial_weights(cfg, roles).name == "checkpoint-2"
+    _assert_same_roles(roles, load_setup(str(sharded / "checkpoint-2"), None, []).roles)
+
+
+@pytest.mark.slow
 def test_lora_sharded_checkpoint_exports_merged_and_evaluates_from_the_meta_device(tmp_path):
     """A 1-process fsdp2 LoRA run: the streamed export merges each layer's adapter (W + B·A·alpha/r) and the
     markers' trainable rows as peft's merge_and_unload does, bit for bit; meta-device evaluation fills the peft
@@ -333,21 +373,61 @@ def test_vllm_memory_need_hand_values():
     assert vllm_memory_need(10, 1, 4) == 200
 
 
+def _rlp_recipe(folder: Path) -> list[str]:
+    """configs/rlp/qwen3-1.7b_gpu.yaml as it stands (EMA reference, FSDP2, random positions, 16 variable-length
+    thoughts at temperature 0.7, vLLM), shrunk for this CPU: a tiny Qwen3 ``folder``, a local slice of FineWeb-Edu
+    for the hub's, 32-token contexts, thoughts of at most 8 tokens, one position per process and micro-batch, and
+    lr 1e-3 so that one update moves the weights enough for the sync check below to see it."""
+    return [
+        "--config", "configs/rlp/qwen3-1.7b_gpu.yaml", f"model.default.path={folder}",
+        "data.hub_id=''", "data.hub_config=''", "data.data_files=[webtext/fineweb_edu_sample.txt]",
+        "data.context_len=32", "data.eval_docs=8", "data.eval_positions=4", "rollout.max_thought_len=8",
+        "trainer.batch_positions=2", "learner.grad_accum_steps=1", "learner.lr=1e-3", "trainer.save_every=1",
+        "trainer.report_to=none", "trainer.progress=false", "trainer.num_threads=1",
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_vllm_engines_of_a_sharded_run_get_the_gathered_weights(tmp_path):
-    """Two processes, each with its own vLLM engine: started from a folder gathered out of the shards (one decoder
-    layer per file), then synced in memory after each update, each tensor gathered once. Step 2 samples with the
-    weights step 1 pushed: the sampler's log-probs equal the learner's recompute (a sync that changed nothing would
-    leave step 1's update between them)."""
-    pytest.importorskip("vllm")
-    out = tmp_path / "vllm"
-    ok(train(two_processes(), out, "trainer.max_steps=2", "trainer.sharding=fsdp2", "rollout.backend=vllm"))
-    for rank in (0, 1):
-        folder = out / f"rank{rank}" / "vllm-weights"
-        assert len(list(folder.glob("model-*.safetensors"))) >= 2
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    gaps = {m["step"]: m["train/sampler_gap"] for m in steps if "train/sampler_gap" in m}
-    assert set(gaps) == {1, 2} and max(gaps.values()) < 1e-5, gaps
+def test_rlp_recipe_trains_sharded_with_its_ema_and_vllm_engines_get_the_gathered_weights(tmp_path):
+    """The RLP recipe in two processes under FSDP2, each with its own vLLM engine (the HF sampler where vLLM is not
+    installed): started from a folder gathered out of the shards (one decoder layer per file), then synced in memory
+    after each update, each tensor gathered once. Step 2 samples with the weights step 1 pushed: the sampler's
+    log-probs equal the learner's recompute (a sync that changed nothing would leave step 1's update between them).
+    The EMA reference, sharded like the model, moves by 1 − ema_decay towards the live weights each step."""
+    from thinkrl.config import DataConfig, load_config
+
+    data_dir = DataConfig().resolved_data_dir()
+    if data_dir is None or not (data_dir / "webtext/fineweb_edu_sample.txt").is_file():
+        pytest.skip("needs ../shared/data/webtext")
+    spec = importlib.util.spec_from_file_location("scratch_folder", ROOT / "scripts/scratch_folder.py")
+    scratch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scratch)
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+    tiny.update(num_key_value_heads=1, head_dim=32, vocab_size=384)  # head_dim 32: vLLM's CPU kernels need >= 32
+    folder = scratch.write_scratch_folder(ROOT / "configs/models/qwen3-1.7b.json", tmp_path / "qwen3", **tiny)
+    vllm = importlib.util.find_spec("vllm") is not None
+    out = tmp_path / "rlp"
+    extra = [] if vllm else ["rollout.backend=hf"]
+    ok(train(two_processes(), out, "trainer.max_steps=2", *extra, recipe=_rlp_recipe(folder)))
+    cfg = load_config(out / "config.yaml")
+    assert (cfg.reward.baseline, cfg.reward.ema_decay, cfg.trainer.sharding) == ("ema", 0.999, "fsdp2")
+    assert (cfg.data.positions, cfg.rollout.length_mode, cfg.rollout.num_thoughts) == ("random", "variable", 16)
+    thoughts = json.loads((out / "rollouts" / "step-000001.jsonl").read_text().splitlines()[0])["thoughts"]
+    assert len(thoughts) == 16 and all(1 <= t["length"] <= 8 for t in thoughts)
+    if vllm:
+        for rank in (0, 1):
+            folder = out / f"rank{rank}" / "vllm-weights"
+            assert len(list(folder.glob("model-*.safetensors"))) >= 2
+        steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        gaps = {m["step"]: m["train/sampler_gap"] for m in steps if "train/sampler_gap" in m}
+        assert set(gaps) == {1, 2} and max(gaps.values()) < 1e-5, gaps
+    states = [trained_state(out / f"checkpoint-{step}") for step in (1, 2)]
+    names = [k.split(":", 1)[1] for k in states[1] if k.startswith("ema:")]
+    assert names and all(f"weight:A.{n}" in states[1] for n in names)
+    for name in names:
+        want = torch.lerp(states[0][f"ema:{name}"], states[1][f"weight:A.{name}"], 1 - 0.999)
+        torch.testing.assert_close(states[1][f"ema:{name}"], want, rtol=0, atol=1e-8)
+    assert sum(not torch.equal(states[0][f"ema:{n}"], states[1][f"ema:{n}"]) for n in names) > len(names) // 2
 
 
 @pytest.mark.gpu

@@ -179,6 +179,7 @@ def test_text_eval_reports_hard_tokens_and_null_rate(tmp_path):
         "data.positions=every_k",
         "data.every_k=16",
         "data.n_ahead=3",
+        "rollout.null_thought=null/default",  # a phrase: its bytes hold letters of the text, so it copies some y_1
     )
     evaluator, results = _run(setup, tmp_path / "ev", task="text", thoughts="none,null,sampled:2", limit=6)
     m = results["metrics"]
@@ -195,6 +196,27 @@ def test_text_eval_reports_hard_tokens_and_null_rate(tmp_path):
     assert len(rec["logp"]["sampled"]) == 2 and len(rec["logp"]["null"]) == 3
     html = (tmp_path / "ev" / "report.html").read_text()
     assert "thought" in html and "rgba(" in html
+    # Copy gauge: each thought's flags (the null phrase's too) are its ids against the item's target, the rates their
+    # means; no thought copies nothing.
+    copies = lambda z, y: (y[0] in z, any(z[s : s + len(y)] == y for s in range(len(z))))  # noqa: E731
+    flags, null_flags, share = [], [], [0.0, 0.0]
+    for rec, item in zip(items, evaluator.items):
+        y = item.targets[0]
+        null_flags.append(copies(evaluator.null_ids, y))
+        assert (rec["null_copies"]["copies_first"], rec["null_copies"]["copies_target"]) == null_flags[-1]
+        for t in rec["thoughts"]:
+            flags.append(copies(t["ids"], y))
+            assert (t["copies_first"], t["copies_target"]) == flags[-1]
+            share[0] += max(t["reward"], 0) * flags[-1][0]
+            share[1] += max(t["reward"], 0)
+    for mode, rows in (("sampled:2", flags), ("null", null_flags)):
+        assert m[f"{mode}/copy_rate"]["value"] == pytest.approx(sum(f for f, _ in rows) / len(rows))
+        assert m[f"{mode}/copy_rate_target"]["value"] == pytest.approx(sum(w for _, w in rows) / len(rows))
+    assert m["null/copy_rate"]["value"] > 0  # not a comparison of zeros
+    assert m["sampled:2/reward_copy_share"]["value"] == pytest.approx(share[0] / share[1] if share[1] else 0.0)
+    assert m["none/copy_rate"]["value"] == m["none/copy_rate_target"]["value"] == 0.0
+    assert "none/reward_copy_share" not in m and "null/reward_copy_share" not in m
+    assert "| copy_rate | 0.000" in (tmp_path / "ev" / "results.md").read_text()
 
 
 HAMLET = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 30

@@ -201,6 +201,29 @@ def test_passage_view_marks_every_thought_position(tmp_path):
     assert "3 thought positions" in page and "<h2>Passages</h2>" in page
 
 
+def test_copying_thoughts_are_marked(tmp_path):
+    """A thought that holds y_1 / the whole target gets a badge, in the item view and in a passage marker's tip."""
+    items = [
+        {"title": f"item {i}", "context": "", "thought": "z", "copies": copies, "tokens": []}
+        for i, copies in enumerate(("target", "first", None))
+    ]
+    marks = [{"at": 0, "thought": "y", "reward": 1.0, "copies": "first"}, {"at": 1, "thought": "q", "reward": 0.5}]
+    passage = {"title": "w", "tokens": [["a", None], ["b", None]], "marks": marks}
+    path = tmp_path / "r.html"
+    html_report(items, path, "t", passages=[passage])
+    page = path.read_text(encoding="utf-8")
+    views = page[page.index('<div class="item">') :]  # after the legend, which shows both badges once
+    labels = re.findall(r'<div class="label">thought(.*?)</div>', views)
+    assert labels == [
+        ' <span class="copy" title="copy gauge">copies the target</span>',
+        ' <span class="copy" title="copy gauge">contains y_1</span>',
+        "",
+    ]
+    tips = re.findall(r'<span class="tip"><span class="label">(.*?)\n', views)
+    assert tips == ['best thought, reward +1.000 <span class="copy" title="copy gauge">contains y_1</span></span>',
+                    "best thought, reward +0.500</span>"]  # fmt: skip
+
+
 def test_write_json_nan_to_null(tmp_path):
     path = tmp_path / "out" / "results.json"
     write_json(path, {"a": math.nan, "b": [1.5, math.inf, -math.inf], "c": np.float32(0.5), "d": np.array([1, 2])})

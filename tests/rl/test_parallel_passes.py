@@ -135,6 +135,19 @@ def test_parallel_passes_equal_per_position_with_a_null_phrase():
     assert not torch.allclose(ref[1].scores.logp_null, empty[1].scores.logp_null), "the phrase was not read"
 
 
+def test_copy_penalty_is_the_same_on_both_paths():
+    """reward.copy_penalty reads the targets off the Scores both paths return: the same thoughts lose the penalty
+    (learner.baseline=none: the advantages are the shaped rewards), and the paths still agree."""
+    from thinkrl.rl.copy_gauge import copy_flags
+
+    ref, par = _both_paths(["reward.copy_penalty=0.5", "learner.baseline=none"], 1, 2)
+    _assert_equal(ref, par)
+    for thoughts, out, _ in (ref, par):
+        copies = copy_flags(thoughts.thought_ids, thoughts.lengths, out.scores.target_ids, out.scores.target_mask)[0]
+        assert 0 < int(copies.sum()) < copies.numel()  # some thoughts hold y_1 by chance, not all
+        torch.testing.assert_close(out.advantages, out.rewards - 0.5 * copies, atol=1e-6, rtol=0)
+
+
 @pytest.mark.gpu
 def test_parallel_passes_equal_per_position_on_cuda():
     """The same equivalence on a CUDA device in fp32 (skipped without one)."""

@@ -26,7 +26,7 @@ def _summed(logp_thoughts, reference, mask):
 def test_rewards_are_measured_against_the_chosen_reference(tiny_config, baseline):
     trainer = Trainer(tiny_config(f"reward.baseline={baseline}"))
     positions, scoring, thoughts = _one_batch(trainer)
-    logp_ema = trainer.ema.logps(trainer._target_logps(positions, scoring)) if baseline == "ema" else None
+    logp_ema = trainer._ema_logps(positions, scoring) if baseline == "ema" else None
     out = compute_loss(trainer.cfg, scoring, thoughts, logp_ema)
     s, mask = out.scores, out.scores.target_mask.float()
     reference = {"null": s.logp_null, "no_thought": s.logp_base, "ema": logp_ema}[baseline].detach()
@@ -39,6 +39,35 @@ def test_rewards_are_measured_against_the_chosen_reference(tiny_config, baseline
         torch.testing.assert_close(logp_ema * mask, s.logp_base.detach() * mask, atol=1e-5, rtol=0)
     else:
         assert trainer.ema is None
+
+
+def test_ema_reference_of_parallel_passes_is_per_position(tmp_path):
+    """Thoughts grown in parallel passes over text windows: the EMA copy reads each window once, and its (B, P, n)
+    log-probs become the scores' positions (N, n). Before any step it is the shared model, so they equal the base
+    row of the window scores."""
+    from pathlib import Path
+
+    from thinkrl.config import DataConfig
+    from thinkrl.rl.window_scoring import WindowScoring
+
+    data_dir = DataConfig().resolved_data_dir()
+    if data_dir is None or not (data_dir / "tinyshakespeare/input.txt").is_file():
+        pytest.skip("needs ../shared/data/tinyshakespeare")
+    recipe = Path(__file__).resolve().parents[2] / "configs/quiet_star/tiny_shakespeare.yaml"
+    tiny = ["model.default.scratch.hidden_size=32", "model.default.scratch.num_layers=1", "data.context_len=16"]
+    cfg = load_config(
+        recipe,
+        [*tiny, "trainer.batch_positions=30", "data.max_docs=20", "data.eval_positions=15", "reward.baseline=ema"]
+        + ["trainer.report_to=none", "trainer.progress=false", f"trainer.output_dir={tmp_path}"],
+    )
+    trainer = Trainer(cfg)
+    positions, scoring, thoughts = _one_batch(trainer)
+    assert isinstance(scoring, WindowScoring) and not trainer.scorer.window
+    logp_ema = trainer._ema_logps(positions, scoring)
+    s = compute_loss(trainer.cfg, scoring, thoughts, logp_ema).scores
+    assert logp_ema.shape == s.logp_base.shape == (len(positions), cfg.data.n_ahead)
+    mask = s.target_mask
+    torch.testing.assert_close(logp_ema * mask, s.logp_base.detach() * mask, atol=1e-5, rtol=0)
 
 
 def test_ema_moves_by_its_decay_after_each_step(tiny_config):
@@ -70,8 +99,6 @@ def test_ema_weights_resume_exactly(tiny_config, tmp_path):
         assert torch.equal(got[name], want[name]), name
 
 
-def test_ema_with_sharding_is_refused():
-    with pytest.raises(ConfigError, match="reward.baseline=ema"):
-        load_config(None, ["reward.baseline=ema", "trainer.sharding=fsdp2"])
+def test_an_unknown_reward_baseline_is_refused():
     with pytest.raises(ConfigError, match="reward.baseline"):
         load_config(None, ["reward.baseline=average"])

@@ -325,6 +325,7 @@ def test_the_final_evaluation_in_summary_json_equals_a_recomputation_from_the_sc
         module.eval()
     n = min(len(pool), cfg.data.eval_positions)
     thought, null, base, best, reward, beaten, weight, lengths, unfinished, tokens = ([] for _ in range(10))
+    copies, copies_whole = [], []  # per thought: y_1 among its tokens; y_1..y_n as a contiguous run
     with torch.no_grad():
         for start in range(0, n, step):
             positions = [pool[i] for i in range(start, min(n, start + step))]
@@ -345,6 +346,11 @@ def test_the_final_evaluation_in_summary_json_equals_a_recomputation_from_the_sc
                 lengths += thoughts.lengths[i].tolist()
                 unfinished += (~thoughts.finished[i]).tolist()
                 tokens.append(int(m.sum()))
+                y = targets[i]
+                for j in range(k):
+                    z = thoughts.thought_ids[i, j, : int(thoughts.lengths[i, j])].tolist()
+                    copies.append(y[0] in z)
+                    copies_whole.append(any(z[s : s + len(y)] == y for s in range(len(z))))
     t = sum(tokens)
     want = {
         "nll_thought": -sum(thought) / (t * k),
@@ -356,12 +362,41 @@ def test_the_final_evaluation_in_summary_json_equals_a_recomputation_from_the_sc
         "thought_len_mean": sum(lengths) / len(lengths),
         "unfinished_rate": sum(unfinished) / len(unfinished),
         "mix_weight": sum(weight) / (t * k),
+        "copy_rate": sum(copies) / len(copies),
+        "copy_rate_target": sum(copies_whole) / len(copies_whole),
+        "copy_rate_null": 0.0,  # the empty null thought has no token to copy
+        "reward_copy_share": sum(max(r, 0) for r, c in zip(reward, copies) if c) / sum(max(r, 0) for r in reward),
     }
     got = json.loads((straight_run / "summary.json").read_text())["final_eval"]
     assert got["positions"] == n == len(null)
     for key, value in want.items():
-        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        # reward_copy_share divides sums of rewards of ~1e-3 nats, whose float error is ~1e-4 of them
+        assert got[key] == pytest.approx(value, rel=1e-3 if key == "reward_copy_share" else 1e-5, abs=1e-7), key
     assert 0 < want["null_rate"] < 1 and want["nll_best"] < want["nll_thought"]  # not a comparison of constants
+
+
+def test_training_metrics_and_rollout_dumps_carry_the_copy_gauge(straight_run):
+    """Each RL step logs copy_rate, copy_rate_target and reward_copy_share: the rollout dump of the same step (one
+    micro-batch) flags the same thoughts; the held-out evaluations (step 0: the chance level) report them too."""
+    shares = []
+    for step in (1, 2, 3):
+        record = _step_record(straight_run, step)
+        shares.append(record["train/reward_copy_share"])
+        dump = [json.loads(x) for x in (straight_run / "rollouts" / f"step-{step:06d}.jsonl").read_text().splitlines()]
+        thoughts = [t for position in dump for t in position["thoughts"]]
+        assert record["train/copy_rate"] == pytest.approx(sum(t["copies_first"] for t in thoughts) / len(thoughts))
+        assert record["train/copy_rate_target"] == pytest.approx(
+            sum(t["copies_target"] for t in thoughts) / len(thoughts)
+        )
+        positive = sum(max(t["reward"], 0) for t in thoughts)
+        copied = sum(max(t["reward"], 0) for t in thoughts if t["copies_first"])
+        want = copied / positive if positive else 0.0  # the dump rounds rewards (~1e-3 nats here) to 5 decimals
+        assert record["train/reward_copy_share"] == pytest.approx(want, rel=2e-2, abs=1e-4)
+    assert max(shares) > 0  # some copying thought earned a positive reward: not a comparison of zeros
+    summary = json.loads((straight_run / "summary.json").read_text())
+    for stage in ("initial_eval", "final_eval"):
+        assert {"copy_rate", "copy_rate_target", "copy_rate_null", "reward_copy_share"} <= set(summary[stage])
+    assert "| copy_rate |" in (straight_run / "results.md").read_text()
 
 
 def _summary(run):

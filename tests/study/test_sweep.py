@@ -54,10 +54,14 @@ def _fake_run(folder: Path, seed: int, null: float, thought: float, rewards: lis
     cfg = load_config(None, [f"trainer.seed={seed}", f"trainer.output_dir={folder}", f"learner.lr={lr}"])
     (folder / "config.yaml").write_text(to_yaml(cfg))
     evals = {"nll_null": null, "nll_thought": thought, "null_rate": 0.5, "mix_weight": None, "positions": 8}
+    evals["copy_rate"] = 0.1 * seed
     summary = {"initial_eval": {**evals, "nll_thought": null}, "final_eval": evals, "steps": len(rewards)}
     (folder / "summary.json").write_text(json.dumps(summary))
     lines = [{"step": 0, "eval/nll_null": null, "eval/nll_thought": null}]
-    lines += [{"step": i + 1, "train/reward": r, "train/null_rate": 0.5} for i, r in enumerate(rewards)]
+    lines += [
+        {"step": i + 1, "train/reward": r, "train/null_rate": 0.5, "train/copy_rate": 0.25}
+        for i, r in enumerate(rewards)
+    ]
     lines += [{"step": len(rewards), "eval/nll_null": null, "eval/nll_thought": thought}]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return folder
@@ -80,13 +84,16 @@ def test_aggregate_run_folders_by_hand(tmp_path, capsys):
     reward = first["curves"]["reward"]  # seeds' rewards at steps 1, 2: (0,1,2) and (1,2,3)
     assert reward["steps"] == [1, 2] and reward["mean"] == [1.0, 2.0] and reward["sd"] == [1.0, 1.0]
     assert first["curves"]["nll_gain"]["steps"] == [0, 2]
+    copy_rate = first["metrics"]["final_eval/copy_rate"]  # seeds 0, 1, 2: 0, 0.1, 0.2
+    assert copy_rate["mean"] == pytest.approx(0.1) and copy_rate["sd"] == pytest.approx(0.1)
+    assert first["curves"]["copy_rate"]["mean"] == [0.25, 0.25]
 
     assert main(["aggregate", *map(str, seeds), str(other), "--out", str(tmp_path / "study")]) == 0
     md = (tmp_path / "study" / "study.md").read_text()
     assert "| nll_gain | 0.3000 ± 0.2646 [-0.3572, 0.9572] | 0.5000 |" in md
     assert "Student-t" in md and "## final_eval" in md
     assert json.loads((tmp_path / "study" / "study.json").read_text())["points"][1]["n"] == 1
-    for curve in ("reward", "nll_gain", "null_rate"):
+    for curve in ("reward", "nll_gain", "null_rate", "copy_rate"):
         assert (tmp_path / "study" / "plots" / f"{curve}.png").stat().st_size > 1000
 
 
@@ -95,7 +102,10 @@ def test_aggregate_eval_folders_across_seeds(tmp_path):
     for seed, acc in enumerate((0.5, 0.6, 0.7)):
         folder = tmp_path / f"eval{seed}"
         folder.mkdir()
-        metrics = {"sampled:4/accuracy": {"value": acc, "ci_low": 0, "ci_high": 1, "n": 10}}
+        metrics = {
+            "sampled:4/accuracy": {"value": acc, "ci_low": 0, "ci_high": 1, "n": 10},
+            "sampled:4/copy_rate": {"value": acc - 0.4, "ci_low": 0, "ci_high": 1, "n": 10},
+        }
         (folder / "results.json").write_text(json.dumps({"task": "gsm8k", "seed": seed, "metrics": metrics}))
         settings = {"task": "gsm8k", "model": f"runs/s{seed}", "seed": seed, "limit": 10}
         (folder / "settings.json").write_text(json.dumps(settings))
@@ -105,13 +115,17 @@ def test_aggregate_eval_folders_across_seeds(tmp_path):
     acc = aggregate(points)["points"][0]["metrics"]["sampled:4/accuracy"]
     assert acc["mean"] == pytest.approx(0.6) and acc["sd"] == pytest.approx(0.1)
     assert acc["ci_high"] - 0.6 == pytest.approx(4.302653 * 0.1 / math.sqrt(3), abs=1e-6)
+    copy_rate = aggregate(points)["points"][0]["metrics"]["sampled:4/copy_rate"]  # the copy gauge, per point
+    assert copy_rate["mean"] == pytest.approx(0.2) and copy_rate["sd"] == pytest.approx(0.1)
+    assert "| copy_rate | 0.2000 ± 0.1000" in markdown(aggregate(points), "t")
     with pytest.raises(ConfigError, match="neither a run's summary.json"):
         read_result(tmp_path)
 
 
 def _gsm8k_record(item: str, n_tok: int, none: float, null: float, sampled: list[float], seed: int = 0) -> dict:
     thoughts = [
-        {"text": f"s{seed}{item}{j}", "reward": t - null, "length": 3, "finished": True} for j, t in enumerate(sampled)
+        {"text": f"s{seed}{item}{j}", "reward": t - null, "length": 3, "finished": True, "copies_first": j == 1}
+        for j, t in enumerate(sampled)
     ]
     return {
         "id": item,
@@ -157,7 +171,9 @@ def test_eval_folders_pool_their_items_across_seeds_by_hand(tmp_path):
     assert [r["vs_null"] for r in extremes["hurt"]] == [-1.0, -1.0, -0.5]
     assert (extremes["helped"][0]["thought"], extremes["helped"][0]["vs_none"]) == ("s0b1", 0.5)
     assert (extremes["hurt"][2]["thought"], extremes["hurt"][2]["vs_none"]) == ("s0a1", 0.0)
-    assert "`s0b1`" in markdown(study, "t")
+    assert "`s0b1` | ` 4` | y_1 |" in markdown(study, "t")  # the copy gauge marks thoughts holding y_1
+    # copy_rate per point: one of each item's two thoughts holds y_1 (records without copies_target add none)
+    assert pooled["sampled:2/copy_rate"]["mean"] == 0.5 and "sampled:2/copy_rate_target" not in pooled
     # An item is one resampling unit whatever the number of seeds that saw it: the same seed's items twice give
     # the one seed's interval, not a narrower one.
     one = read_result(folders[0]).items["sampled:2/delta_nll_none"]

@@ -2,9 +2,10 @@
 
 A sharded run's ``checkpoint-<step>/`` holds accelerate's usual files (scheduler, RNG, data position, trainer
 state) and ``sharded/``: every process writes its own shards of the models, the mixing head and the optimizer,
-keyed by parameter name (``A.model.layers.0...``, ``head....``). DCP reshards on load, so a checkpoint resumes
-under any process count, sharded or not. Unsharded runs keep accelerate's files (``model*.safetensors``,
-``optimizer.bin``); a sharded run can resume from those too (``load_unsharded_into``).
+keyed by parameter name (``A.model.layers.0...``, ``head....``), and of the EMA reference (``reward.baseline=ema``)
+under ``ema.`` (beside ``model.``: offline readers of the models never see it). DCP reshards on load, so a
+checkpoint resumes under any process count, sharded or not. Unsharded runs keep accelerate's files
+(``model*.safetensors``, ``optimizer.bin``); a sharded run can resume from those too (``load_unsharded_into``).
 
 Offline, in one process (``thinkrl eval``, ``thinkrl export``), ``ShardedTensors`` reads a checkpoint one tensor at
 a time: DCP's metadata gives every tensor's name, shape and dtype, and each read is a ``dcp.load`` of that one key
@@ -49,10 +50,14 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return (Path(path) / SHARDED_DIR / ".metadata").is_file()
 
 
-def save_sharded(path: Path, roles, optimizer) -> None:
-    """Collective: every process writes its shards into ``path/sharded``."""
+def save_sharded(path: Path, roles, optimizer, ema: nn.Module | None = None) -> None:
+    """Collective: every process writes its shards into ``path/sharded``; ``ema``: the EMA reference's model
+    (``reward.baseline=ema``), under ``ema.``."""
     model_state, optim_state = get_state_dict(container(roles), optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(Path(path) / SHARDED_DIR))
+    state = {"model": model_state, "optim": optim_state}
+    if ema is not None:
+        state["ema"] = get_model_state_dict(ema)
+    dcp.save(state, checkpoint_id=str(Path(path) / SHARDED_DIR))
 
 
 def _mismatch(path: Path, exc: Exception) -> ConfigError:
@@ -63,19 +68,25 @@ def _mismatch(path: Path, exc: Exception) -> ConfigError:
     )
 
 
-def load_sharded(path: Path, roles, optimizer=None) -> None:
-    """Load ``path/sharded`` into the models and head (and the optimizer when given), sharded or not."""
+def load_sharded(path: Path, roles, optimizer=None, ema: nn.Module | None = None) -> None:
+    """Load ``path/sharded`` into the models and head (and the optimizer, and the EMA reference's model, when
+    given), sharded or not."""
     module = container(roles)
     try:
         if optimizer is None:
             state = {"model": get_model_state_dict(module)}
-            dcp.load(state, checkpoint_id=str(Path(path) / SHARDED_DIR))
-            set_model_state_dict(module, state["model"])
-            return
-        model_state, optim_state = get_state_dict(module, optimizer)
-        state = {"model": model_state, "optim": optim_state}
+        else:
+            model_state, optim_state = get_state_dict(module, optimizer)
+            state = {"model": model_state, "optim": optim_state}
+        if ema is not None:
+            state["ema"] = get_model_state_dict(ema)
         dcp.load(state, checkpoint_id=str(Path(path) / SHARDED_DIR))
-        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if optimizer is None:
+            set_model_state_dict(module, state["model"])
+        else:
+            set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if ema is not None:
+            set_model_state_dict(ema, state["ema"])
     except (CheckpointException, RuntimeError, KeyError, ValueError) as exc:
         raise _mismatch(path, exc) from None
 

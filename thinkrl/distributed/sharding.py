@@ -144,6 +144,14 @@ def shard_roles(roles, device: torch.device, policy: MixedPrecisionPolicy, fill=
         roles.head.set_reshard_after_backward(False)
 
 
+def shard_copy(copy: nn.Module, device: torch.device, policy: MixedPrecisionPolicy, mesh=None) -> None:
+    """Shard a meta-device copy of a role model (``rl.ema.meta_copy``) by the calls ``shard_roles`` made on the
+    model (same units, mesh and policy), so every parameter gets the placements of the one it copies; then give it
+    empty local shards on ``device``, its real buffers kept. The caller fills them."""
+    shard_model(copy, policy, mesh)
+    to_empty_keeping_buffers(copy, device)
+
+
 def shard_sizes(roles) -> dict[str, dict[str, int]]:
     """Parameters this process holds of each weight group and the head, against their full counts."""
     sizes = {}

@@ -19,6 +19,13 @@ or ``sampled:K``. Token-level NLLs carry a weight (the item's token count) so th
   nll_best          per-token NLL after the best of the K thoughts for that item (an oracle: what search could get)
   null_rate         share of items where no sampled thought beats the null thought
   thought_len, unfinished_rate   tokens per thought; share that hit the length limit without the end marker
+  copy_rate         share of the mode's thoughts whose tokens contain the first gold target token y_1 (none: 0, it
+                    has no thought; null: the null thought's tokens, 0 for the empty one); copy_rate_target: the
+                    whole gold target as a contiguous run (``rl.copy_gauge``, record fields ``copies_first`` /
+                    ``copies_target``; records written before the gauge have neither and add nothing)
+  reward_copy_share sampled: share of the positive reward earned by thoughts containing y_1, Σ max(r, 0) over
+                    copying thoughts / Σ max(r, 0) (per item, weighted by the item's positive reward, so the mean
+                    is the ratio of the sums; the runner reports 0 when no thought has a positive reward)
 
 Text items are thought positions; the positions of one window (record field ``doc``) share their text, so their
 values carry the window as a bootstrap group (``stats``: whole windows are resampled).
@@ -64,6 +71,34 @@ def _thought_stats(c: _Collector, mode: str, rec: dict) -> None:
     c.add(f"{mode}/null_rate", float(max(rewards) <= 0))
     c.add(f"{mode}/thought_len", float(np.mean([t["length"] for t in thoughts])))
     c.add(f"{mode}/unfinished_rate", float(np.mean([not t["finished"] for t in thoughts])))
+
+
+def _copy_stats(c: _Collector, mode: str, rec: dict) -> None:
+    """copy_rate, copy_rate_target (and, sampled, reward_copy_share) of one item's thoughts in ``mode``."""
+    kind = mode.split(":")[0]
+    if kind == "none":  # no thought, nothing to copy
+        c.add(f"{mode}/copy_rate", 0.0)
+        c.add(f"{mode}/copy_rate_target", 0.0)
+        return
+    flags = [rec["null_copies"]] if kind == "null" and "null_copies" in rec else []
+    if kind != "null":
+        flags = [t for t in rec["thoughts"] if "copies_first" in t]
+    if not flags:
+        return
+    c.add(f"{mode}/copy_rate", float(np.mean([bool(f["copies_first"]) for f in flags])))
+    if all("copies_target" in f for f in flags):
+        c.add(f"{mode}/copy_rate_target", float(np.mean([bool(f["copies_target"]) for f in flags])))
+    if kind != "null":
+        positive = [max(float(t["reward"]), 0.0) for t in flags]
+        total = sum(positive)
+        copied = sum(p for p, t in zip(positive, flags) if t["copies_first"])
+        c.add(f"{mode}/reward_copy_share", copied / total if total > 0 else 0.0, total)
+
+
+def _copy_rows(c: _Collector, modes: list[str], rec: dict) -> None:
+    """The copy gauge of every mode, after the item's other metrics (so its rows close the results table)."""
+    for mode in modes:
+        _copy_stats(c, mode, rec)
 
 
 def _answer_nll(
@@ -115,6 +150,7 @@ def gsm8k_metrics(records: list[dict], modes: list[str]) -> _Collector:
                 if "correct" in r:
                     c.add(f"{mode}/accuracy", float(r["correct"]))
                 _answer_nll(c, mode, r["answer_logp"], n_tok)
+        _copy_rows(c, modes, rec)
     return c
 
 
@@ -146,6 +182,7 @@ def csqa_metrics(records: list[dict], modes: list[str]) -> _Collector:
                 _thought_stats(c, mode, rec)
             else:
                 _answer_nll(c, mode, r["gold_logp"], n_tok)
+        _copy_rows(c, modes, rec)
     return c
 
 
@@ -171,6 +208,7 @@ def text_metrics(records: list[dict], modes: list[str]) -> _Collector:
                 c.add(f"{mode}/nll_hard", float(-rows[:, hard].mean()), float(hard.sum()))
             if sampled:
                 _thought_stats(c, mode, rec)
+        _copy_rows(c, modes, rec)
     return c
 
 

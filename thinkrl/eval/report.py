@@ -320,6 +320,8 @@ body { font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; 
 .thought { border: 1px dashed #6a4fc4; background: #f4f0ff; border-radius: 4px; padding: 0.3rem 0.6rem;
            margin: 0.5rem 0; }
 .label { font-family: system-ui, sans-serif; font-size: 0.75rem; color: #6a4fc4; font-weight: bold; }
+.copy { font-family: system-ui, sans-serif; font-size: 0.75rem; color: #fff; background: #b35900; border-radius: 3px;
+        padding: 0 0.3rem; margin-left: 0.4rem; font-weight: bold; }
 .target { margin-top: 0.4rem; }
 .nl { opacity: 0.6; }
 .note { font-size: 0.85rem; color: #555; margin-top: 0.5rem; }
@@ -396,7 +398,7 @@ def _item_html(item: dict) -> str:
     ]
     thought = item.get("thought")
     if thought is not None:
-        label = '<div class="label">thought</div>'
+        label = f'<div class="label">thought{_copy_badge(item.get("copies"))}</div>'
         parts.append(f'<div class="thought">{label}<div class="text">{html.escape(thought)}</div></div>')
     tokens = "".join(_token_html(str(text), delta) for text, delta in item.get("tokens", []))
     parts.append(f'<div class="text target">{tokens}</div>')
@@ -406,13 +408,24 @@ def _item_html(item: dict) -> str:
     return "\n".join(parts)
 
 
+COPY_LABELS = {"first": "contains y_1", "target": "copies the target"}
+
+
+def _copy_badge(copies: str | None) -> str:
+    """A badge for a thought that contains the first target token (``first``) or the whole target (``target``)."""
+    if copies not in COPY_LABELS:
+        return ""
+    return f' <span class="copy" title="copy gauge">{COPY_LABELS[copies]}</span>'
+
+
 def _mark_html(mark: dict) -> str:
     """A thought position: a small bar; hovering or clicking (focus) it shows the thought and its reward."""
     thought, reward = mark.get("thought"), mark.get("reward")
     if thought is None:
         body = "no sampled thought (only the null thought was scored)"
     else:
-        body = f'<span class="label">best thought, reward {reward:+.3f}</span>\n{html.escape(thought)}'
+        badge = _copy_badge(mark.get("copies"))
+        body = f'<span class="label">best thought, reward {reward:+.3f}{badge}</span>\n{html.escape(thought)}'
     gain = " gain" if reward is not None and reward > 0 else ""
     return f'<span class="mark{gain}" tabindex="0" aria-label="thought"><span class="tip">{body}</span></span>'
 
@@ -449,7 +462,9 @@ def _legend_html() -> str:
         '<span style="color: rgb(0, 120, 0)">green</span> = the thought helped, '
         '<span style="color: rgb(190, 0, 0)">red</span> = it hurt; colour strength grows with |Δ| up to 2 nats. '
         f'Hover a token for its Δ. <span class="text">{_swatches()}</span> '
-        "The grey text is the end of the context; the dashed box is the thought.</div>"
+        "The grey text is the end of the context; the dashed box is the thought. "
+        f"{_copy_badge('first')} / {_copy_badge('target')}: the thought's tokens contain the first target token y_1 / "
+        "the whole target as one run (copy gauge).</div>"
     )
 
 
@@ -478,7 +493,8 @@ def html_report(
     ``results`` defaults to the ``results.json`` beside ``path``, and the plots are the PNGs in ``plots/`` beside it
     (embedded as data URIs), so the page shows what its evaluation folder holds.
     A passage is ``{"title", "tokens": [[text, Δ or None], ...], "marks": [{"at": token index, "thought": text or
-    None, "reward": float or None}, ...], "note"}``; an item is ``{"title", "context", "thought", "tokens", "note"}``.
+    None, "reward": float or None, "copies": "first" | "target" | None}, ...], "note"}``; an item is ``{"title",
+    "context", "thought", "copies", "tokens", "note"}`` (``copies``: the copy-gauge badge of the thought, optional).
     """
     folder = Path(path).parent
     sections = _summary_html(results if results is not None else _read_results(folder), folder)

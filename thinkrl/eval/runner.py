@@ -11,6 +11,11 @@ When the recipe uses parallel passes (``Config.parallel_passes``), each batch is
 ``batch_size`` positions): the window is read once and the thoughts of all its positions are sampled and scored
 together; the records are the per-position path's, item for item (same seeds, same numbers up to float error).
 The HTML report then also shows the first windows as passages with a marker at each thought position.
+
+Copy gauge (``rl.copy_gauge``): every sampled thought's record carries ``copies_first`` (its tokens contain the first
+gold target token y_1) and ``copies_target`` (the whole gold target as a contiguous run); ``null_copies`` holds the
+null thought's. Task targets (GSM8K, CSQA) start at their first token that is not whitespace only: the space before
+an answer is the prompt's delimiter, not the answer. ``report.html`` marks copying thoughts.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +44,7 @@ from thinkrl.eval.setup import EvalSetup
 from thinkrl.eval.tasks import TASKS, EvalItem, item_seed, item_windows, load_items
 from thinkrl.models.shared_prefix import right_pad
 from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
+from thinkrl.rl.copy_gauge import list_copy_flags
 from thinkrl.rl.scoring import Scorer
 from thinkrl.rl.window_scoring import WindowScoring
 from thinkrl.rollout import make_actor
@@ -364,10 +371,28 @@ class Evaluator:
         rec["answer_tokens"] = n
         rec["target_tokens"] = [self.roles.tokenizer.decode([t]) for t in it.targets[gold_row]]
         rt = ctx["reward_totals"][gold_row]
-        rec["thoughts"] = [{**t, "reward": round(float(rt[j] - rt[k]), 6)} for j, t in enumerate(thoughts)]
+        copied = self._copy_target(it.targets[gold_row])
+        flags = list_copy_flags([t["ids"] for t in thoughts], copied)
+        rec["thoughts"] = [
+            {**t, "reward": round(float(rt[j] - rt[k]), 6), "copies_first": f, "copies_target": w}
+            for j, (t, (f, w)) in enumerate(zip(thoughts, flags))
+        ]
+        if self.opts.null_row:
+            ((f, w),) = list_copy_flags([self.null_ids], copied)
+            rec["null_copies"] = {"copies_first": f, "copies_target": w}
         lp = ctx["logp"][gold_row][:, :n]
         rec["token_delta"] = [[round(float(d), 6) for d in lp[j] - lp[k]] for j in range(k)]
         return rec
+
+    def _copy_target(self, target: list[int]) -> list[int]:
+        """The target the copy gauge compares thoughts with: text as it is; a task answer from its first token that
+        is not whitespace only (the delimiter space; at least the last token is kept)."""
+        if self.opts.task == "text":
+            return target
+        tok, start = self.roles.tokenizer, 0
+        while start < len(target) - 1 and not tok.decode([target[start]]).strip():
+            start += 1
+        return target[start:]
 
     def _gsm8k_record(self, it: EvalItem, thoughts: list[dict], ctx: dict) -> dict:
         k = len(thoughts)
@@ -446,13 +471,17 @@ class Evaluator:
     # --------------------------------------------------------------------------------------------------------
     def _summarise(self, records: list[dict]) -> dict:
         values, weights, groups = metric_fns.per_item_metrics(self.opts.task, records, self.opts.modes)
+        metrics = stats.summarise(values, weights, groups, seed=self.opts.seed)
+        for key, metric in metrics.items():
+            if key.endswith("/reward_copy_share") and metric["n"] and math.isnan(metric["value"]):
+                metric.update(value=0.0, ci_low=0.0, ci_high=0.0)  # no positive reward at all: none earned by copying
         return {
             "task": self.opts.task,
             "model": self.opts.model,
             "n_items": len(records),
             "seed": self.opts.seed,
             "modes": self.opts.modes,
-            "metrics": stats.summarise(values, weights, groups, seed=self.opts.seed),
+            "metrics": metrics,
         }
 
     def _write_reports(self, results: dict, records: list[dict]) -> None:
@@ -483,11 +512,13 @@ class Evaluator:
             note = f"gold {rec['gold']!r}"
             if best is not None:
                 note += f"; best thought reward {rec['thoughts'][best]['reward']:+.3f}"
+                note += _copy_note(rec["thoughts"])
             items.append(
                 {
                     "title": f"item {rec['id']}",
                     "context": context,
                     "thought": rec["thoughts"][best]["text"] if best is not None else None,
+                    "copies": _copies(rec["thoughts"][best]) if best is not None else None,
                     "tokens": [[t, d] for t, d in zip(rec["target_tokens"], deltas)],
                     "note": note,
                 }
@@ -519,7 +550,14 @@ class Evaluator:
                 for j, d in enumerate(rec["token_delta"][best]):  # later slots overwrite: the nearest thought
                     deltas[slot + j] = d
                 reward = thoughts[best]["reward"]
-                marks.append({"at": slot, "thought": thoughts[best]["text"], "reward": reward})
+                marks.append(
+                    {
+                        "at": slot,
+                        "thought": thoughts[best]["text"],
+                        "reward": reward,
+                        "copies": _copies(thoughts[best]),
+                    }
+                )
                 rewards.append(reward)
             note = f"{len(recs)} thought positions"
             if rewards:
@@ -533,6 +571,21 @@ class Evaluator:
                 }
             )
         return passages
+
+
+def _copies(thought: dict) -> str | None:
+    """``target`` (the thought holds the whole target), ``first`` (it holds y_1), or None (neither, or a record
+    written before the copy gauge)."""
+    if thought.get("copies_target"):
+        return "target"
+    return "first" if thought.get("copies_first") else None
+
+
+def _copy_note(thoughts: list[dict]) -> str:
+    """'; 2/4 thoughts contain y_1 (1 the whole target)' for an item's sampled thoughts, '' when none does."""
+    first = sum(bool(t.get("copies_first")) for t in thoughts)
+    whole = sum(bool(t.get("copies_target")) for t in thoughts)
+    return f"; {first}/{len(thoughts)} thoughts contain y_1 ({whole} the whole target)" if first else ""
 
 
 def result_view(results: dict) -> dict:

@@ -14,6 +14,7 @@ from thinkrl.distributed.checkpoint import is_sharded_checkpoint
 from thinkrl.errors import ConfigError
 from thinkrl.models.roles import RoleModels, build_roles, set_threads
 from thinkrl.run import integrity
+from thinkrl.run.init_from import load_initial_weights
 from thinkrl.run.state import CHECKPOINT_PREFIX, newest_intact, use_cpu
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ def load_setup(model: str | None, config: str | None, overrides: list[str]) -> E
         roles = _build(cfg, meta=checkpoint is not None and is_sharded_checkpoint(checkpoint))
         if checkpoint is None:
             logger.warning("run %s has no complete checkpoint: using its initial weights", run_dir)
+            load_initial_weights(cfg, roles)
         else:
             load_checkpoint_weights(roles, checkpoint)
             logger.info("loaded %s", checkpoint)
@@ -126,4 +128,7 @@ def load_setup(model: str | None, config: str | None, overrides: list[str]) -> E
         else []
     )
     cfg = load_config(config, [*plain, *overrides])
-    return EvalSetup(cfg, _build(cfg), None)
+    roles = _build(cfg)
+    if model is None:  # a recipe: its model.init_from weights, as its run would start
+        load_initial_weights(cfg, roles)
+    return EvalSetup(cfg, roles, None)

@@ -195,7 +195,10 @@ def build_roles(cfg: Config, tokenizer=None, meta: bool = False) -> RoleModels:
     groups = dict.fromkeys(cfg.model.weight_groups)  # ordered, unique
     models = {g: build_model(cfg.model.spec(g), tokenizer, cfg, meta) for g in groups}
     role_group = dict(zip(ROLES, cfg.model.weight_groups))
-    if len({len(tokenizer)} | {m.get_input_embeddings().weight.shape[0] for m in models.values()}) > 1:
+    # A checkpoint's embedding may hold more rows than its tokenizer has tokens (Qwen pads 151,669 tokens to 151,936
+    # rows); those spare rows stay, unused by any text, as in the original model.
+    rows = {m.get_input_embeddings().weight.shape[0] for m in models.values()}
+    if len(rows) > 1 or min(rows) < len(tokenizer):
         raise ModelLoadError(
             "the role models have different vocabularies; every weight group must share one tokenizer"
         )

@@ -59,11 +59,23 @@ def shape_rewards(
     length_penalty: float = 0.0,
     unfinished_penalty: float = 0.0,
     clip: float = 0.0,
+    copies: torch.Tensor | None = None,
+    copy_penalty: float = 0.0,
 ) -> torch.Tensor:
-    """Rewards the advantages see: clipped, minus length and unfinished penalties. All (N, K)."""
+    """Rewards the advantages see. All (N, K):
+
+        clip(r, -clip, clip) - length_penalty · m - unfinished_penalty · 1[unfinished] - copy_penalty · 1[copies]
+
+    The penalties come after the clip, so a clipped reward still pays them. ``copies``: the thoughts whose tokens
+    contain the first target token y_1 (``copy_gauge.copy_flags``' copies_first); needed when copy_penalty > 0."""
     if clip > 0:
         rewards = rewards.clamp(-clip, clip)
-    return rewards - length_penalty * lengths.to(rewards.dtype) - unfinished_penalty * (~finished).to(rewards.dtype)
+    shaped = rewards - length_penalty * lengths.to(rewards.dtype) - unfinished_penalty * (~finished).to(rewards.dtype)
+    if copy_penalty > 0:
+        if copies is None:
+            raise ValueError("copy_penalty > 0 needs the thoughts' copy flags")
+        shaped = shaped - copy_penalty * copies.to(device=rewards.device, dtype=rewards.dtype)
+    return shaped
 
 
 def compute_advantages(

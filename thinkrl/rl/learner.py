@@ -16,7 +16,7 @@ from transformers import get_scheduler
 
 from thinkrl.config import Config
 from thinkrl.models.roles import RoleModels
-from thinkrl.rl import core_algos
+from thinkrl.rl import copy_gauge, core_algos
 from thinkrl.rl.scoring import Scorer, Scores
 from thinkrl.rollout.base import ThoughtBatch
 from thinkrl.rollout.policy import thought_logps
@@ -61,13 +61,20 @@ class LossOutput:
 
 def rewards_and_advantages(cfg: Config, scores: Scores, thoughts: ThoughtBatch, reference: torch.Tensor | None = None):
     """Detached (per-token rewards, rewards, advantages) from a scored batch, measured against ``reference``
-    (N, n) target log-probs (``reward_reference``); None: the null thought."""
+    (N, n) target log-probs (``reward_reference``); None: the null thought. ``rewards`` are raw; the advantages are
+    taken from the shaped rewards (``core_algos.shape_rewards``: clip, then the length, unfinished and copy
+    penalties)."""
     with torch.no_grad():
         reference = scores.logp_null if reference is None else reference
         per_token = core_algos.token_rewards(scores.logp_thoughts, reference, scores.target_mask.float())
         rewards = core_algos.sequence_rewards(per_token, scores.target_mask.float(), cfg.reward.discount)
         if thoughts.num_thoughts == 0:
             return per_token, rewards, rewards.clone()
+        copies = None
+        if cfg.reward.copy_penalty > 0:  # thoughts containing y_1 (copy_gauge); the targets ride on the scores
+            copies = copy_gauge.copy_flags(
+                thoughts.thought_ids, thoughts.lengths, scores.target_ids, scores.target_mask
+            )[0].to(rewards.device)
         shaped = core_algos.shape_rewards(
             rewards,
             thoughts.lengths.to(rewards.device),
@@ -75,6 +82,8 @@ def rewards_and_advantages(cfg: Config, scores: Scores, thoughts: ThoughtBatch, 
             cfg.reward.length_penalty,
             cfg.reward.unfinished_penalty,
             cfg.reward.clip,
+            copies,
+            cfg.reward.copy_penalty,
         )
         lc = cfg.learner
         advantages = core_algos.compute_advantages(

@@ -140,6 +140,11 @@ class ComputeCounter:
         finally:
             self.phase = previous
 
+    def watch(self, group: str, model: nn.Module) -> None:
+        """Count ``model``'s forwards as ``group``'s too (a copy of that group's model made after this counter, such
+        as the sharded EMA reference; a ``deepcopy`` of a counted model inherits the hook instead)."""
+        self._handles.append(model.register_forward_pre_hook(self._hook(group), with_kwargs=True))
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -39,8 +39,12 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def dump_rollouts(path: Path, step: int, tokenizer, positions, thoughts, out) -> None:
-    """Decoded thoughts with their rewards and advantages, one JSON object per position."""
+    """Decoded thoughts with their rewards and advantages, one JSON object per position; ``copies_first`` /
+    ``copies_target``: the thought contains y_1 / the whole target as a contiguous run (``rl.copy_gauge``)."""
+    from thinkrl.rl.copy_gauge import copy_flags  # torch: imported by a run, not by this module
+
     k = thoughts.num_thoughts
+    first, whole = copy_flags(thoughts.thought_ids, thoughts.lengths, out.scores.target_ids, out.scores.target_mask)
     with path.open("w", encoding="utf-8") as fh:
         for i, pos in enumerate(positions):
             items = []
@@ -51,6 +55,8 @@ def dump_rollouts(path: Path, step: int, tokenizer, positions, thoughts, out) ->
                         "text": tokenizer.decode(z),
                         "length": len(z),
                         "finished": bool(thoughts.finished[i, j]),
+                        "copies_first": bool(first[i, j]),
+                        "copies_target": bool(whole[i, j]),
                         "reward": round(float(out.rewards[i, j]), 5),
                         "advantage": round(float(out.advantages[i, j]), 5),
                         "per_token_reward": [

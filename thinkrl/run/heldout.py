@@ -10,6 +10,11 @@ Metrics (per target token where it is an NLL):
   null_rate          share of positions where no sampled thought beats the null thought
   thought_len_mean   thought tokens between the markers; unfinished_rate: share that hit the length limit
   mix_weight         mean interpreter weight of the mixing head on target tokens after a thought
+  copy_rate          share of sampled thoughts whose tokens contain the first target token y_1; copy_rate_target:
+                     the whole target y_1..y_n as a contiguous run; copy_rate_null: the null thought's (0 for the
+                     empty one); reward_copy_share: share of the positive rewards (vs the null thought) earned by
+                     thoughts containing y_1, 0 without positive reward (``rl.copy_gauge``). Step 0's evaluation
+                     (untrained thoughts, the same positions and seeds) is their chance level.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from thinkrl.config import Config
 from thinkrl.data.windows import WindowPool, group_windows, take_positions, window_batch
 from thinkrl.models.roles import RoleModels
 from thinkrl.prompts import ReasonerPrompt, wrap_contexts
+from thinkrl.rl.copy_gauge import copy_flags
 from thinkrl.rl.learner import PositionScoring, rewards_and_advantages
 from thinkrl.rl.scoring import Scorer
 from thinkrl.rl.window_scoring import WindowScoring
@@ -36,6 +42,10 @@ EVAL_KEYS = (
     "thought_len_mean",
     "unfinished_rate",
     "mix_weight",
+    "copy_rate",
+    "copy_rate_target",
+    "copy_rate_null",
+    "reward_copy_share",
 )
 
 
@@ -93,6 +103,8 @@ def evaluate(
             _, rewards, _ = rewards_and_advantages(cfg, scores, thoughts)
             mask = scores.target_mask.float()
             tokens = mask.sum()
+            null_first, null_whole = _null_copies(scorer, scores)
+            sums.add("copy_rate_null", null_first.sum(), null_first.numel())
             sums.add("nll_null", -(scores.logp[:, -1] * mask).sum(), tokens)
             sums.add("nll_base", -(scores.logp_base * mask).sum(), tokens)
             if k:
@@ -104,6 +116,13 @@ def evaluate(
                 sums.add("thought_len_mean", thoughts.lengths.float().sum(), thoughts.lengths.numel())
                 sums.add("unfinished_rate", (~thoughts.finished).float().sum(), thoughts.finished.numel())
                 sums.add("mix_weight", (scores.weight[:, :-1] * mask[:, None]).sum(), tokens * k)
+                first, whole = copy_flags(
+                    thoughts.thought_ids, thoughts.lengths, scores.target_ids, scores.target_mask
+                )
+                positive = rewards.clamp_min(0.0)
+                sums.add("copy_rate", first.sum(), first.numel())
+                sums.add("copy_rate_target", whole.sum(), whole.numel())
+                sums.add("reward_copy_share", (positive * first).sum(), positive.sum())
             else:  # control run: the null thought is the only thought
                 nll_null = -(scores.logp[:, -1] * mask).sum()
                 for key, value, count in (
@@ -113,6 +132,9 @@ def evaluate(
                     ("null_rate", len(positions), len(positions)),
                     ("thought_len_mean", 0.0, 1),
                     ("unfinished_rate", 0.0, 1),
+                    ("copy_rate", null_first.sum(), null_first.numel()),
+                    ("copy_rate_target", null_whole.sum(), null_whole.numel()),
+                    ("reward_copy_share", 0.0, 0.0),
                 ):
                     sums.add(key, value, count)
                 sums.add("mix_weight", (scores.weight[:, -1] * mask).sum(), tokens)
@@ -120,5 +142,17 @@ def evaluate(
         for m, mode in zip(modules, modes):
             m.train(mode)
     result = sums.means()
+    if sums.get("reward_copy_share", (0.0, 0.0))[1] == 0:  # no positive reward: nothing was earned by copying
+        result["reward_copy_share"] = 0.0
     result["positions"] = n_eval
     return result
+
+
+def _null_copies(scorer: Scorer, scores) -> tuple[torch.Tensor, torch.Tensor]:
+    """The null thought's copy flags at each position, (N, 1) each: its tokens between the markers (none for the
+    empty null thought, so 0 by construction) against the position's targets."""
+    n_pos = scores.target_ids.shape[0]
+    null = torch.tensor(scorer.null_seq[1:-1], dtype=torch.long, device=scores.target_ids.device)
+    ids = null.expand(n_pos, 1, -1)
+    lengths = torch.full((n_pos, 1), len(null), dtype=torch.long, device=null.device)
+    return copy_flags(ids, lengths, scores.target_ids, scores.target_mask)

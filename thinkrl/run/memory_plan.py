@@ -27,6 +27,8 @@ Held memory (per GPU):
   vLLM        ``rollout.vllm_gpu_memory_utilization`` × GPU memory (a colocated engine per process)
   gathered    fsdp2 only: the whole models in the compute dtype, total·b, held from the first forward of a step to
               after its backward (thinkrl shards with reshard_after_forward=False, see distributed/sharding.py)
+  EMA         ``reward.baseline=ema``: a copy of the interpreter's weight group, total·w (÷ G under fsdp2, sharded
+              like its model); its forward, gathered and freed before the scorer gathers the live models, adds no peak
 
 Activations: bytes autograd keeps for the backward, counted tensor by tensor for a HF decoder layer (checked against
 ``torch.autograd.graph.saved_tensors_hooks``), per token and layer:
@@ -58,7 +60,8 @@ FLOPs by ``compute.step_flops``: 2·N per forward token, 2·N + 2·N_trainable p
 lengths are a bound for variable-length thoughts and contexts; with fixed-length thoughts on text windows (the
 Quiet-STaR preset) they are exactly what the trainer logs as ``compute/flops``.
 
-Not counted: the CUDA context and allocator slack (``reserve``), the EMA reference model (``reward.baseline=ema``),
+The EMA reference's forward (no grad, once per micro-batch) reads each position's window and targets (or each text
+window once) with the interpreter's weight group. Not counted: the CUDA context and allocator slack (``reserve``),
 a reasoner template's tokens, a vLLM server's memory (``rollout.vllm_mode=server``), activation offloading.
 """
 
@@ -352,6 +355,7 @@ class Forward:
     seq: int = 0  # tokens per row (continuations; S of a pass)
     span: float = 0.0  # passes: window keys a chunk disagrees on
     keeps_kv: int = 0  # gradient checkpointing: cached keys/values (token slots) the recompute reads
+    per_update: bool = True  # run again for each of learner.updates_per_rollout (the EMA reference's is not)
 
 
 def step_forwards(cfg: Config, shapes: Shapes, trainable: dict[str, bool]) -> list[Forward]:
@@ -414,6 +418,7 @@ def step_forwards(cfg: Config, shapes: Shapes, trainable: dict[str, bool]) -> li
             )
             if bg != ig:
                 read_of(bg)
+        out += _ema_forwards(cfg, s, ig)
         if policy and not (rg == ig and not cfg.data.interpreter_window):
             read_of(rg)
             out.append(
@@ -456,6 +461,7 @@ def step_forwards(cfg: Config, shapes: Shapes, trainable: dict[str, bool]) -> li
             out += [Forward(rg, "rollout", rows * k, kind="masked") for _ in range(m - 1)]
     elif k:  # a vLLM engine's prompt and generated tokens, at most
         out.append(Forward(rg, "rollout", npos * (c + 1) + npos * k * (m + 1)))
+    out += _ema_forwards(cfg, s, ig)
     out += _position_scores(cfg, s, ig, bg, trainable)
     if policy:
         out.append(Forward(rg, "score_and_loss", npos * (c - 1), trainable[rg], "masked"))
@@ -474,6 +480,20 @@ def step_forwards(cfg: Config, shapes: Shapes, trainable: dict[str, bool]) -> li
             )
         )
     return out
+
+
+def _ema_forwards(cfg: Config, s: Shapes, ig: str) -> list[Forward]:
+    """``reward.baseline=ema``: the EMA copy of the interpreter reads, with no grad, each text window once (parallel
+    passes seeing the whole window) or each position's window then its targets (``Trainer._target_logps``)."""
+    if cfg.reward.baseline != "ema":
+        return []
+    if s.windows and not cfg.data.interpreter_window:
+        return [Forward(ig, "score_and_loss", s.windows * s.window_len, per_update=False)]
+    npos, w, n = s.positions, s.window, s.n_ahead
+    return [
+        Forward(ig, "score_and_loss", npos * (w - 1), kind="masked", per_update=False),
+        Forward(ig, "score_and_loss", npos * n, kind="masked", rows=npos, prefix=w - 1, seq=n, per_update=False),
+    ]
 
 
 def _position_scores(cfg: Config, s: Shapes, ig: str, bg: str, trainable: dict[str, bool]) -> list[Forward]:
@@ -648,7 +668,7 @@ def plan(
     backward: dict[str, int] = {}
     updates = cfg.learner.updates_per_rollout
     for f in forwards:
-        times = repeat * (updates if f.phase == "score_and_loss" else 1)
+        times = repeat * (updates if f.phase == "score_and_loss" and f.per_update else 1)
         tokens.setdefault(f.group, {}).setdefault(f.phase, 0)
         tokens[f.group][f.phase] += f.tokens * times
         if f.grad:
@@ -725,8 +745,12 @@ def plan(
     if reserve_gb is None:
         reserve_gb = 1.0 if device == "cuda" else 0.0
     weights = params * w / shard
+    ema = 0.0
+    if cfg.reward.baseline == "ema" and cfg.learner.objective == "thoughts":
+        ema = groups[role["interpreter"]]["params"] * w / shard
     memory = {
         "weights": weights,
+        "ema reference": ema,
         "gradients": grads,
         "optimizer": moments,
         "activations": act + recompute + chunk,
@@ -736,11 +760,9 @@ def plan(
         "reserve": reserve_gb * GiB,
     }
     # Held: weights and moments; the step adds its growth (gradients, activations or the optimizer's peak) on top.
-    total = weights + moments + step2 + vllm + reserve_gb * GiB
-    total = max(total, weights + step1 + vllm + reserve_gb * GiB)
+    total = weights + ema + moments + step2 + vllm + reserve_gb * GiB
+    total = max(total, weights + ema + step1 + vllm + reserve_gb * GiB)
     gpu_memory = gpu_memory_gb * GiB
-    if cfg.reward.baseline == "ema":
-        notes.append("reward.baseline=ema keeps a copy of the interpreter: not counted")
     result = Plan(
         recipe=recipe,
         gpus=gpus,

@@ -41,6 +41,7 @@ from thinkrl.distributed.sharding import (
     hsdp_mesh,
     mixed_precision,
     reshard_all,
+    shard_copy,
     shard_group,
     shard_roles,
     shard_sizes,
@@ -51,7 +52,8 @@ from thinkrl.models.meta_loading import fill_sharded
 from thinkrl.models.parallel_attention import check_supported
 from thinkrl.models.roles import build_roles, set_threads
 from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
-from thinkrl.rl.ema import EmaReference
+from thinkrl.rl import copy_gauge
+from thinkrl.rl.ema import EmaReference, meta_copy
 from thinkrl.rl.learner import PositionScoring, build_optimizer, compute_loss
 from thinkrl.rl.lm_baseline import lm_loss, lm_models, position_target_logps, window_target_logps
 from thinkrl.rl.scoring import Scorer
@@ -61,6 +63,7 @@ from thinkrl.rollout.policy import position_seeds
 from thinkrl.run.compute import ComputeCounter, crossed, flops_budget, matched_interval, merge_metrics, run_steps
 from thinkrl.run.files import dump_rollouts, mean_or_nan, write_atomic, write_summary
 from thinkrl.run.heldout import evaluate
+from thinkrl.run.init_from import check_source, load_initial_weights
 from thinkrl.run.recipe import clear_stale_outputs, plan_start
 from thinkrl.run.rollout_pipeline import Draw, RolloutPipeline
 from thinkrl.run.state import (
@@ -106,8 +109,10 @@ class Trainer:
         (``thinkrl.output_folder``); without it such a folder is refused."""
         self.cfg = cfg
         tc = cfg.trainer
-        # a changed recipe or a folder of someone else's fails here, before anything is written or built
+        # a changed recipe, a folder of someone else's or a source that does not fit fails here, before anything is
+        # written or built
         folder, stale = plan_start(cfg, overwrite)
+        check_source(cfg)
         set_threads(tc.num_threads)
         self.run_dir = Path(tc.output_dir)
         self.accelerator = make_accelerator(tc, self.run_dir)
@@ -128,14 +133,21 @@ class Trainer:
         if self.parallel:  # fail before any data is read
             for model in self.roles.models.values():
                 check_supported(model)
+        wants_ema = cfg.reward.baseline == "ema" and cfg.learner.objective == "thoughts"
+        ema_copy = None  # sharded: the EMA reference's copy of the interpreter, sharded as the interpreter is
         if self.sharded:  # before the optimizer: it must hold the sharded parameters
             policy = mixed_precision(self.accelerator.mixed_precision)
             self.mesh = hsdp_mesh(tc.sharding, self.accelerator.device.type)
             fill = partial(fill_sharded, cfg, self.roles.tokenizer)
+            if wants_ema:  # copied before sharding (no weights), then sharded by the same calls
+                ema_copy = meta_copy(self.roles.model("interpreter"))
             shard_roles(self.roles, self.accelerator.device, policy, fill, self.mesh)
+            if ema_copy is not None:
+                shard_copy(ema_copy, self.accelerator.device, policy, self.mesh)
             rank_dir = self.run_dir / f"rank{self.accelerator.process_index}"
             rank_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(rank_dir / "shards.json", json.dumps(shard_sizes(self.roles), indent=2))
+        load_initial_weights(cfg, self.roles)  # model.init_from: another run's weights, before the optimizer
         # What is sampled must not depend on how the models were built: a whole load draws new vocabulary rows and
         # LoRA matrices from the global RNG, a sharded (meta) load from generators of its own.
         set_seed(tc.seed + POST_BUILD_SEED_OFFSET)
@@ -207,11 +219,12 @@ class Trainer:
         self.eval_flops = matched_interval(tc.eval_every, self.max_flops, matched_steps)
         self.lm_models = lm_models(self.roles) if cfg.learner.objective == "lm" else {}
         self.ema = None
-        if cfg.reward.baseline == "ema" and cfg.learner.objective == "thoughts":
-            if self.sharded:
-                raise ConfigError("reward.baseline=ema needs an unsharded run (trainer.sharding=none, no FSDP launch)")
-            # After the compute counter: the copy inherits its hook, so EMA forwards count as the group's compute.
-            self.ema = EmaReference(self.roles.model("interpreter"), cfg.reward.ema_decay)
+        if wants_ema:
+            # After the compute counter: a whole copy inherits its hook, a sharded one is watched, so EMA forwards
+            # count as the group's compute.
+            self.ema = EmaReference(self.roles.model("interpreter"), cfg.reward.ema_decay, ema_copy)
+            if ema_copy is not None:
+                self.compute.watch(self.roles.role_group["interpreter"], self.ema.model)
             self.accelerator.register_for_checkpointing(self.ema)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -257,15 +270,15 @@ class Trainer:
     def _save_own_files(self, folder: Path) -> None:
         """What accelerate's state does not hold: sharded models, and each process's rollouts in flight."""
         if self.sharded:
-            save_sharded(folder, self.roles, self.optimizer)
+            save_sharded(folder, self.roles, self.optimizer, self.ema.model if self.ema is not None else None)
         if self.pipeline is not None:
             self.pipeline.save(folder, self.accelerator.process_index, self.accelerator.num_processes)
 
     def _load_weights(self, path: Path) -> bool:
         """Models and optimizer of a checkpoint written in the other mode (see ``distributed.checkpoint``)."""
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper holds the torch one
-        if is_sharded_checkpoint(path):
-            load_sharded(path, self.roles, optimizer)
+        if is_sharded_checkpoint(path):  # the EMA reference's weights too (an unsharded one's are accelerate's)
+            load_sharded(path, self.roles, optimizer, self.ema.model if self.ema is not None else None)
             return True
         if self.sharded:
             load_unsharded_into(path, self.roles, optimizer)
@@ -311,7 +324,7 @@ class Trainer:
             logp_ema = None
             if self.ema is not None:
                 with self._timed("score_and_loss"):
-                    logp_ema = self.ema.logps(self._target_logps(positions, scoring))
+                    logp_ema = self._ema_logps(positions, scoring)
             for _update in range(lc.updates_per_rollout):
                 with self._timed("score_and_loss"):
                     out = compute_loss(cfg, scoring, thoughts, logp_ema)
@@ -327,6 +340,13 @@ class Trainer:
             for key, value in out.stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
             stats_sum["reward"] = stats_sum.get("reward", 0.0) + mean_or_nan(out.rewards) / lc.grad_accum_steps
+            if thoughts.num_thoughts:  # copy_rate, copy_rate_target, reward_copy_share (raw rewards): copy_gauge
+                scores = out.scores
+                gauge = copy_gauge.gauge(
+                    thoughts.thought_ids, thoughts.lengths, scores.target_ids, scores.target_mask, out.rewards
+                )
+                for key, value in gauge.items():
+                    stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
         grad_norm = self._optimizer_step()
         if self.pipeline is not None:
             with self._timed("rollout"):  # the engine's weights change next: nothing may be sampling then
@@ -393,6 +413,12 @@ class Trainer:
         return partial(
             position_target_logps, windows=windows, targets=targets, pad_id=self.scorer.pad_id, marker_ids=markers
         )
+
+    def _ema_logps(self, positions, scoring) -> torch.Tensor:
+        """The EMA reference's target log-probs of a micro-batch, (N, n) in the scores' order: a read of whole
+        windows gives (B, P, n), of which the valid slots are the positions."""
+        logp = self.ema.logps(self._target_logps(positions, scoring))
+        return scoring.to_positions(logp[:, None])[:, 0] if logp.dim() == 3 else logp
 
     def _mean_over_processes(self, metrics: dict) -> None:
         """Float metrics averaged over processes in place (grad norms are already global)."""

@@ -4,7 +4,10 @@ A *result* is one folder: a run folder (``summary.json``: ``initial_eval``/``fin
 ``metrics.jsonl``) or a ``thinkrl eval`` folder (``results.json``: one value per ``<mode>/<metric>``, plus
 ``settings.json``). Results of one *point* (one recipe, several seeds) are aggregated per metric with
 ``study_stats.describe`` (mean, sample sd, Student-t interval over seeds), and the training curves of a point's
-runs (reward, held-out NLL gain of thoughts over the null thought, null rate) become mean ± sd bands.
+runs (reward, held-out NLL gain of thoughts over the null thought, null rate, copy rate) become mean ± sd bands.
+The copy gauge (``rl.copy_gauge``) needs nothing of its own here: ``copy_rate``, ``copy_rate_target`` and
+``reward_copy_share`` are metrics of the runs' held-out evaluations and of the evaluation folders like any other, so
+each point reports them (mean ± sd over seeds) wherever its results have them.
 
 ``write_study`` writes ``study.json`` (everything, per-seed values included), ``study.md`` (tables) and
 ``plots/<curve>.png``. The maths is in ``study.stats``; this module only reads and writes.
@@ -28,6 +31,7 @@ CURVES: dict[str, tuple[Any, str]] = {
     "reward": ("train/reward", "training reward (mean over thoughts, nats)"),
     "nll_gain": (("eval/nll_null", "eval/nll_thought"), "held-out NLL gain over the null thought (nats/token)"),
     "null_rate": ("train/null_rate", "training null rate (no thought beats the null thought)"),
+    "copy_rate": ("train/copy_rate", "training copy rate (thoughts containing the first target token)"),
 }
 # Run-folder keys that do not make two runs different points: the seed, and what may change on resume except the
 # length (runs of 40 and 80 steps are different points).
@@ -141,7 +145,9 @@ def read_eval(folder: Path) -> Result:
     items, thoughts = _read_items(folder, results)
     for key, (values, weights, _, _) in items.items():  # metrics added since the evaluation wrote results.json
         if key not in metrics and values:
-            metrics[key] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
+            total = sum(weights)  # 0: reward_copy_share without any positive reward is 0, as eval reports it
+            empty = 0.0 if key.endswith("/reward_copy_share") else math.nan
+            metrics[key] = sum(v * w for v, w in zip(values, weights)) / total if total else empty
     return Result(str(folder), "eval", seed, metrics, _identity(flat, "recipe."), items=items, thoughts=thoughts)
 
 
@@ -188,9 +194,16 @@ def _thought_totals(task: str, rec: dict) -> list[float] | None:
     return list(totals) if totals is not None else None
 
 
+def _copies(thought: dict) -> str:
+    if thought.get("copies_target"):
+        return "target"
+    return "y_1" if thought.get("copies_first") else ""
+
+
 def thought_rows(task: str, records: list[dict], folder: str) -> list[dict]:
     """Every sampled thought of an evaluation with its gain per gold token over the null thought (``vs_null``) and
-    over no thought (``vs_none``, when scored), the item, its gold tokens and (text) the context's tail."""
+    over no thought (``vs_none``, when scored), the item, its gold tokens, (text) the context's tail and ``copies``:
+    ``target`` / ``y_1`` when the thought holds the whole gold target / its first token (the copy gauge), else ''."""
     rows = []
     for rec in records:
         n = max(1, int(rec.get("answer_tokens", 1)))
@@ -204,6 +217,7 @@ def thought_rows(task: str, records: list[dict], folder: str) -> list[dict]:
                     "vs_null": thought["reward"] / n,
                     "vs_none": (totals[j] - none) / n if none is not None and totals is not None else None,
                     "gold": "".join(rec.get("target_tokens", [])),
+                    "copies": _copies(thought),
                     "context": rec.get("context") or rec.get("question"),
                 }
             )
@@ -406,8 +420,8 @@ def markdown(study: dict, title: str, notes: list[str] | None = None, base: Path
         if p.get("thoughts"):
             lines += ["", f"## Held-out thoughts that helped most and hurt most: {p['label']}", ""]
             lines += [
-                "| | Δ log p / token vs null | vs no thought | thought | gold | item |",
-                "|---|---|---|---|---|---|",
+                "| | Δ log p / token vs null | vs no thought | thought | gold | copies | item |",
+                "|---|---|---|---|---|---|---|",
             ]
             for kind in ("helped", "hurt"):
                 for row in p["thoughts"][kind]:
@@ -417,6 +431,7 @@ def markdown(study: dict, title: str, notes: list[str] | None = None, base: Path
                         _fmt(row["vs_none"]),
                         _cell(row["thought"]),
                         _cell(row["gold"]),
+                        row.get("copies", ""),
                     ]
                     lines.append("| " + " | ".join(cells) + f" | {row['id']} (`{_relative(row['folder'], base)}`) |")
     plotted = [n for n in CURVES if any(p["curves"].get(n, {}).get("steps") for p in points)]
