@@ -38,6 +38,7 @@ def test_a_row_carries_each_metric_of_the_thought_point_and_the_baseline(tmp_pat
             "sampled:4/null_rate": _stats([0.2, 0.4]),
             "sampled:4/thought_len": _stats([8.0, 10.0]),
             "sampled:4/unfinished_rate": _stats([1.0, 0.5]),
+            "sampled:4/copy_rate": _stats([0.25, 0.125]),
             "matched_lm/delta_nll": _stats([-0.01, -0.03], (-0.02, -0.04, 0.001)),
         },
         "thoughts": {
@@ -64,6 +65,7 @@ def test_a_row_carries_each_metric_of_the_thought_point_and_the_baseline(tmp_pat
         "0.30",
         "9.0",
         "0.75",
+        "0.188",
         "1.100",
         f"-0.0200 ± {0.0141:.4f} [-0.0400, +0.0010]",
     ]

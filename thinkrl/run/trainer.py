@@ -342,10 +342,17 @@ class Trainer:
             stats_sum["reward"] = stats_sum.get("reward", 0.0) + mean_or_nan(out.rewards) / lc.grad_accum_steps
             if thoughts.num_thoughts:  # copy_rate, copy_rate_target, reward_copy_share (raw rewards): copy_gauge
                 scores = out.scores
-                gauge = copy_gauge.gauge(
-                    thoughts.thought_ids, thoughts.lengths, scores.target_ids, scores.target_mask, out.rewards
+                first, whole = copy_gauge.copy_flags(
+                    thoughts.thought_ids, thoughts.lengths, scores.target_ids, scores.target_mask
                 )
-                for key, value in gauge.items():
+                positive = out.rewards.detach().float().clamp_min(0.0)
+                for key, value in (
+                    ("copy_rate", float(first.float().mean())),
+                    ("copy_rate_target", float(whole.float().mean())),
+                    # reward_copy_share is a ratio of sums over the whole step, every micro-batch and process
+                    ("positive_reward_copying", float((positive * first.to(positive.device)).sum())),
+                    ("positive_reward", float(positive.sum())),
+                ):
                     stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
         grad_norm = self._optimizer_step()
         if self.pipeline is not None:
@@ -371,6 +378,9 @@ class Trainer:
             **(taken[-1].stats if taken is not None else self.actor.stats),
         }
         self._mean_over_processes(metrics)
+        if k:
+            copying, total = metrics.pop("train/positive_reward_copying"), metrics.pop("train/positive_reward")
+            metrics["train/reward_copy_share"] = copying / total if total > 0 else 0.0
         metrics.update(self._account())  # token counts and FLOPs: summed over processes, not averaged
         return metrics, positions, thoughts, out
 
