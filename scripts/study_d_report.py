@@ -72,11 +72,12 @@ def plot(out: Path, seeds: list[Path], baselines: list[Path], path: Path) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path, help="the study's folder (runs/study-smollm2-d)")
+    p.add_argument("out", type=Path, help="the study's sweep folder (runs/study-smollm2-d; stage 1 in <out>-start)")
     p.add_argument("--plot", type=Path, help="where to write the FLOPs plot (PNG)")
     args = p.parse_args(argv)
     out = args.out
-    adaptation = json.loads((out / "adapt" / "adaptation.json").read_text())
+    start = out.parent / f"{out.name}-start"  # stage 1 and the evaluations of the adapted start
+    adaptation = json.loads((start / "adapt" / "adaptation.json").read_text())
     curve = ", ".join(f"{s}: {v:.3f}" for s, v in sorted((int(k), v) for k, v in adaptation["curve"].items()))
     print(
         f"**Adaptation.** Rule: {adaptation['rule']}. Stopped at {adaptation['steps']} steps "
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("\n".join(thoughts("d", loaded)))
         print()
-    upper = _metric(out / "eval" / "upper_bound", "none/nll")
-    untrained = out / "eval" / "untrained"
+    upper = _metric(start / "upper_bound", "none/nll")
+    untrained = start / "untrained"
     print(f"- upper bound (the adapted model reading all 256 tokens, no thought): NLL {upper}")
     for key in (
         "none/nll",

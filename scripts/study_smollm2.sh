@@ -28,15 +28,17 @@ esac
 out=${OUT:-runs/study-smollm2-$1}
 if [ "$1" = d ]; then
   # Stage 1: LM adaptation until the held-out NLL is flat (the rule is in study_d_adapt.yaml); both arms start there;
-  # then the upper bound (all 256 tokens, no thought) and the copy gauge's chance level (untrained thoughts).
+  # then the upper bound (all 256 tokens, no thought) and the copy gauge's chance level (untrained thoughts). These
+  # live beside the sweep's folder (<out>-start), which the sweep owns alone.
+  start="$out-start"
   PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
   THINKRL="$THINKRL" "$PYTHON" scripts/adapt_until_flat.py \
-    --config configs/smollm2/study_d_adapt.yaml --out "$out/adapt"
-  config_d=("model.init_from=$out/adapt")
-  [ -f "$out/eval/upper_bound/results.json" ] || "$THINKRL" eval --config "$config" --task "$task" --limit "$limit" \
-    --no-generate --thoughts none --output "$out/eval/upper_bound" "${config_d[@]}" data.interpreter_window=0
-  [ -f "$out/eval/untrained/results.json" ] || "$THINKRL" eval --config "$config" --task "$task" --limit "$limit" \
-    --no-generate --thoughts "none,null,sampled:$k" --output "$out/eval/untrained" "${config_d[@]}"
+    --config configs/smollm2/study_d_adapt.yaml --out "$start/adapt"
+  config_d=("model.init_from=$start/adapt")
+  [ -f "$start/upper_bound/results.json" ] || "$THINKRL" eval --config "$config" --task "$task" --limit "$limit" \
+    --no-generate --thoughts none --output "$start/upper_bound" "${config_d[@]}" data.interpreter_window=0
+  [ -f "$start/untrained/results.json" ] || "$THINKRL" eval --config "$config" --task "$task" --limit "$limit" \
+    --no-generate --thoughts "none,null,sampled:$k" --output "$start/untrained" "${config_d[@]}"
 else
   config_d=()
 fi
