@@ -9,7 +9,8 @@ steps, resuming the same run folder each time, and after each chunk end S reads 
 or at ``--max-steps``. The decision, the rule and the curve go to ``<run>/adaptation.json``. Rerunning after a
 stop resumes the run and re-applies the rule, so nothing is lost.
 
-    python scripts/adapt_until_flat.py --config configs/smollm2/study_d_adapt.yaml --out runs/study-smollm2-d-start/adapt
+    python scripts/adapt_until_flat.py --config configs/smollm2/study_d_adapt.yaml \
+        --out runs/study-smollm2-d-start/adapt
 """
 
 from __future__ import annotations
