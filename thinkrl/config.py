@@ -559,6 +559,13 @@ class LearnerConfig:
         "interpreter learns only from thoughts that beat the null thought", False
     )
     base_weight: float = described("weight of NLL(y | x) with no thought (keeps plain language modelling)", 0.0)
+    score_null: str = described(
+        "auto: training scores the null thought only when its loss needs it (the interpreter learns from it, or it "
+        "is the reward reference and does not cancel in the advantages: a reward clip, include_null, baseline none); "
+        "without it train/reward, train/null_rate and train/reward_copy_share are not logged (held-out eval/ keeps "
+        "them) | always: score it every step",
+        "auto",
+    )
     ratio_clip: float = described("PPO-style clip of the importance ratio learner/sampler", 0.2)
     tis_cap: float = described(
         "truncated importance sampling: weight each thought token by min(learner/sampler probability, tis_cap) "
@@ -589,6 +596,7 @@ class LearnerConfig:
         check_choice("learner.objective", self.objective, ("thoughts", "lm"))
         check_choice("learner.baseline", self.baseline, ("leave_one_out", "mean", "none"))
         check_choice("learner.normalize", self.normalize, ("none", "std"))
+        check_choice("learner.score_null", self.score_null, ("auto", "always"))
         check_choice("learner.scheduler", self.scheduler, ("constant", "constant_with_warmup", "linear", "cosine"))
         for role in self.role_lr:
             check_choice("learner.role_lr key", role, FREEZABLE)

@@ -1,4 +1,5 @@
-"""Parallel thought passes equal the per-position path: thoughts, sampler log-probs, rewards, loss terms, gradients.
+"""Parallel thought passes equal the per-position path: thoughts, sampler log-probs, rewards, loss terms, gradients;
+the null thought's row is left out where the loss does not need it, changing none of them.
 
 Each case samples K thoughts at the positions of a few text windows twice — per position (each its own sequence)
 and in parallel passes (window read once) — with the same seeds, then computes the loss both ways and compares
@@ -13,13 +14,15 @@ import torch
 from stock_models import stock_model
 
 import thinkrl.models.parallel_attention as pa
+import thinkrl.rl.window_scoring as window_scoring
 from thinkrl.config import load_config
 from thinkrl.data.positions import text_pool
 from thinkrl.data.windows import WindowPool, positions_of, window_batch
 from thinkrl.errors import ConfigError
 from thinkrl.models.parallel_passes import read_window, run_passes
 from thinkrl.models.roles import build_roles
-from thinkrl.rl.learner import PositionScoring, compute_loss
+from thinkrl.rl.core_algos import compute_advantages, reference_cancels, shape_rewards
+from thinkrl.rl.learner import PositionScoring, compute_loss, needs_null_row
 from thinkrl.rl.scoring import Scorer
 from thinkrl.rl.window_scoring import WindowScoring
 from thinkrl.rollout.hf_actor import HFRolloutActor
@@ -86,7 +89,9 @@ def _assert_equal(ref, par):
     torch.testing.assert_close(t1.sampler_logps, t0.sampler_logps, atol=TOL, rtol=0)
     for name in ("logp", "logp_reward", "logp_base", "weight"):
         torch.testing.assert_close(getattr(o1.scores, name), getattr(o0.scores, name), atol=TOL, rtol=0)
-    torch.testing.assert_close(o1.rewards, o0.rewards, atol=TOL, rtol=0)
+    assert o0.scores.has_null == o1.scores.has_null and (o0.rewards is None) == (o1.rewards is None)
+    if o0.rewards is not None:
+        torch.testing.assert_close(o1.rewards, o0.rewards, atol=TOL, rtol=0)
     torch.testing.assert_close(o1.advantages, o0.advantages, atol=TOL, rtol=0)
     assert o0.stats.keys() == o1.stats.keys()
     for key in o0.stats:
@@ -242,3 +247,95 @@ def test_switch_defaults_and_errors():
         load_config(None, ["rollout.thought_passes=parallel"])
     with pytest.raises(ConfigError, match="reasoner_template"):
         load_config(None, [*text, "rollout.thought_passes=parallel", "rollout.reasoner_template=thinking/system"])
+
+
+# ---- the null thought's row is scored only when the loss needs it (learner.needs_null_row) -------------------------
+# Where it is left out (Quiet-STaR's setting: group-mean advantages, no clip, the interpreter not learning from the
+# null thought), the loss, advantages and every gradient equal those of the run that scores it, on both paths, and
+# the parallel path runs one set of passes fewer.
+QUIET_STAR = ["learner.baseline=mean", "learner.positive_only=true", "learner.interpreter_null=false"]
+
+
+@pytest.mark.parametrize(
+    "overrides,needed",
+    [
+        ([], True),  # the interpreter learns from the null thought (interpreter_null, the default)
+        (QUIET_STAR, False),
+        ([*QUIET_STAR, "learner.interpreter_weight=0"], False),
+        ([*QUIET_STAR, "reward.clip=1"], True),  # the clip reads the rewards' level
+        ([*QUIET_STAR, "learner.include_null=true"], True),  # the null thought's reward 0 joins the group
+        ([*QUIET_STAR, "learner.baseline=none"], True),
+        ([*QUIET_STAR, "learner.interpreter_only_helpful=true"], True),  # reads rewards > 0 against the null
+        ([*QUIET_STAR, "learner.interpreter_only_helpful=true", "reward.baseline=no_thought"], False),
+        ([*QUIET_STAR, "learner.interpreter_only_helpful=true", "learner.interpreter_weight=0"], False),
+        ([*QUIET_STAR, "reward.baseline=no_thought", "reward.clip=1"], False),  # the reference is the base's
+        ([*QUIET_STAR, "learner.normalize=std", "reward.length_penalty=0.1"], False),  # shift-invariant shaping
+        ([*QUIET_STAR, "learner.score_null=always"], True),
+    ],
+)
+def test_needs_null_row(overrides, needed):
+    cfg = load_config(None, ["rollout.num_thoughts=2", *overrides])
+    assert needs_null_row(cfg, 2) is needed
+    assert needs_null_row(cfg, 0)  # a control run scores only the null thought
+
+
+def test_reference_cancels_means_shift_invariant_advantages():
+    """The predicate's claim, checked on the advantages themselves: a per-position shift of every reward changes
+    none of them exactly when ``reference_cancels`` says so."""
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    shift = torch.randn(6, 1, generator=gen, dtype=torch.float64) * 3
+    lengths, finished = torch.randint(1, 5, (6, 3), generator=gen), torch.rand(6, 3, generator=gen) > 0.3
+    for baseline in ("leave_one_out", "mean", "none"):
+        for include_null in (False, True):
+            for clip in (0.0, 0.5):
+                for normalize, positive_only in (("none", False), ("std", True)):
+
+                    def adv(r, b=baseline, i=include_null, c=clip, n=normalize, p=positive_only):
+                        return compute_advantages(shape_rewards(r, lengths, finished, 0.1, 0.2, c), b, i, p, n)
+
+                    same = torch.allclose(adv(rewards), adv(rewards + shift), atol=1e-9)
+                    assert same == reference_cancels(baseline, include_null, clip), (baseline, include_null, clip)
+
+
+# the gate head: the mlp head starts at weight 0 (the base's prediction), where every reward would be 0
+@pytest.mark.parametrize(
+    "overrides", [[*QUIET_STAR, "head.form=gate"], [*QUIET_STAR, "data.interpreter_window=8", "head.form=none"]]
+)
+def test_without_the_null_row_the_loss_and_gradients_are_unchanged(overrides):
+    """Per-position and parallel paths, with and without the null row: the same thoughts, advantages, loss terms
+    and gradients; the rows scored without it are the K thoughts' own."""
+    auto = _both_paths(overrides, 1, 2)
+    always = _both_paths([*overrides, "learner.score_null=always"], 1, 2)
+    _assert_equal(*auto)
+    for (t0, o0, g0), (t1, o1, g1) in zip(always, auto):
+        assert torch.equal(t0.thought_ids, t1.thought_ids)
+        assert o0.scores.has_null and not o1.scores.has_null
+        assert o1.rewards is None and o1.null_rewards is None and o0.rewards is not None
+        assert o1.scores.logp.shape[1] == o0.scores.logp.shape[1] - 1 == 2
+        torch.testing.assert_close(o1.scores.logp, o0.scores.logp[:, :2], atol=TOL, rtol=0)
+        torch.testing.assert_close(o1.advantages, o0.advantages, atol=TOL, rtol=0)
+        assert float(o1.advantages.abs().max()) > 0  # not a comparison of zeros
+        torch.testing.assert_close(o1.loss, o0.loss, atol=TOL, rtol=0)
+        assert o1.stats.keys() == o0.stats.keys()
+        for a, b in zip(g0, g1):
+            scale = max(1.0, float(a.abs().max()))
+            torch.testing.assert_close(b / scale, a / scale, atol=TOL, rtol=0)
+
+
+def test_the_parallel_path_skips_the_null_passes(monkeypatch):
+    """One set of passes fewer: the thought rows only, counted on the real ``run_passes``."""
+    calls = []
+    real = window_scoring.run_passes
+
+    def counted(model, read, slots, slot_len):
+        calls.append(slots.shape[1])  # rows in this set of passes
+        return real(model, read, slots, slot_len)
+
+    monkeypatch.setattr(window_scoring, "run_passes", counted)
+    counts = {}
+    for name, extra in (("auto", []), ("always", ["learner.score_null=always"])):
+        calls.clear()
+        _both_paths([*QUIET_STAR, "learner.policy_weight=0", "learner.entropy_coef=0", *extra], 1, 2)
+        counts[name] = list(calls)
+    assert counts == {"auto": [2], "always": [2, 1]}  # K=2 thought rows; the null thought's single row

@@ -20,7 +20,7 @@ REWARD_BASELINES = ("null", "no_thought", "ema")
 
 
 def reference_logps(
-    baseline: str, logp_null: torch.Tensor, logp_base: torch.Tensor, logp_ema: torch.Tensor | None = None
+    baseline: str, logp_null: torch.Tensor | None, logp_base: torch.Tensor, logp_ema: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The target log-probs a thought's reward is measured against, (N, n) each:
     null → log q(y | x, z0); no_thought → log p_base(y | x); ema → log p_EMA(y | x)."""
@@ -76,6 +76,15 @@ def shape_rewards(
             raise ValueError("copy_penalty > 0 needs the thoughts' copy flags")
         shaped = shaped - copy_penalty * copies.to(device=rewards.device, dtype=rewards.dtype)
     return shaped
+
+
+def reference_cancels(baseline: str, include_null: bool, clip: float) -> bool:
+    """True when adding one constant to every reward of a position leaves its advantages unchanged, so the reward
+    reference (e.g. the null thought) need not be computed: a group baseline (leave-one-out or mean) subtracts it,
+    the std normalisation and ``positive_only`` act on the differences and the penalties are per thought. A clip
+    (applied to the raw rewards), the null thought's reward 0 in the group (``include_null``) or no baseline keep
+    it."""
+    return baseline in ("leave_one_out", "mean") and not include_null and clip == 0
 
 
 def compute_advantages(

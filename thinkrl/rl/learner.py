@@ -53,10 +53,12 @@ class LossOutput:
     loss: torch.Tensor
     stats: dict[str, float]
     scores: Scores
-    rewards: torch.Tensor  # (N, K) raw improvement over the reference (reward.baseline)
-    per_token_rewards: torch.Tensor  # (N, K, n)
+    # rewards and per-token rewards are None when the reference is the null thought and it was not scored
+    # (``needs_null_row``); null_rewards whenever it was not scored
+    rewards: torch.Tensor | None  # (N, K) raw improvement over the reference (reward.baseline)
+    per_token_rewards: torch.Tensor | None  # (N, K, n)
     advantages: torch.Tensor  # (N, K)
-    null_rewards: torch.Tensor  # (N, K) improvement over the null thought (= rewards when that is the baseline)
+    null_rewards: torch.Tensor | None  # (N, K) improvement over the null thought (= rewards when that is the baseline)
 
 
 def rewards_and_advantages(cfg: Config, scores: Scores, thoughts: ThoughtBatch, reference: torch.Tensor | None = None):
@@ -104,8 +106,8 @@ class PositionScoring:
         self.contexts, self.targets = contexts, targets
         self.reasoner_contexts = reasoner_contexts or contexts
 
-    def scores(self, thoughts: ThoughtBatch, lean: bool = True) -> Scores:
-        return self.scorer.score(self.contexts, self.targets, thoughts, lean)
+    def scores(self, thoughts: ThoughtBatch, lean: bool = True, null: bool = True) -> Scores:
+        return self.scorer.score(self.contexts, self.targets, thoughts, lean, null)
 
     def policy(self, thoughts: ThoughtBatch, temperature: float, fixed_length: bool, lean: bool = True):
         roles = self.roles
@@ -122,9 +124,28 @@ class PositionScoring:
         )
 
 
+def needs_null_row(cfg: Config, num_thoughts: int) -> bool:
+    """Whether a training loss needs the null thought's row (its passes are skipped otherwise). It does when the
+    interpreter learns from it (``interpreter_null``) or from the thoughts that beat it (``interpreter_only_helpful``
+    with the null reference), and when it is the reward reference and does not cancel in the advantages (a clip,
+    ``include_null``, no baseline: ``core_algos.reference_cancels``). ``learner.score_null=always`` scores it anyway,
+    for train/reward, train/null_rate and train/reward_copy_share every step."""
+    lc = cfg.learner
+    if lc.score_null == "always" or num_thoughts == 0:
+        return True
+    if lc.interpreter_weight > 0 and (
+        lc.interpreter_null or (lc.interpreter_only_helpful and cfg.reward.baseline == "null")
+    ):
+        return True
+    return cfg.reward.baseline == "null" and not core_algos.reference_cancels(
+        lc.baseline, lc.include_null, cfg.reward.clip
+    )
+
+
 def reward_reference(cfg: Config, scores: Scores, logp_ema: torch.Tensor | None = None) -> torch.Tensor:
     """The (N, n) target log-probs rewards are measured against (``reward.baseline``), detached."""
-    return core_algos.reference_logps(cfg.reward.baseline, scores.logp_null, scores.logp_base, logp_ema).detach()
+    logp_null = scores.logp_null if cfg.reward.baseline == "null" else None  # the others need no null row
+    return core_algos.reference_logps(cfg.reward.baseline, logp_null, scores.logp_base, logp_ema).detach()
 
 
 def compute_loss(cfg: Config, scoring, thoughts: ThoughtBatch, logp_ema: torch.Tensor | None = None) -> LossOutput:
@@ -132,12 +153,21 @@ def compute_loss(cfg: Config, scoring, thoughts: ThoughtBatch, logp_ema: torch.T
     EMA reference's target log-probs (``reward.baseline=ema``)."""
     lc = cfg.learner
     # learner.lean_losses: target log-probs and policy terms in checkpointed LM-head chunks, never (rows, V) tensors.
-    scores = scoring.scores(thoughts, lean=lc.lean_losses)
-    per_token, rewards, advantages = rewards_and_advantages(
-        cfg, scores, thoughts, reward_reference(cfg, scores, logp_ema)
-    )
+    scores = scoring.scores(thoughts, lean=lc.lean_losses, null=needs_null_row(cfg, thoughts.num_thoughts))
+    if scores.has_null or cfg.reward.baseline != "null":
+        per_token, rewards, advantages = rewards_and_advantages(
+            cfg, scores, thoughts, reward_reference(cfg, scores, logp_ema)
+        )
+    else:
+        # The null thought is the reference but cancels in the advantages (needs_null_row), so any per-position
+        # constant gives the same advantages; the base's no-thought prediction keeps the values small. No reward
+        # against the null thought exists, so none is reported.
+        _, _, advantages = rewards_and_advantages(cfg, scores, thoughts, scores.logp_base.detach())
+        per_token = rewards = None
     null_rewards = rewards
-    if cfg.reward.baseline != "null":  # the null rate and the dumps still compare with the null thought
+    if not scores.has_null:
+        null_rewards = None
+    elif cfg.reward.baseline != "null":  # the null rate and the dumps still compare with the null thought
         with torch.no_grad():
             mask_f = scores.target_mask.float()
             per_null = core_algos.token_rewards(scores.logp_thoughts, scores.logp_null, mask_f)
@@ -161,9 +191,10 @@ def compute_loss(cfg: Config, scoring, thoughts: ThoughtBatch, logp_ema: torch.T
     if lc.interpreter_weight > 0:
         # Row weights over the K thoughts + null: sampled thoughts (all, or only those beating the null), the null.
         row_weights = torch.ones(scores.logp.shape[:2], device=scores.logp.device)
+        k = scores.num_thoughts
         if lc.interpreter_only_helpful:
-            row_weights[:, :-1] = (rewards > 0).float()
-        if not lc.interpreter_null and thoughts.num_thoughts:
+            row_weights[:, :k] = (rewards > 0).float()
+        if scores.has_null and not lc.interpreter_null and k:
             row_weights[:, -1] = 0.0
         nll = core_algos.nll_loss(scores.logp, mask, row_weights)
         loss = loss + lc.interpreter_weight * nll

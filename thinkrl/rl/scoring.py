@@ -21,7 +21,8 @@ from thinkrl.rollout.base import ThoughtBatch
 
 @dataclass
 class Scores:
-    """Per-token log-probs of the targets. Row K of the thought axis is the null thought."""
+    """Per-token log-probs of the targets. Row K of the thought axis is the null thought, unless it was not scored
+    (``has_null`` False: training whose loss does not need it, ``learner.needs_null_row``); then there are K rows."""
 
     logp: torch.Tensor  # (N, K+1, n) mixed prediction (the interpreter alone when head.form=none)
     logp_reward: torch.Tensor  # (N, K+1, n) the prediction rewards are computed from (reward.source)
@@ -29,13 +30,20 @@ class Scores:
     weight: torch.Tensor  # (N, K+1, n) interpreter weight of the mixing head
     target_ids: torch.Tensor  # (N, n)
     target_mask: torch.Tensor  # (N, n) bool
+    has_null: bool = True
+
+    @property
+    def num_thoughts(self) -> int:
+        return self.logp.shape[1] - int(self.has_null)
 
     @property
     def logp_thoughts(self) -> torch.Tensor:
-        return self.logp_reward[:, :-1]
+        return self.logp_reward[:, : self.num_thoughts]
 
     @property
     def logp_null(self) -> torch.Tensor:
+        if not self.has_null:
+            raise ValueError("the null thought was not scored (score with null=True)")
         return self.logp_reward[:, -1]
 
 
@@ -86,22 +94,31 @@ class Scorer:
             ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t, device=device), True
         return ids, mask
 
-    def _rows(self, contexts: list[list[int]], thoughts: ThoughtBatch) -> tuple[list, list, bool]:
+    def _rows(self, contexts: list[list[int]], thoughts: ThoughtBatch, null: bool = True) -> tuple[list, list, bool]:
         """(windows, rows, base_in_batch): per position its K thoughts as the interpreter reads them, then the null
-        thought, then an empty row for the base when base and interpreter are one model."""
+        thought (``null``), then an empty row for the base when base and interpreter are one model."""
         roles = self.roles
         k = thoughts.num_thoughts
         windows = [self.window_of(c) for c in contexts]
         seqs = thoughts.interpreter_sequences(roles.sot_id, roles.eot_id) if k else [[] for _ in contexts]
         base_in_batch = roles.shared("base", "interpreter")
-        rows = [seqs[i] + [self.null_seq] + ([[]] if base_in_batch else []) for i in range(len(contexts))]
+        null_row = [self.null_seq] if null else []
+        rows = [seqs[i] + null_row + ([[]] if base_in_batch else []) for i in range(len(contexts))]
         return windows, rows, base_in_batch
 
     def score(
-        self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch, lean: bool = True
+        self,
+        contexts: list[list[int]],
+        targets: list[list[int]],
+        thoughts: ThoughtBatch,
+        lean: bool = True,
+        null: bool = True,
     ) -> Scores:
-        """Target log-probs (teacher-forced on ``targets``); ``lean=False`` gathers them from full distributions."""
-        return self.target_scores(*self._states(contexts, targets, thoughts), lean=lean)
+        """Target log-probs (teacher-forced on ``targets``); ``lean=False`` gathers them from full distributions;
+        ``null=False`` leaves the null thought's row out."""
+        scores = self.target_scores(*self._states(contexts, targets, thoughts, null), lean=lean)
+        scores.has_null = null
+        return scores
 
     def distributions(
         self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch
@@ -109,15 +126,15 @@ class Scorer:
         """Full next-token log-distributions at every target position (teacher-forced on ``targets``)."""
         return self.mix(*self._states(contexts, targets, thoughts))
 
-    def _states(self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch):
-        """Last hidden states predicting the targets: (base (N, 1, n, d), interpreter (N, K+1, n, d), target ids and
-        mask (N, n))."""
+    def _states(self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch, null: bool = True):
+        """Last hidden states predicting the targets: (base (N, 1, n, d), interpreter (N, K+1, n, d) — K rows without
+        ``null`` —, target ids and mask (N, n))."""
         roles, pad = self.roles, self.pad_id
         n_pos = len(contexts)
         device = roles.model("interpreter").device
         target_ids, target_mask = self._pad_targets(targets, device)
         n = target_ids.shape[1]
-        windows, rows, base_in_batch = self._rows(contexts, thoughts)
+        windows, rows, base_in_batch = self._rows(contexts, thoughts, null)
         r = len(rows[0])
         # Suffix = [last window token] + thought + y[:-1]; the state at len(thought) + j predicts y_j.
         suffixes = [[w[-1], *z, *y[:-1]] for w, row, y in zip(windows, rows, targets) for z in row]

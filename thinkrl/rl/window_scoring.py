@@ -2,10 +2,10 @@
 
 Per window and model: one read of the window (``read_window``), then one forward of all thought sequences
 ``<sot> z <eot> y_0 .. y_{n-2}`` of all slots and K rows (``run_passes``; the passes are teacher-forced, so they run
-as one forward whose diagonal is causal), and one more for the null thought (R = 1). The base's no-thought
-prediction of y_j at slot t is the window pass's own state at t - 1 + j. When the reasoner is the interpreter's
-model and reads the same window (``interpreter_window`` 0, no reasoner template), the policy's logits are the
-interpreter's states on ``<sot> z`` — the same forward, so nothing is read twice.
+as one forward whose diagonal is causal), and one more for the null thought (R = 1) when it is asked for. The
+base's no-thought prediction of y_j at slot t is the window pass's own state at t - 1 + j. When the reasoner is the
+interpreter's model and reads the same window (``interpreter_window`` 0, no reasoner template), the policy's logits
+are the interpreter's states on ``<sot> z`` — the same forward, so nothing is read twice.
 
 ``interpreter_window`` W > 0 means each position's interpreter/base sees only its last W context tokens, read as a
 fresh sequence. A band on the shared window keys would not be the same thing (deeper layers would carry text from
@@ -81,11 +81,12 @@ class WindowScoring:
         return self._reads[id(model)]
 
     # ---- scores ---------------------------------------------------------------------------------------------
-    def scores(self, thoughts: ThoughtBatch, lean: bool = True) -> Scores:
-        """``Scores`` (N, K+1, n); ``lean``: see ``Scorer.target_scores``."""
+    def scores(self, thoughts: ThoughtBatch, lean: bool = True, null: bool = True) -> Scores:
+        """``Scores`` (N, K+1, n); ``lean``: see ``Scorer.target_scores``; ``null=False``: no null-thought row (its
+        passes are skipped)."""
         self._reads, self._interp_hidden = {}, None
         if self.scorer.window:  # per-position windows of W tokens (see the module docstring)
-            return self.scorer.score(*batch_positions(self.batch), thoughts, lean=lean)
+            return self.scorer.score(*batch_positions(self.batch), thoughts, lean=lean, null=null)
         roles, batch, pad = self.roles, self.batch, self.scorer.pad_id
         device = batch.ids.device
         interp = roles.model("interpreter")
@@ -101,18 +102,21 @@ class WindowScoring:
             hidden, _ = run_passes(interp, read, self.to_slots(seq, pad), batch.slot_len)
             self._interp_hidden = hidden
             rows.append(self.to_positions(_gather(hidden, self.to_slots(starts, 0), n)))
-        null = torch.tensor(self.scorer.null_seq, device=device)
-        null_seq = torch.cat([null.expand(targets.shape[0], -1), targets[:, : n - 1]], dim=1)[:, None]
-        hidden, _ = run_passes(interp, read, self.to_slots(null_seq, pad), batch.slot_len)
-        starts = torch.full(hidden.shape[:3], len(null) - 1, device=device)
-        rows.append(self.to_positions(_gather(hidden, starts, n)))
+        if null:
+            null_ids = torch.tensor(self.scorer.null_seq, device=device)
+            null_seq = torch.cat([null_ids.expand(targets.shape[0], -1), targets[:, : n - 1]], dim=1)[:, None]
+            hidden, _ = run_passes(interp, read, self.to_slots(null_seq, pad), batch.slot_len)
+            starts = torch.full(hidden.shape[:3], len(null_ids) - 1, device=device)
+            rows.append(self.to_positions(_gather(hidden, starts, n)))
         base_read = read if roles.shared("base", "interpreter") else self._read(roles.model("base"))
         # The window state at t - 1 + j has read x_<t and y_<j: the base's prediction of y_j, no thought.
         h = base_read.hidden
         index = ((batch.slot_len - 1)[..., None] + torch.arange(n, device=device)).clamp_max(h.shape[1] - 1)
         base = h.gather(1, index.flatten(1)[..., None].expand(-1, -1, h.shape[-1])).view(*index.shape, -1)
         h_base = self.to_positions(base[:, None])  # (N, 1, n, d)
-        return self.scorer.target_scores(h_base, torch.cat(rows, dim=1), targets, target_mask, lean=lean)
+        scores = self.scorer.target_scores(h_base, torch.cat(rows, dim=1), targets, target_mask, lean=lean)
+        scores.has_null = null
+        return scores
 
     # ---- policy ---------------------------------------------------------------------------------------------
     def policy(self, thoughts: ThoughtBatch, temperature: float, fixed_length: bool, lean: bool = True):

@@ -40,7 +40,9 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 def dump_rollouts(path: Path, step: int, tokenizer, positions, thoughts, out) -> None:
     """Decoded thoughts with their rewards and advantages, one JSON object per position; ``copies_first`` /
-    ``copies_target``: the thought contains y_1 / the whole target as a contiguous run (``rl.copy_gauge``)."""
+    ``copies_target``: the thought contains y_1 / the whole target as a contiguous run (``rl.copy_gauge``). A run
+    that did not score the null thought (``learner.score_null``) has no rewards against it: no ``reward``,
+    ``per_token_reward`` or ``nll_null``."""
     from thinkrl.rl.copy_gauge import copy_flags  # torch: imported by a run, not by this module
 
     k = thoughts.num_thoughts
@@ -57,25 +59,22 @@ def dump_rollouts(path: Path, step: int, tokenizer, positions, thoughts, out) ->
                         "finished": bool(thoughts.finished[i, j]),
                         "copies_first": bool(first[i, j]),
                         "copies_target": bool(whole[i, j]),
-                        "reward": round(float(out.rewards[i, j]), 5),
                         "advantage": round(float(out.advantages[i, j]), 5),
-                        "per_token_reward": [
-                            round(float(v), 5) for v in out.per_token_rewards[i, j][out.scores.target_mask[i]]
-                        ],
                     }
                 )
-            fh.write(
-                json.dumps(
-                    {
-                        "step": step,
-                        "context": tokenizer.decode(pos.context_ids[-200:]),
-                        "target": tokenizer.decode(pos.target_ids),
-                        "nll_null": round(-float(out.scores.logp[i, -1].detach()[out.scores.target_mask[i]].sum()), 5),
-                        "thoughts": items,
-                    }
-                )
-                + "\n"
-            )
+                if out.rewards is not None:  # None: the null thought was the reference and was not scored
+                    items[-1]["reward"] = round(float(out.rewards[i, j]), 5)
+                    items[-1]["per_token_reward"] = [
+                        round(float(v), 5) for v in out.per_token_rewards[i, j][out.scores.target_mask[i]]
+                    ]
+            record = {
+                "step": step,
+                "context": tokenizer.decode(pos.context_ids[-200:]),
+                "target": tokenizer.decode(pos.target_ids),
+            }
+            if out.scores.has_null:
+                record["nll_null"] = round(-float(out.scores.logp[i, -1].detach()[out.scores.target_mask[i]].sum()), 5)
+            fh.write(json.dumps({**record, "thoughts": items}) + "\n")
 
 
 def write_summary(run_dir: Path, initial: dict, final: dict, extra: dict) -> None:

@@ -339,21 +339,22 @@ class Trainer:
                     thoughts.staleness += 1
             for key, value in out.stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
-            stats_sum["reward"] = stats_sum.get("reward", 0.0) + mean_or_nan(out.rewards) / lc.grad_accum_steps
+            step_stats = {}
+            if out.rewards is not None:  # None: the null thought is the reference and was not scored (score_null)
+                step_stats["reward"] = mean_or_nan(out.rewards)
             if thoughts.num_thoughts:  # copy_rate, copy_rate_target, reward_copy_share (raw rewards): copy_gauge
                 scores = out.scores
                 first, whole = copy_gauge.copy_flags(
                     thoughts.thought_ids, thoughts.lengths, scores.target_ids, scores.target_mask
                 )
-                positive = out.rewards.detach().float().clamp_min(0.0)
-                for key, value in (
-                    ("copy_rate", float(first.float().mean())),
-                    ("copy_rate_target", float(whole.float().mean())),
+                step_stats.update(copy_rate=float(first.float().mean()), copy_rate_target=float(whole.float().mean()))
+                if out.rewards is not None:
                     # reward_copy_share is a ratio of sums over the whole step, every micro-batch and process
-                    ("positive_reward_copying", float((positive * first.to(positive.device)).sum())),
-                    ("positive_reward", float(positive.sum())),
-                ):
-                    stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
+                    positive = out.rewards.detach().float().clamp_min(0.0)
+                    step_stats["positive_reward_copying"] = float((positive * first.to(positive.device)).sum())
+                    step_stats["positive_reward"] = float(positive.sum())
+            for key, value in step_stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
         grad_norm = self._optimizer_step()
         if self.pipeline is not None:
             with self._timed("rollout"):  # the engine's weights change next: nothing may be sampling then
@@ -369,16 +370,17 @@ class Trainer:
             "train/grad_norm": grad_norm,
             **self.group_norms,
             **self._collective_metrics(),
-            "train/null_rate": float((out.null_rewards.max(dim=1).values <= 0).float().mean()) if k else 1.0,
             "train/thought_len": mean_or_nan(thoughts.lengths),
             "train/unfinished_rate": mean_or_nan((~thoughts.finished).float()),
-            "train/mix_weight": float(out.scores.weight[:, :-1].detach().float().mean()) if k else 1.0,
+            "train/mix_weight": float(out.scores.weight[:, :k].detach().float().mean()) if k else 1.0,
             "train/staleness": thoughts.staleness,
             "train/lr": self.scheduler.get_last_lr()[0],
             **(taken[-1].stats if taken is not None else self.actor.stats),
         }
+        if out.null_rewards is not None or not k:
+            metrics["train/null_rate"] = float((out.null_rewards.max(dim=1).values <= 0).float().mean()) if k else 1.0
         self._mean_over_processes(metrics)
-        if k:
+        if "train/positive_reward" in metrics:
             copying, total = metrics.pop("train/positive_reward_copying"), metrics.pop("train/positive_reward")
             metrics["train/reward_copy_share"] = copying / total if total > 0 else 0.0
         metrics.update(self._account())  # token counts and FLOPs: summed over processes, not averaged
@@ -644,11 +646,10 @@ class Trainer:
             if thoughts is None:  # learner.objective=lm
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             else:
-                bar.set_postfix(
-                    reward=f"{metrics['train/reward']:.3f}",
-                    null=f"{metrics['train/null_rate']:.2f}",
-                    len=f"{metrics['train/thought_len']:.1f}",
-                )
+                shown = {"reward": ("train/reward", ".3f"), "null": ("train/null_rate", ".2f")}
+                shown = shown if "train/reward" in metrics else {"loss": ("train/loss", ".3f")}
+                shown["len"] = ("train/thought_len", ".1f")
+                bar.set_postfix({name: format(metrics[key], spec) for name, (key, spec) in shown.items()})
             if self._due(tc.eval_every, self.eval_flops, step, flops_before) and not last:
                 self.state.last_eval = self._evaluate()
                 metrics.update({f"eval/{k}": v for k, v in self.state.last_eval.items()})
