@@ -1,18 +1,19 @@
-"""Cost of one training step with a thought at every token: parallel passes vs per-position vs plain LM training.
+"""Cost of one training step with a thought at every token: parallel passes vs per-position vs plain LM training,
+and the trainer's own step (``thinkrl train``) at the same shapes.
 
 Run from the repository root (the main engineer's full grid; ``--quick`` is the test's single tiny setting):
 
     .venv/bin/python scripts/bench_every_token.py --json every_token.json
-    .venv/bin/python scripts/bench_every_token.py --sizes tiny,large --seqs 64,128,256 --thought-lens 4,8 \\
+    .venv/bin/python scripts/bench_every_token.py --sizes tiny,large --windows 256,1024,2048 --thought-lens 4,8 \\
         --threads 1,2 --batch-windows 2 --repeats 3 --json every_token.json
     .venv/bin/python scripts/bench_every_token.py --quick --json /tmp/quick.json
 
-Setting: B = ``--batch-windows`` windows of L random byte-token ids (L = ``--seqs``); a thought position at every
-token that has n_ahead true tokens after it (slots t = 2 .. L - n_ahead, so N = B * (L - n_ahead - 1) positions),
-K thoughts per position, thoughts of exactly m tokens (``rollout.length_mode=fixed``, m = ``--thought-lens``), so
-every run does the same work. Models: scratch Llamas of one shared weight group (Quiet-STaR's setting), byte
-tokenizer, mlp mixing head; ``tiny`` = hidden 64, 2 layers, 4 heads, MLP 256 (the Quiet-STaR comparison's size),
-``large`` = hidden 512, 8 layers, 8 heads, MLP 2048 (compute-bound on CPU).
+Setting: B = ``--batch-windows`` windows of L random byte-token ids (L = ``--windows``, alias ``--seqs``, default
+64,128,256); a thought position at every token that has n_ahead true tokens after it (slots t = 2 .. L - n_ahead, so N
+= B * (L - n_ahead - 1) positions), K thoughts per position, thoughts of exactly m tokens
+(``rollout.length_mode=fixed``, m = ``--thought-lens``), so every run does the same work. Models: scratch Llamas of one
+shared weight group (Quiet-STaR's setting), byte tokenizer, mlp mixing head; ``tiny`` = hidden 64, 2 layers, 4 heads,
+MLP 256 (the Quiet-STaR comparison's size), ``large`` = hidden 512, 8 layers, 8 heads, MLP 2048 (compute-bound on CPU).
 
 One training step, timed from the sampling to the end of the backward pass (the trainer's rollout, score_and_loss
 and backward phases; no optimizer step), with the sampling seeds fixed so that every repeat does the same thing:
@@ -28,7 +29,38 @@ and backward phases; no optimizer step), with the sampling seeds fixed so that e
 Both thought paths sample the same thoughts (same seeds) and must give the same loss: the table's last column is
 |loss(parallel) - loss(per_position)| (a mismatch above 1e-4 * max(1, |loss|) fails the run with exit code 1).
 
+What users run (``--no-trainer`` skips it):
+  trainer       a real ``thinkrl train`` in a subprocess (``python -m thinkrl train``, the ``thinkrl`` command), with
+                ``--config configs/quiet_star/tiny_shakespeare.yaml`` (the Quiet-STaR recipe: learner.baseline mean,
+                positive_only, interpreter_null false, base_weight 0.5, entropy_coef 0, mlp head) and overrides that
+                give it the row's shapes: the row's scratch size, byte tokenizer, one shared weight group [A,A,A],
+                data.source=text on a file of random printable ASCII (one byte token per character) that the bench
+                writes into a temporary folder, data.positions=every_k, every_k=1, data.n_ahead=n,
+                data.context_len=L - n (a text document is context_len + n_ahead tokens, so each window is L tokens
+                with slots t = 2 .. L - n, exactly the isolated step's windows), rollout.num_thoughts=K,
+                length_mode=fixed, max_thought_len=m, trainer.batch_positions=B * (L - n - 1) (the trainer takes
+                batch_positions // slots-per-window = B whole windows per step), num_threads=t, no LM warm-up, no
+                evaluation or checkpoint during the run, max_steps = ``--repeats`` + 1. The time is the median of
+                the trainer's own ``timing/step`` (from <output_dir>/metrics.jsonl) over the steps after the first;
+                each ``timing/<phase>`` (rollout, score_and_loss, backward, optimizer, sync) is the median likewise,
+                and ``other`` = step - the phases' sum (drawing the batch and building its tensors, the step's
+                statistics and compute accounting). ``timing/step`` is the wall time of ``Trainer.step``: sampling +
+                scoring + loss + backward + gradient-norm/clip + optimizer and LR-scheduler step + sampler sync +
+                statistics; the evaluation before and after the run, the rollout dump and the final checkpoint lie
+                outside it. Differences from the isolated parallel step, which times only sampling + scoring + loss +
+                backward: the optimizer step and the statistics; the trainer's compute counters (forward hooks); the
+                thoughts' seeds (the trainer draws its own; with fixed-length thoughts the work is the same); and the
+                learner settings: the isolated step keeps the config defaults (leave-one-out baseline,
+                interpreter_null true: the null thought is scored as a K+1-th row, entropy bonus 0.01), the trainer
+                runs the Quiet-STaR preset's (mean baseline, null thought not scored: K rows). The positions the
+                trainer thought at per step are counted from its rollout dumps (<output_dir>/rollouts/, one line per
+                position) and must equal the isolated step's N (a mismatch fails the run with exit code 1); the
+                table prints both (N, N trn).
+
 Ratios printed:
+  trn/plain  trainer step / plain step: what a user's step of ``thinkrl train`` costs relative to plain LM training.
+  trn/par    trainer step / isolated parallel step: what the trainer adds around the measured passes (less the
+             null thought's scoring row, which the Quiet-STaR preset skips: it can be below 1).
   par/plain  parallel step / plain step: the price of thinking at every token relative to ordinary LM training.
              Each parallel step runs about m + 2 + n_ahead token-passes per position (m sampling passes, then the
              teacher-forced <sot> z <eot> y_0..y_{n-2} scoring pass and the null thought, plus backward), so where
@@ -41,7 +73,8 @@ Ratios printed:
              number stays the same across the rows of one model size and thread count; ``rel`` divides it by the
              first such row (smallest m, then smallest L).
 
-Every time is the median of ``--repeats`` timed steps after one warm-up step (``thinkrl.timing.timed_runs``).
+Every isolated time is the median of ``--repeats`` timed steps after one warm-up step (``thinkrl.timing.timed_runs``);
+the trainer's is the median of its ``--repeats`` steps after its first.
 
 Peak memory of a step (MB), measured on the warm-up step of the measured shape:
   CUDA  ``torch.cuda.max_memory_allocated()`` (reset just before the step) minus the memory allocated before it.
@@ -53,6 +86,8 @@ Peak memory of a step (MB), measured on the warm-up step of the measured shape:
         growth of ``getrusage(RUSAGE_SELF).ru_maxrss`` over the step, a lower bound; the JSON's ``memory_method``
         says which.
   Both include the step's gradients (they are set to None before each step, as after an optimizer step).
+  The trainer column has no memory figure (its process also holds the optimizer state, the evaluation and the
+  data; see scripts/bench_memory.py for the trainer's memory).
 
 Device: ``--device``, by default CUDA when ``torch.cuda.is_available()`` (``--threads`` is then ignored), else CPU with
 ``torch.set_num_threads(t)`` for each t of ``--threads``. ``OMP_WAIT_POLICY=PASSIVE`` unless set (see
@@ -65,12 +100,17 @@ import argparse
 import json
 import multiprocessing
 import os
+import random
 import statistics
+import string
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -102,6 +142,11 @@ SIZES = {
 }
 WARM_LEN = 10  # tokens of the small warm-up window run before the memory measurement
 LOSS_TOLERANCE = 1e-4
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER_RECIPE = "configs/quiet_star/tiny_shakespeare.yaml"  # the trainer column's recipe, relative to ROOT
+TEXT_CHARS = string.ascii_letters + string.digits + string.punctuation + " "  # one byte-tokenizer token each
+TRAINER_EVAL_POSITIONS = 8  # held-out positions of the trainer's evaluations (before and after the run, untimed)
+PHASE_ORDER = ["rollout", "score_and_loss", "backward", "optimizer", "sync"]  # timing/<phase>, in a step's order
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,7 +155,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--sizes", default="tiny,large", help=f"model sizes, comma-separated, of {', '.join(SIZES)}")
-    p.add_argument("--seqs", type=ints, default=[64, 128, 256], help="window lengths L, comma-separated")
+    p.add_argument(
+        "--windows",
+        "--seqs",
+        dest="seqs",
+        metavar="L,...",
+        type=ints,
+        default=[64, 128, 256],
+        help="window lengths L, comma-separated (--seqs: the same)",
+    )
     p.add_argument("--thought-lens", type=ints, default=[4, 8], help="thought lengths m, comma-separated")
     p.add_argument("--threads", type=ints, default=[1, 2], help="CPU thread counts, comma-separated (not on CUDA)")
     p.add_argument("--device", default=default_device(), help="cuda | cpu (default: cuda when there is a GPU)")
@@ -121,7 +174,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-per-position-s", type=float, default=60.0, help="skip per-position steps estimated longer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write every row here")
-    p.add_argument("--quick", action="store_true", help="seq 64, thought 4, tiny, 1 thread, 1 repeat (the test)")
+    p.add_argument(
+        "--no-trainer",
+        dest="trainer",
+        action="store_false",
+        help="skip the trainer column (a real `thinkrl train` at each row's shapes)",
+    )
+    p.add_argument("--quick", action="store_true", help="window 64, thought 4, tiny, 1 thread, 1 repeat (the test)")
     args = p.parse_args(argv)
     if args.json:  # refuse before measuring anything: a file of someone else's is never overwritten
         from thinkrl.errors import ConfigError
@@ -138,7 +197,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown --sizes {unknown}; known: {', '.join(SIZES)}")
     if min(args.seqs) < args.n_ahead + 3:
-        p.error(f"--seqs must be at least n_ahead + 3 = {args.n_ahead + 3} (one slot with context >= 2)")
+        p.error(f"--windows must be at least n_ahead + 3 = {args.n_ahead + 3} (one slot with context >= 2)")
     return args
 
 
@@ -160,6 +219,10 @@ class Job:
     seed: int
 
 
+def max_positions(job: Job) -> int:
+    return max(512, job.seq + (job.thought_len or 1) + job.n_ahead + 8)
+
+
 def build_config(job: Job):
     from thinkrl.config import load_config
 
@@ -171,7 +234,7 @@ def build_config(job: Job):
             "model.tokenizer=byte",
             "model.weight_groups=[A,A,A]",
             *(f"model.default.scratch.{key}={value}" for key, value in s.items()),
-            f"model.default.scratch.max_position_embeddings={max(512, job.seq + m + job.n_ahead + 8)}",
+            f"model.default.scratch.max_position_embeddings={max_positions(job)}",
             "head.form=mlp",
             "data.interpreter_window=0",
             f"data.n_ahead={job.n_ahead}",
@@ -339,6 +402,119 @@ def run_fresh(pool_ctx, job: Job) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The trainer's own step (a real ``thinkrl train`` in a subprocess)
+# ----------------------------------------------------------------------------------------------------------------
+def trainer_overrides(job: Job, folder: Path) -> list[str]:
+    """Overrides of the Quiet-STaR recipe that give ``thinkrl train`` the row's shapes (see the module docstring)."""
+    slots = job.seq - job.n_ahead - 1  # per window: t = 2 .. L - n_ahead
+    return [
+        "model.tokenizer=byte",
+        "model.weight_groups=[A,A,A]",
+        *(f"model.default.scratch.{key}={value}" for key, value in SIZES[job.size].items()),
+        f"model.default.scratch.max_position_embeddings={max_positions(job)}",
+        "head.form=mlp",
+        "data.source=text",
+        f"data.train_file={folder / 'train.txt'}",
+        f"data.eval_file={folder / 'eval.txt'}",
+        "data.positions=every_k",
+        "data.every_k=1",
+        f"data.context_len={job.seq - job.n_ahead}",  # documents of context_len + n_ahead = L tokens
+        f"data.n_ahead={job.n_ahead}",
+        "data.interpreter_window=0",
+        f"data.eval_positions={TRAINER_EVAL_POSITIONS}",
+        f"rollout.num_thoughts={job.k}",
+        "rollout.length_mode=fixed",
+        f"rollout.max_thought_len={job.thought_len}",
+        "rollout.thought_passes=parallel",
+        f"trainer.batch_positions={job.batch_windows * slots}",  # // slots per window = B windows per step
+        "trainer.lm_warmup_steps=0",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "trainer.log_every=1",
+        "trainer.dump_rollouts=true",  # one line per position: the positions per step are counted from it
+        "trainer.report_to=none",
+        "trainer.progress=false",
+        f"trainer.num_threads={job.threads}",
+        f"trainer.max_steps={job.repeats + 1}",
+        f"trainer.seed={job.seed}",
+        f"trainer.output_dir={folder / 'run'}",
+    ]
+
+
+def random_text(rng: random.Random, length: int) -> str:
+    return "".join(rng.choice(TEXT_CHARS) for _ in range(length))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_trainer(job: Job) -> dict:
+    """``thinkrl train`` at the job's shapes in a temporary folder; its ``timing/*`` medians over the steps after the
+    first, and what its rollout dumps say it ran (positions, windows and their length, thought lengths per step)."""
+    context = job.seq - job.n_ahead
+    with tempfile.TemporaryDirectory(prefix="bench_every_token_") as tmp:
+        folder = Path(tmp)
+        rng = random.Random(job.seed)
+        # 2B whole documents of L tokens (no short tail document: the text is exactly 2B * context_len + n_ahead
+        # tokens), and one held-out window
+        (folder / "train.txt").write_text(random_text(rng, 2 * job.batch_windows * context + job.n_ahead))
+        (folder / "eval.txt").write_text(random_text(rng, context + job.n_ahead))
+        overrides = trainer_overrides(job, folder)
+        env = dict(os.environ)
+        if job.device == "cpu":
+            env["ACCELERATE_USE_CPU"] = "true"
+        else:
+            env.pop("ACCELERATE_USE_CPU", None)
+        cmd = [sys.executable, "-m", "thinkrl", "train", "--config", TRAINER_RECIPE, *overrides]
+        row = {**asdict(job), "recipe": TRAINER_RECIPE, "overrides": [o.replace(tmp, "<tmp>") for o in overrides]}
+        started = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        row["wall_s"] = time.perf_counter() - started
+        if done.returncode != 0:
+            tail = (done.stdout + done.stderr)[-3000:]
+            return row | {"status": "failed", "seconds": None, "error": tail}
+        run_dir = folder / "run"
+        steps = sorted(
+            (r for r in read_jsonl(run_dir / "metrics.jsonl") if "timing/step" in r), key=lambda r: r["step"]
+        )
+        timed = steps[1:] or steps  # the first step sets up lazily, as the isolated paths' warm-up step
+        found = {k[len("timing/") :] for r in timed for k in r if k.startswith("timing/") and k != "timing/step"}
+        names = [n for n in PHASE_ORDER if n in found] + sorted(found - set(PHASE_ORDER))
+        phase_runs = {name: [r.get(f"timing/{name}", 0.0) for r in timed] for name in names}
+        phase_runs["other"] = [r["timing/step"] - sum(r.get(f"timing/{n}", 0.0) for n in names) for r in timed]
+        seen = []  # per timed step: (positions, windows, thought lengths, thoughts per position, target lengths)
+        for r in timed:
+            records = read_jsonl(run_dir / "rollouts" / f"step-{r['step']:06d}.jsonl")
+            seen.append(
+                (
+                    len(records),
+                    sum(len(p["context"]) == 2 for p in records),  # each window's first slot has 2 context tokens
+                    sorted({t["length"] for p in records for t in p["thoughts"]}),
+                    sorted({len(p["thoughts"]) for p in records}),
+                    sorted({len(p["target"]) for p in records}),
+                )
+            )
+        positions, windows, lens, ks, targets = seen[-1]
+    return row | {
+        "status": "measured",
+        "positions": positions,
+        "positions_per_step": [s[0] for s in seen],
+        "windows": windows,
+        "window_tokens": positions // max(windows, 1) + 1 + job.n_ahead if windows else None,
+        "thought_lens_seen": lens,
+        "thoughts_per_position": ks,
+        "target_lens_seen": targets,
+        "seconds": statistics.median(r["timing/step"] for r in timed),
+        "runs": [r["timing/step"] for r in timed],
+        "phases": {name: statistics.median(v) for name, v in phase_runs.items()},
+        "phase_runs": phase_runs,
+        "loss": timed[-1].get("train/loss"),
+        "flops_per_step": timed[-1].get("compute/flops"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Grid and report
 # ----------------------------------------------------------------------------------------------------------------
 def device_label(row: dict) -> str:
@@ -349,6 +525,19 @@ def progress(row: dict) -> None:
     head = f"  {device_label(row):<8} {row['size']:<5} L={row['seq']:<4} m={row['thought_len'] or '-':<2} "
     if row["status"] == "skipped":
         print(f"{head}{row['path']:<12} skipped (est. {row['estimate_s']:.0f} s)", flush=True)
+        return
+    if row["status"] == "failed":
+        print(f"{head}{row['path']:<12} FAILED:\n{row['error']}", flush=True)
+        return
+    if row["path"] == "trainer":
+        runs = " ".join(f"{s:.3f}" for s in row["runs"])
+        phases = " ".join(f"{name} {s:.3f}" for name, s in row["phases"].items())
+        print(
+            f"{head}{row['path']:<12} {row['seconds']:8.3f} s  [{phases}]  N {row['positions']} in "
+            f"{row['windows']} windows of {row['window_tokens']}  loss {row['loss']:.6f}  runs [{runs}]  "
+            f"(wall {row['wall_s']:.0f} s)",
+            flush=True,
+        )
         return
     runs = " ".join(f"{s:.3f}" for s in row["runs"])
     print(
@@ -363,17 +552,20 @@ def fmt_s(row: dict | None) -> str:
         return "-"
     if row["status"] == "skipped":
         return f"skipped (est. {row['estimate_s']:.0f} s)"
+    if row["status"] == "failed":
+        return "failed"
     return f"{row['seconds']:.3f}"
 
 
 def fmt_mb(row: dict | None) -> str:
-    return f"{row['peak_mb']:.1f}" if row and row["status"] == "measured" else "-"
+    return f"{row['peak_mb']:.1f}" if row and row["status"] == "measured" and "peak_mb" in row else "-"
 
 
-def summarize(args, rows: list[dict]) -> tuple[list[dict], bool]:
-    """One line per (device, size, L, m): times, ratios, proportionality, memory, loss agreement."""
+def summarize(args, rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """One line per (device, size, L, m): times, ratios, proportionality, memory, loss agreement, the trainer's
+    step; and the problems found (losses that differ, a trainer that failed or ran other positions)."""
     find = {(r["device"], r["threads"], r["size"], r["seq"], r["thought_len"], r["path"]): r for r in rows}
-    lines, ok, first = [], True, {}
+    lines, problems, first = [], [], {}
     keys = sorted(
         {(r["device"], r["threads"], r["size"], r["seq"], r["thought_len"]) for r in rows if r["thought_len"]}
     )
@@ -383,9 +575,12 @@ def summarize(args, rows: list[dict]) -> tuple[list[dict], bool]:
         par = find.get((dev, thr, size, seq, m, "parallel"))
         pp = find.get((dev, thr, size, seq, m, "per_position"))
         plain = find.get((dev, thr, size, seq, 0, "plain"))
+        trainer = find.get((dev, thr, size, seq, m, "trainer"))
         passes = m + 2 + args.n_ahead
+        where = f"{dev} x{thr} {size} L={seq} m={m}"
         line = {"device": dev, "threads": thr, "size": size, "seq": seq, "thought_len": m, "positions": None}
         line.update(par_plain=None, pp_par=None, us_per_token=None, rel=None, loss_diff=None)
+        line.update(trainer_s=None, trainer_phases=None, trainer_positions=None, trainer_plain=None, trainer_par=None)
         if par:
             line["positions"] = par["positions"]
             line["us_per_token"] = par["seconds"] * 1e6 / (passes * seq)
@@ -397,30 +592,58 @@ def summarize(args, rows: list[dict]) -> tuple[list[dict], bool]:
             line["pp_par"] = pp["seconds"] / par["seconds"]
             line["loss_diff"] = abs(par["loss"] - pp["loss"])
             if not line["loss_diff"] <= LOSS_TOLERANCE * max(1.0, abs(par["loss"])):
-                ok = False
-        line["rows"] = (par, pp, plain)
+                problems.append(f"{where}: parallel and per-position losses differ by {line['loss_diff']:.2e}")
+        if trainer and trainer["status"] == "failed":
+            problems.append(f"{where}: thinkrl train failed (its output is in the row's 'error')")
+        elif trainer:
+            line.update(trainer_s=trainer["seconds"], trainer_phases=trainer["phases"])
+            line["trainer_positions"] = trainer["positions"]
+            if plain:
+                line["trainer_plain"] = trainer["seconds"] / plain["seconds"]
+            if par:
+                line["trainer_par"] = trainer["seconds"] / par["seconds"]
+                if trainer["positions"] != par["positions"] or trainer["thought_lens_seen"] != [m]:
+                    problems.append(
+                        f"{where}: the trainer ran {trainer['positions']} positions per step "
+                        f"(thoughts of {trainer['thought_lens_seen']} tokens), the isolated step "
+                        f"{par['positions']} (thoughts of {m})"
+                    )
+        line["rows"] = (par, pp, plain, trainer)
         lines.append(line)
-    return lines, ok
+    return lines, problems
 
 
 def print_table(args, lines: list[dict]) -> None:
     n = args.n_ahead
     print()
     print(
-        f"{'device':<9}{'size':<6}{'L':>4}{'m':>3}{'N':>5}  {'parallel s':>10}  {'per_position s':>20}  "
-        f"{'plain s':>8}  {'par/plain':>9}  {'pp/par':>7}  {f'us/((m+2+{n})L)':>14}  {'rel':>5}  "
-        f"{'MB par':>7}  {'MB pp':>7}  {'MB plain':>8}  {'|dloss|':>8}"
+        f"{'device':<9}{'size':<6}{'L':>5}{'m':>3}{'N':>6}{'N trn':>6}  {'parallel s':>10}  {'per_position s':>20}  "
+        f"{'plain s':>8}  {'trainer s':>9}  {'par/plain':>9}  {'trn/plain':>9}  {'trn/par':>7}  {'pp/par':>7}  "
+        f"{f'us/((m+2+{n})L)':>14}  {'rel':>5}  {'MB par':>7}  {'MB pp':>7}  {'MB plain':>8}  {'|dloss|':>8}"
     )
+    ratio = lambda v, f: f"{v:{f}}" if v is not None else f"{'-':>{f.split('.')[0]}}"  # noqa: E731
     for line in lines:
-        par, pp, plain = line["rows"]
-        ratio = lambda v, f: f"{v:{f}}" if v is not None else "-"  # noqa: E731
+        par, pp, plain, trainer = line["rows"]
         label = line["device"] if line["device"] != "cpu" else f"cpu x{line['threads']}"
         print(
-            f"{label:<9}{line['size']:<6}{line['seq']:>4}{line['thought_len']:>3}{line['positions'] or 0:>5}  "
-            f"{fmt_s(par):>10}  {fmt_s(pp):>20}  {fmt_s(plain):>8}  {ratio(line['par_plain'], '9.1f')}  "
-            f"{ratio(line['pp_par'], '7.1f')}  {ratio(line['us_per_token'], '14.2f')}  {ratio(line['rel'], '5.2f')}  "
+            f"{label:<9}{line['size']:<6}{line['seq']:>5}{line['thought_len']:>3}{line['positions'] or 0:>6}"
+            f"{line['trainer_positions'] or '-':>6}  {fmt_s(par):>10}  {fmt_s(pp):>20}  {fmt_s(plain):>8}  "
+            f"{fmt_s(trainer):>9}  {ratio(line['par_plain'], '9.1f')}  {ratio(line['trainer_plain'], '9.1f')}  "
+            f"{ratio(line['trainer_par'], '7.2f')}  {ratio(line['pp_par'], '7.1f')}  "
+            f"{ratio(line['us_per_token'], '14.2f')}  {ratio(line['rel'], '5.2f')}  "
             f"{fmt_mb(par):>7}  {fmt_mb(pp):>7}  {fmt_mb(plain):>8}  {ratio(line['loss_diff'], '8.1e')}"
         )
+    phased = [line for line in lines if line["trainer_phases"]]
+    if phased:
+        names = list(dict.fromkeys(name for line in phased for name in line["trainer_phases"]))
+        print("\ntrainer step by phase (median s of timing/<phase>; other = step - their sum):")
+        print(f"{'device':<9}{'size':<6}{'L':>5}{'m':>3}  {'step':>8}" + "".join(f"  {name:>14}" for name in names))
+        for line in phased:
+            label = line["device"] if line["device"] != "cpu" else f"cpu x{line['threads']}"
+            cells = "".join(f"  {line['trainer_phases'].get(name, 0.0):14.3f}" for name in names)
+            print(
+                f"{label:<9}{line['size']:<6}{line['seq']:>5}{line['thought_len']:>3}  {line['trainer_s']:8.3f}{cells}"
+            )
 
 
 def main(argv=None) -> None:
@@ -433,7 +656,8 @@ def main(argv=None) -> None:
     print(
         f"settings  device={device} ({where})  sizes={args.sizes}  L={args.seqs}  m={args.thought_lens}  "
         f"K={args.k}  n_ahead={args.n_ahead}  B={args.batch_windows} windows  slots t=2..L-{args.n_ahead}  "
-        f"length_mode=fixed  repeats={args.repeats} (+1 warm-up, median)"
+        f"length_mode=fixed  repeats={args.repeats} (+1 warm-up, median)  "
+        f"trainer={'thinkrl train --config ' + TRAINER_RECIPE if args.trainer else 'off'}"
     )
     print(
         f"settings  torch {torch.__version__}  transformers {version('transformers')}  "
@@ -473,16 +697,26 @@ def main(argv=None) -> None:
                     else:
                         row = {**asdict(replace(job, path="per_position")), "status": "skipped"}
                         todo.append(row | {"estimate_s": estimate, "seconds": None})
+                    if args.trainer:
+                        todo.append(replace(job, path="trainer"))
                     for item in todo:
-                        row = item if isinstance(item, dict) else run_fresh(ctx, item)
+                        if isinstance(item, dict):
+                            row = item
+                        elif item.path == "trainer":
+                            row = run_trainer(item)
+                        else:
+                            row = run_fresh(ctx, item)
                         if row["path"] == "per_position" and row["status"] == "measured":
                             last_pp = (seq, row["seconds"])
                         rows.append(row)
                         progress(row)
-    lines, ok = summarize(args, rows)
+    lines, problems = summarize(args, rows)
     print_table(args, lines)
     print(
-        f"\npar/plain: parallel step / plain LM step over the same B*K rows of L tokens. pp/par: per-position / "
+        f"\nN: positions of the isolated step; N trn: positions the trainer thought at per step (its rollout dumps). "
+        "trainer s: median timing/step of `thinkrl train` (sampling + scoring + loss + backward + optimizer + "
+        "sync + statistics). par/plain: parallel step / plain LM step over the same B*K rows of L tokens. "
+        "trn/plain, trn/par: trainer step / plain, / isolated parallel. pp/par: per-position / "
         f"parallel. us/((m+2+{args.n_ahead})L): parallel seconds / ((thought len + 2 + n_ahead) * L) in us; constant "
         "(rel ~ 1) = cost grows in proportion to both. MB: peak memory of one step "
         f"({rows[0].get('memory_method', '?') if rows else '?'}). |dloss|: |loss(parallel) - loss(per_position)|."
@@ -504,10 +738,9 @@ def main(argv=None) -> None:
                 indent=1,
             )
         print(f"wrote {args.json}")
-    if not ok:
-        print(
-            "WARNING: parallel and per-position losses differ; the two paths did not do the same work", file=sys.stderr
-        )
+    if problems:
+        for problem in problems:
+            print(f"WARNING: {problem}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -1,4 +1,5 @@
-"""scripts/bench_every_token.py --quick runs end to end and writes a row per path (about 20-50 s on 2 CPU cores)."""
+"""scripts/bench_every_token.py --quick runs end to end and writes a row per path, the trainer's own step included
+(about 30-60 s on 2 CPU cores)."""
 
 import json
 import math
@@ -19,13 +20,15 @@ def test_bench_every_token_quick(tmp_path):
     cmd = [sys.executable, "scripts/bench_every_token.py", "--quick", "--json", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
     measured = [r for r in rows if r["status"] == "measured"]
-    assert {r["path"] for r in measured} == {"parallel", "per_position", "plain"}
+    assert {r["path"] for r in measured} == {"parallel", "per_position", "plain", "trainer"}
     for r in measured:
         assert math.isfinite(r["seconds"]) and r["seconds"] > 0, r
         assert all(math.isfinite(s) and s > 0 for s in r["runs"]), r
-        assert math.isfinite(r["peak_mb"]), r
+        if r["path"] != "trainer":  # the trainer column has no memory figure
+            assert math.isfinite(r["peak_mb"]), r
     at_64 = {r["path"]: r for r in measured if r["seq"] == 64}
     assert {"parallel", "per_position"} <= set(at_64)
     assert at_64["parallel"]["positions"] == at_64["per_position"]["positions"] == 2 * (64 - 2 - 1)
@@ -35,3 +38,20 @@ def test_bench_every_token_quick(tmp_path):
     # per-position path holds every position's own sequence, the parallel one reads the window once.
     assert at_64["per_position"]["peak_mb"] > 2.5 * at_64["parallel"]["peak_mb"] > 0, at_64
     assert "parallel" in done.stdout and "skipped (est." not in done.stdout
+    # The trainer's own step (a real `thinkrl train`): its timing/* phases, at the isolated step's shapes. Its
+    # positions per step are counted from its rollout dumps, so a trainer that ran other windows, another batch or
+    # other thoughts fails here.
+    trainer = at_64["trainer"]
+    assert len(trainer["runs"]) == 1  # --quick: repeats 1, the trainer's first step is left out like a warm-up
+    assert {"rollout", "score_and_loss", "backward", "optimizer", "other"} <= set(trainer["phases"]), trainer
+    assert all(math.isfinite(v) and v >= 0 for v in trainer["phases"].values()), trainer
+    assert sum(v for k, v in trainer["phases"].items() if k != "other") <= trainer["seconds"] + 1e-9, trainer
+    assert trainer["positions"] == at_64["parallel"]["positions"] == 2 * (64 - 2 - 1), trainer
+    assert trainer["positions_per_step"] == [trainer["positions"]], trainer
+    assert trainer["windows"] == 2 and trainer["window_tokens"] == 64, trainer
+    assert trainer["thought_lens_seen"] == [4] and trainer["thoughts_per_position"] == [2], trainer
+    assert trainer["target_lens_seen"] == [2], trainer
+    line = next(x for x in report["summary"] if x["seq"] == 64)
+    assert line["trainer_s"] == trainer["seconds"] and line["trainer_positions"] == line["positions"]
+    assert line["trainer_plain"] > 0 and line["trainer_par"] > 0
+    assert "trn/plain" in done.stdout and "N trn" in done.stdout

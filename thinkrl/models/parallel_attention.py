@@ -134,15 +134,31 @@ def _local_part(q, diag_k, diag_v, near_k, near_v, near_hidden, scaling: float):
     return out, lse
 
 
-def _chunk_attention(q, diag_k, diag_v, keys, values, slot_len, scaling: float, p0: int, p1: int, lo: int, hi: int):
+def _extended(keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window's keys and values (B, Hkv, L, D) with one more channel and the *summary key* in front:
+    (B, Hkv, 1 + L, D + 1) each, built once per layer. The summary key is 1 in the extra channel and 0 elsewhere;
+    window key j sits at 1 + j, so a chunk's shared keys ``< lo`` plus the summary key are the prefix ``[:1 + lo]`` —
+    a view, not a copy per chunk (which would make the window's keys a window²-sized tensor per pass)."""
+    b, hkv, _, d = keys.shape
+    summary = torch.zeros(b, hkv, 1, d + 1, dtype=dtype, device=keys.device)
+    summary[..., d] = 1.0
+    k_ext = torch.cat([summary, torch.nn.functional.pad(keys.to(dtype), (0, 1))], dim=2)
+    v_ext = torch.cat([summary, torch.nn.functional.pad(values.to(dtype), (0, 1))], dim=2)
+    return k_ext, v_ext
+
+
+def _chunk_attention(
+    q, diag_k, diag_v, keys, values, k_ext, v_ext, slot_len, scaling: float, p0: int, p1: int, lo: int, hi: int
+):
     """One chunk of slots: the local part (window keys [lo, hi) and the diagonal) by hand, then the window keys
     ``< lo`` — shared by every query of the chunk, no mask — in one fused ``scaled_dot_product_attention`` call.
 
-    The local part enters that call as one extra *summary key* per query: its score is the local log-normaliser
-    (carried in an extra channel of q against a key that is 1 there and 0 elsewhere) and the extra value channel
-    returns that key's softmax weight w, so ``out = sdpa[:D] + w · out_local`` is exactly the softmax over both key
-    sets (the log-sum-exp merge). The fused kernel never materialises the score matrix, and backpropagates into the
-    local log-normaliser through q's extra channel."""
+    The local part enters that call as one extra *summary key* per query (``_extended``): its score is the local
+    log-normaliser (carried in an extra channel of q against a key that is 1 there and 0 elsewhere) and the extra
+    value channel returns that key's softmax weight w, so ``out = sdpa[:D] + w · out_local`` is exactly the softmax
+    over both key sets (the log-sum-exp merge; the keys' order does not matter without a mask). The fused kernel
+    never materialises the score matrix, and backpropagates into the local log-normaliser through q's extra
+    channel."""
     b, hkv, g, r, _, s, d = q.shape
     c = p1 - p0
     qc = q[:, :, :, :, p0:p1]
@@ -156,14 +172,10 @@ def _chunk_attention(q, diag_k, diag_v, keys, values, slot_len, scaling: float, 
         near_hidden,
         scaling,
     )
-    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # lse_l needs the precision
+    dtype = k_ext.dtype
     q_ext = torch.cat([qc, (lse_l[..., None] / scaling).to(q.dtype)], dim=-1).reshape(b, hkv * g, r * c * s, d + 1)
-    summary = torch.zeros(b, hkv, 1, d + 1, dtype=keys.dtype, device=keys.device)
-    summary[..., d] = 1.0
-    k_ext = torch.cat([torch.nn.functional.pad(keys[:, :, :lo], (0, 1)), summary], dim=2)  # (B, Hkv, lo + 1, D + 1)
-    v_ext = torch.cat([torch.nn.functional.pad(values[:, :, :lo], (0, 1)), summary], dim=2)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q_ext.to(dtype), k_ext.to(dtype), v_ext.to(dtype), scale=scaling, enable_gqa=g > 1
+        q_ext.to(dtype), k_ext[:, :, : 1 + lo], v_ext[:, :, : 1 + lo], scale=scaling, enable_gqa=g > 1
     ).view(b, hkv, g, r, c, s, d + 1)
     return (out[..., :d] + out[..., d:] * out_l.to(dtype)).to(q.dtype)
 
@@ -192,8 +204,10 @@ def parallel_attention_forward(module, query, key, value, attention_mask, scalin
     wk, wv = ctx.window_kv[layer]
     if ctx.plan is None:  # the same for every layer of this forward
         ctx.plan = chunk_plan(ctx.slot_len)
+    dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # lse_l needs the precision
+    k_ext, v_ext = _extended(wk, wv, dtype)
     out = torch.cat(
-        [_chunk_attention(q, k, v, wk, wv, ctx.slot_len, scaling, *chunk) for chunk in ctx.plan], dim=4
+        [_chunk_attention(q, k, v, wk, wv, k_ext, v_ext, ctx.slot_len, scaling, *chunk) for chunk in ctx.plan], dim=4
     )  # (B, Hkv, g, R, P, S, D)
     return out.reshape(b, h, n, d).transpose(1, 2), None
 
