@@ -1,13 +1,11 @@
 """The target-copy gauge and ``reward.copy_penalty`` against hand-made thoughts, targets and rewards."""
 
-import math
-
 import pytest
 import torch
 
 from thinkrl.config import load_config
 from thinkrl.rl import core_algos
-from thinkrl.rl.copy_gauge import copy_flags, gauge, list_copy_flags, reward_copy_share
+from thinkrl.rl.copy_gauge import copy_flags, list_copy_flags, positive_reward_sums, reward_copy_share
 from thinkrl.rl.learner import rewards_and_advantages
 from thinkrl.rl.scoring import Scores
 from thinkrl.rollout.base import ThoughtBatch
@@ -74,19 +72,23 @@ def test_copy_flags_on_hand_made_thoughts():
     assert not first.any() and not whole.any()
 
 
-def test_gauge_rates_and_reward_copy_share_by_hand():
+def test_copy_rates_and_reward_copy_share_by_hand():
     batch = _batch()
     rewards = torch.tensor([[2.0, 1.0, 3.0, -5.0], [0.5, 0.0, -1.0, 1.5], [4.0, -1.0, 0.0, 0.0]])
-    got = gauge(batch.thought_ids, batch.lengths, TARGETS, TARGET_MASK, rewards)
+    first, whole = copy_flags(batch.thought_ids, batch.lengths, TARGETS, TARGET_MASK)
     # copies_first: 3 + 2 + 0 of 12 thoughts; copies_target: 1 + 2 + 0
-    assert got["copy_rate"] == pytest.approx(5 / 12) and got["copy_rate_target"] == pytest.approx(3 / 12)
+    assert float(first.float().mean()) == pytest.approx(5 / 12) and float(whole.float().mean()) == pytest.approx(
+        3 / 12
+    )
     # positive rewards 2 + 1 + 3 + 0.5 + 1.5 + 4 = 12; of copying thoughts 2 + 1 + 0.5 + 1.5 = 5 (the -5 counts 0)
-    assert got["reward_copy_share"] == pytest.approx(5 / 12)
-    first = copy_flags(batch.thought_ids, batch.lengths, TARGETS, TARGET_MASK)[0]
-    assert reward_copy_share(-rewards.abs(), first) == 0.0  # no positive reward: 0
-    assert reward_copy_share(rewards.clamp_min(0) * first, first) == 1.0
-    none = gauge(torch.zeros((3, 0, 0), dtype=torch.long), torch.zeros((3, 0)), TARGETS, TARGET_MASK, rewards[:, :0])
-    assert math.isnan(none["copy_rate"]) and none["reward_copy_share"] == 0.0
+    copying, total = positive_reward_sums(rewards, first)
+    assert (float(copying), float(total)) == pytest.approx((5.0, 12.0))
+    assert reward_copy_share(copying, total) == pytest.approx(5 / 12)
+    # sums add over batches: the share of two halves is the ratio of the summed sums, not a mean of shares
+    halves = [positive_reward_sums(rewards[rows], first[rows]) for rows in (slice(0, 1), slice(1, 3))]
+    assert reward_copy_share(*(sum(float(h[i]) for h in halves) for i in (0, 1))) == pytest.approx(5 / 12)
+    assert reward_copy_share(*positive_reward_sums(-rewards.abs(), first)) == 0.0  # no positive reward: 0
+    assert reward_copy_share(*positive_reward_sums(rewards.clamp_min(0) * first, first)) == 1.0
 
 
 def _scores(logp_thoughts: torch.Tensor, logp_null: torch.Tensor) -> Scores:

@@ -12,7 +12,7 @@ targets right-padded; a position with no target copies nothing):
   copies_first    y_1 is one of z_1..z_m
   copies_target   y_1..y_n occur in z as one contiguous run (implies copies_first)
 
-Aggregates over a batch of thoughts (``gauge``):
+Aggregates over a batch of thoughts (the trainer and the held-out evaluation):
 
   copy_rate            share of thoughts with copies_first
   copy_rate_target     share of thoughts with copies_target
@@ -59,28 +59,16 @@ def copy_flags(
     return first, whole
 
 
-def reward_copy_share(rewards: torch.Tensor, copies: torch.Tensor) -> float:
-    """Σ max(r, 0) of the copying thoughts / Σ max(r, 0) of all thoughts; 0 without positive reward. (N, K) each."""
+def positive_reward_sums(rewards: torch.Tensor, copies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ max(r, 0) of the copying thoughts, Σ max(r, 0) of all thoughts) as float tensors, (N, K) each: the two sums
+    of ``reward_copy_share``, to be added over micro-batches, processes or evaluation batches before dividing."""
     positive = rewards.detach().float().clamp_min(0.0)
-    total = float(positive.sum())
-    return float((positive * copies.to(positive.device)).sum()) / total if total > 0 else 0.0
+    return (positive * copies.to(positive.device)).sum(), positive.sum()
 
 
-def gauge(
-    thought_ids: torch.Tensor,
-    lengths: torch.Tensor,
-    target_ids: torch.Tensor,
-    target_mask: torch.Tensor,
-    rewards: torch.Tensor,
-) -> dict[str, float]:
-    """``copy_rate``, ``copy_rate_target`` (NaN when there is no thought) and ``reward_copy_share`` of a batch."""
-    first, whole = copy_flags(thought_ids, lengths, target_ids, target_mask)
-    rate = lambda flags: float(flags.float().mean()) if flags.numel() else float("nan")  # noqa: E731
-    return {
-        "copy_rate": rate(first),
-        "copy_rate_target": rate(whole),
-        "reward_copy_share": reward_copy_share(rewards, first),
-    }
+def reward_copy_share(copying: float, total: float) -> float:
+    """The share of positive reward earned by copying thoughts from ``positive_reward_sums``; 0 without any."""
+    return float(copying) / float(total) if float(total) > 0 else 0.0
 
 
 def list_copy_flags(thoughts: list[list[int]], target: list[int]) -> list[tuple[bool, bool]]:

@@ -25,7 +25,7 @@ from thinkrl.config import Config
 from thinkrl.data.windows import WindowPool, group_windows, take_positions, window_batch
 from thinkrl.models.roles import RoleModels
 from thinkrl.prompts import ReasonerPrompt, wrap_contexts
-from thinkrl.rl.copy_gauge import copy_flags
+from thinkrl.rl.copy_gauge import copy_flags, positive_reward_sums
 from thinkrl.rl.learner import PositionScoring, rewards_and_advantages
 from thinkrl.rl.scoring import Scorer
 from thinkrl.rl.window_scoring import WindowScoring
@@ -119,10 +119,9 @@ def evaluate(
                 first, whole = copy_flags(
                     thoughts.thought_ids, thoughts.lengths, scores.target_ids, scores.target_mask
                 )
-                positive = rewards.clamp_min(0.0)
                 sums.add("copy_rate", first.sum(), first.numel())
                 sums.add("copy_rate_target", whole.sum(), whole.numel())
-                sums.add("reward_copy_share", (positive * first).sum(), positive.sum())
+                sums.add("reward_copy_share", *positive_reward_sums(rewards, first))
             else:  # control run: the null thought is the only thought
                 nll_null = -(scores.logp[:, -1] * mask).sum()
                 for key, value, count in (

@@ -350,9 +350,8 @@ class Trainer:
                 step_stats.update(copy_rate=float(first.float().mean()), copy_rate_target=float(whole.float().mean()))
                 if out.rewards is not None:
                     # reward_copy_share is a ratio of sums over the whole step, every micro-batch and process
-                    positive = out.rewards.detach().float().clamp_min(0.0)
-                    step_stats["positive_reward_copying"] = float((positive * first.to(positive.device)).sum())
-                    step_stats["positive_reward"] = float(positive.sum())
+                    copying, positive = copy_gauge.positive_reward_sums(out.rewards, first)
+                    step_stats.update(positive_reward_copying=float(copying), positive_reward=float(positive))
             for key, value in step_stats.items():
                 stats_sum[key] = stats_sum.get(key, 0.0) + value / lc.grad_accum_steps
         grad_norm = self._optimizer_step()
@@ -382,7 +381,7 @@ class Trainer:
         self._mean_over_processes(metrics)
         if "train/positive_reward" in metrics:
             copying, total = metrics.pop("train/positive_reward_copying"), metrics.pop("train/positive_reward")
-            metrics["train/reward_copy_share"] = copying / total if total > 0 else 0.0
+            metrics["train/reward_copy_share"] = copy_gauge.reward_copy_share(copying, total)
         metrics.update(self._account())  # token counts and FLOPs: summed over processes, not averaged
         return metrics, positions, thoughts, out
 
