@@ -33,7 +33,7 @@ def test_quiet_star_tiny_recipe_runs(tmp_path):
     assert trainer.state.step == 2
     assert result["final_eval"]["thought_len_mean"] == cfg.rollout.max_thought_len  # fixed-length thoughts
     assert result["final_eval"]["unfinished_rate"] == 0.0
-    # Quiet-STaR's loss does not need the null thought (learner.needs_null_row): training does not score it, so no
+    # Quiet-STaR's loss does not need the null thought (rl.null_row): training does not score it, so no
     # reward against it is logged there; the held-out evaluation still reports it
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "train/loss" in r and "train/thought_len" in r]

@@ -21,8 +21,9 @@ from thinkrl.data.windows import WindowPool, positions_of, window_batch
 from thinkrl.errors import ConfigError
 from thinkrl.models.parallel_passes import read_window, run_passes
 from thinkrl.models.roles import build_roles
-from thinkrl.rl.core_algos import compute_advantages, reference_cancels, shape_rewards
-from thinkrl.rl.learner import PositionScoring, compute_loss, needs_null_row
+from thinkrl.rl.core_algos import compute_advantages, shape_rewards
+from thinkrl.rl.learner import PositionScoring, compute_loss
+from thinkrl.rl.null_row import needs_null_row, reference_cancels
 from thinkrl.rl.scoring import Scorer
 from thinkrl.rl.window_scoring import WindowScoring
 from thinkrl.rollout.hf_actor import HFRolloutActor
@@ -249,7 +250,7 @@ def test_switch_defaults_and_errors():
         load_config(None, [*text, "rollout.thought_passes=parallel", "rollout.reasoner_template=thinking/system"])
 
 
-# ---- the null thought's row is scored only when the loss needs it (learner.needs_null_row) -------------------------
+# ---- the null thought's row is scored only when the loss needs it (rl.null_row) -------------------------
 # Where it is left out (Quiet-STaR's setting: group-mean advantages, no clip, the interpreter not learning from the
 # null thought), the loss, advantages and every gradient equal those of the run that scores it, on both paths, and
 # the parallel path runs one set of passes fewer.

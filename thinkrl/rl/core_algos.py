@@ -78,15 +78,6 @@ def shape_rewards(
     return shaped
 
 
-def reference_cancels(baseline: str, include_null: bool, clip: float) -> bool:
-    """True when adding one constant to every reward of a position leaves its advantages unchanged, so the reward
-    reference (e.g. the null thought) need not be computed: a group baseline (leave-one-out or mean) subtracts it,
-    the std normalisation and ``positive_only`` act on the differences and the penalties are per thought. A clip
-    (applied to the raw rewards), the null thought's reward 0 in the group (``include_null``) or no baseline keep
-    it."""
-    return baseline in ("leave_one_out", "mean") and not include_null and clip == 0
-
-
 def compute_advantages(
     rewards: torch.Tensor,
     baseline: str = "leave_one_out",

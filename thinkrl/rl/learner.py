@@ -17,6 +17,7 @@ from transformers import get_scheduler
 from thinkrl.config import Config
 from thinkrl.models.roles import RoleModels
 from thinkrl.rl import copy_gauge, core_algos
+from thinkrl.rl.null_row import needs_null_row
 from thinkrl.rl.scoring import Scorer, Scores
 from thinkrl.rollout.base import ThoughtBatch
 from thinkrl.rollout.policy import thought_logps
@@ -122,24 +123,6 @@ class PositionScoring:
             fixed_length,
             lean=lean,
         )
-
-
-def needs_null_row(cfg: Config, num_thoughts: int) -> bool:
-    """Whether a training loss needs the null thought's row (its passes are skipped otherwise). It does when the
-    interpreter learns from it (``interpreter_null``) or from the thoughts that beat it (``interpreter_only_helpful``
-    with the null reference), and when it is the reward reference and does not cancel in the advantages (a clip,
-    ``include_null``, no baseline: ``core_algos.reference_cancels``). ``learner.score_null=always`` scores it anyway,
-    for train/reward, train/null_rate and train/reward_copy_share every step."""
-    lc = cfg.learner
-    if lc.score_null == "always" or num_thoughts == 0:
-        return True
-    if lc.interpreter_weight > 0 and (
-        lc.interpreter_null or (lc.interpreter_only_helpful and cfg.reward.baseline == "null")
-    ):
-        return True
-    return cfg.reward.baseline == "null" and not core_algos.reference_cancels(
-        lc.baseline, lc.include_null, cfg.reward.clip
-    )
 
 
 def reward_reference(cfg: Config, scores: Scores, logp_ema: torch.Tensor | None = None) -> torch.Tensor:

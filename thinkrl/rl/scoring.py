@@ -22,7 +22,7 @@ from thinkrl.rollout.base import ThoughtBatch
 @dataclass
 class Scores:
     """Per-token log-probs of the targets. Row K of the thought axis is the null thought, unless it was not scored
-    (``has_null`` False: training whose loss does not need it, ``learner.needs_null_row``); then there are K rows."""
+    (``has_null`` False: training whose loss does not need it, ``rl.null_row``); then there are K rows."""
 
     logp: torch.Tensor  # (N, K+1, n) mixed prediction (the interpreter alone when head.form=none)
     logp_reward: torch.Tensor  # (N, K+1, n) the prediction rewards are computed from (reward.source)

@@ -75,6 +75,7 @@ from pathlib import Path
 
 from thinkrl.config import ROLES, Config
 from thinkrl.errors import ThinkRLError
+from thinkrl.rl.null_row import needs_null_row
 from thinkrl.run.compute import step_flops, training_flops
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -403,19 +404,20 @@ def step_forwards(cfg: Config, shapes: Shapes, trainable: dict[str, bool]) -> li
                         keeps_kv=b * length,
                     )
                 )
-            width = s.null_len + n - 1
-            out.append(
-                Forward(
-                    ig,
-                    "score_and_loss",
-                    b * p * width,
-                    trainable[ig],
-                    "passes",
-                    seq=width,
-                    span=s.span,
-                    keeps_kv=b * length,
+            if needs_null_row(cfg, k):
+                width = s.null_len + n - 1
+                out.append(
+                    Forward(
+                        ig,
+                        "score_and_loss",
+                        b * p * width,
+                        trainable[ig],
+                        "passes",
+                        seq=width,
+                        span=s.span,
+                        keeps_kv=b * length,
+                    )
                 )
-            )
             if bg != ig:
                 read_of(bg)
         out += _ema_forwards(cfg, s, ig)
@@ -497,11 +499,13 @@ def _ema_forwards(cfg: Config, s: Shapes, ig: str) -> list[Forward]:
 
 
 def _position_scores(cfg: Config, s: Shapes, ig: str, bg: str, trainable: dict[str, bool]) -> list[Forward]:
-    """The scorer's forwards (rl/scoring.py ``_states``): the window once, then K thoughts + null (+ base) rows."""
+    """The scorer's forwards (rl/scoring.py ``_states``): the window once, then K thoughts + null (when the loss needs
+    it, ``rl.null_row``) (+ base) rows."""
     npos, w, n, k, m = s.positions, s.window, s.n_ahead, s.thoughts, s.thought_len
     shared = bg == ig
-    rows = npos * (k + 1 + (1 if shared else 0))
-    width = 1 + max(m + 2 if k else 0, s.null_len) + n - 1
+    null = needs_null_row(cfg, k)
+    rows = npos * (k + int(null) + (1 if shared else 0))
+    width = 1 + max(m + 2 if k else 0, s.null_len if null else 0) + n - 1
     out = [
         Forward(ig, "score_and_loss", npos * (w - 1), trainable[ig], "masked"),
         Forward(

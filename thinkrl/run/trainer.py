@@ -645,10 +645,12 @@ class Trainer:
             if thoughts is None:  # learner.objective=lm
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             else:
-                shown = {"reward": ("train/reward", ".3f"), "null": ("train/null_rate", ".2f")}
-                shown = shown if "train/reward" in metrics else {"loss": ("train/loss", ".3f")}
-                shown["len"] = ("train/thought_len", ".1f")
-                bar.set_postfix({name: format(metrics[key], spec) for name, (key, spec) in shown.items()})
+                # the reward and null rate are absent where the null thought was not scored (rl/null_row.py): the
+                # loss shows instead
+                shown = [("reward", "train/reward", ".3f"), ("null", "train/null_rate", ".2f")]
+                shown += [] if "train/reward" in metrics else [("loss", "train/loss", ".3f")]
+                shown.append(("len", "train/thought_len", ".1f"))
+                bar.set_postfix({name: format(metrics[key], spec) for name, key, spec in shown if key in metrics})
             if self._due(tc.eval_every, self.eval_flops, step, flops_before) and not last:
                 self.state.last_eval = self._evaluate()
                 metrics.update({f"eval/{k}": v for k, v in self.state.last_eval.items()})
