@@ -62,16 +62,27 @@ DEFAULT_RUN_120 = [  # the embedded default recipe for 120 steps, evaluated on 6
 
 
 @pytest.fixture(scope="session")
-def default_hf_run(tmp_path_factory):
+def default_hf_run(tmp_path_factory, request):
     """``Trainer.train()``'s result for the default recipe over ``DEFAULT_RUN_120`` with the HF sampler: the
-    learning test's run and the reference of the vLLM training test (one 30-second run instead of two)."""
+    learning test's run and the reference of the vLLM training test. Trained once per test session: pytest-xdist
+    workers share it through a locked folder beside their own temporary folders."""
+    import json
     from pathlib import Path
+
+    from filelock import FileLock
 
     from thinkrl.run.trainer import Trainer
 
-    out = tmp_path_factory.mktemp("default-hf") / "run"
-    recipe = Path(__file__).resolve().parents[1] / "configs/default.yaml"
-    return Trainer(load_config(recipe, [*DEFAULT_RUN_120, f"trainer.output_dir={out}"])).train()
+    worker = getattr(request.config, "workerinput", None)  # set on xdist workers only
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if worker is not None else root  # the session's folder, above the workers' own
+    out, done = root / "default-hf" / "run", root / "default-hf" / "result.json"
+    with FileLock(str(root / "default-hf.lock")):
+        if not done.is_file():
+            recipe = Path(__file__).resolve().parents[1] / "configs/default.yaml"
+            result = Trainer(load_config(recipe, [*DEFAULT_RUN_120, f"trainer.output_dir={out}"])).train()
+            done.write_text(json.dumps(result))
+        return json.loads(done.read_text())
 
 
 @pytest.fixture(scope="session")
