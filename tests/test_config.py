@@ -119,3 +119,18 @@ def test_truncated_importance_sampling_needs_one_update_per_rollout():
     with pytest.raises(ConfigError, match="updates_per_rollout=1"):
         load_config(None, ["learner.tis_cap=2.0", "learner.updates_per_rollout=2"])
     assert load_config(None, ["learner.tis_cap=2.0"]).learner.tis_cap == 2.0
+
+
+def test_fused_passes_name_what_they_need():
+    text = ["data.source=text", "data.train_file=tinyshakespeare/input.txt", "data.positions=every_k"]
+    ok = load_config(None, [*text, "rollout.fused_passes=true"])
+    assert ok.rollout.fused_passes and ok.parallel_passes()
+    for extra, named in (
+        (["rollout.backend=vllm"], "rollout.backend=hf"),
+        (["model.weight_groups=[A,B,A]"], "one model as reasoner and interpreter"),
+        (["data.interpreter_window=8"], "data.interpreter_window=0"),
+        (["learner.updates_per_rollout=2"], "learner.updates_per_rollout=1"),
+        (["rollout.thought_passes=per_position"], "parallel thought passes"),
+    ):
+        with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
+            load_config(None, [*text, "rollout.fused_passes=true", *extra])

@@ -407,6 +407,14 @@ class RolloutConfig:
         "(task positions); auto picks parallel where it applies",
         "auto",
     )
+    fused_passes: bool = described(
+        "sample each thought token inside the passes that learn from it (parallel passes, HF backend, one model as "
+        "reasoner and interpreter, interpreter_window 0, async_steps 0, updates_per_rollout 1, unsharded): the "
+        "window is read once per step and no thought token is run twice; the same thoughts, loss and gradients as "
+        "the two phases (tests/rl/test_parallel_passes.py). Sampling then runs in train mode (dropout, if the model "
+        "has any, applies) and timing/rollout holds the learning forward",
+        False,
+    )
     sync_every: int = described(
         "vllm: push the learner's weights into the engine every N updates (staleness <= N-1)", 1
     )
@@ -756,6 +764,21 @@ class Config:
                     "rollout.reasoner_template wraps each position's context, which parallel passes share; set "
                     "rollout.thought_passes=per_position or drop the template"
                 )
+
+        if self.rollout.fused_passes:
+            wg = self.model.weight_groups
+            needs = {
+                "parallel thought passes (rollout.thought_passes)": self.parallel_passes(),
+                "rollout.backend=hf": self.rollout.backend == "hf",
+                "one model as reasoner and interpreter (model.weight_groups [x, A, A])": wg[1] == wg[2],
+                "data.interpreter_window=0": not self.data.interpreter_window,
+                "rollout.async_steps=0": not self.rollout.async_steps,
+                "learner.updates_per_rollout=1": self.learner.updates_per_rollout == 1,
+                "trainer.sharding=none": self.trainer.sharding == "none",
+            }
+            missing = [name for name, ok in needs.items() if not ok]
+            if missing:
+                raise ConfigError(f"rollout.fused_passes=true needs {', '.join(missing)}; or set it to false")
 
     def parallel_passes(self) -> bool:
         """Whether thoughts are grown in parallel passes over whole windows (see ``rollout.thought_passes``)."""

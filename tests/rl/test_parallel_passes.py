@@ -340,3 +340,64 @@ def test_the_parallel_path_skips_the_null_passes(monkeypatch):
         _both_paths([*QUIET_STAR, "learner.policy_weight=0", "learner.entropy_coef=0", *extra], 1, 2)
         counts[name] = list(calls)
     assert counts == {"auto": [2], "always": [2, 1]}  # K=2 thought rows; the null thought's single row
+
+
+# ---- sampling inside the learning passes (WindowScoring.sample_in_passes) ----------------------------------------
+def _two_phase_and_fused(overrides: list[str], every_k: int = 1, k: int = 2):
+    """(two-phase, fused) results: the HF sampler's no-grad passes then teacher-forced scoring, against sampling in
+    the passes that learn; (thoughts, loss output, grads) each."""
+    cfg = load_config(None, [*BASE, f"rollout.num_thoughts={k}", *overrides])
+    torch.manual_seed(0)
+    roles = build_roles(cfg)
+    pad = roles.tokenizer.pad_token_id
+    windows = _windows(every_k, len(roles.tokenizer))
+    seeds = list(range(1000, 1000 + len(positions_of(windows))))
+    batch = window_batch(windows, pad, "cpu")
+    actor = HFRolloutActor(cfg.rollout, roles.model("reasoner"), roles.sot_id, roles.eot_id, pad)
+    scorer = Scorer(roles, [], cfg.data.interpreter_window, cfg.reward.source)
+    params = [p for m in roles.modules().values() for p in m.parameters() if p.requires_grad]
+    results = []
+    for fused in (False, True):
+        scoring = WindowScoring(cfg, roles, scorer, batch)
+        for p in params:
+            p.grad = None
+        thoughts = scoring.sample_in_passes(cfg.rollout, k, seeds) if fused else actor.sample_windows(batch, k, seeds)
+        out = compute_loss(cfg, scoring, thoughts)
+        out.loss.backward()
+        results.append((thoughts, out, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]))
+    return results
+
+
+FUSED_CASES = [
+    ([], 1, 2),
+    (["rollout.length_mode=fixed"], 1, 2),
+    (["head.form=gate", "rollout.max_thought_len=6"], 4, 4),
+    ([*QUIET_STAR, "head.form=gate"], 1, 2),  # no null row
+    (["data.n_ahead=1", "learner.include_null=true"], 1, 1),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides,every_k,k", FUSED_CASES, ids=[f"{' '.join(c[0]) or 'default'}-k{c[1]}-K{c[2]}" for c in FUSED_CASES]
+)
+def test_sampling_in_the_learning_passes_equals_two_phases(overrides, every_k, k):
+    two_phase, fused = _two_phase_and_fused(overrides, every_k, k)
+    _assert_equal(two_phase, fused)
+    thoughts = fused[0]
+    # variable-length cases finish some thoughts early, so rows feed <eot> and y at different passes
+    if "rollout.length_mode=fixed" not in overrides and k > 1:
+        assert thoughts.lengths.min() < thoughts.lengths.max()
+
+
+def test_a_sampling_pass_cut_from_the_graph_is_caught(monkeypatch):
+    """The fused passes carry the gradient of the thought tokens' own states: detaching one pass breaks it."""
+    real = window_scoring.run_passes
+
+    def cut(model, read, slots, slot_len, offset=0, history=None, need_logits=False):
+        hidden, logits = real(model, read, slots, slot_len, offset, history, need_logits)
+        return (hidden.detach() if history is not None and offset == 1 else hidden), logits
+
+    monkeypatch.setattr(window_scoring, "run_passes", cut)
+    two_phase, fused = _two_phase_and_fused([], 1, 2)
+    with pytest.raises(AssertionError):
+        _assert_equal(two_phase, fused)

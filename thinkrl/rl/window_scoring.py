@@ -25,6 +25,7 @@ from thinkrl.models.parallel_passes import WindowRead, read_window, run_passes
 from thinkrl.rl.scoring import Scorer, Scores
 from thinkrl.rollout.base import ThoughtBatch
 from thinkrl.rollout.policy import action_terms, hidden_action_terms
+from thinkrl.rollout.thought_recorder import ThoughtRecorder
 
 
 def thought_sequences(
@@ -62,6 +63,7 @@ class WindowScoring:
         # may update the weights (and free these graphs) between losses on the same rollouts.
         self._reads: dict[int, WindowRead] = {}
         self._interp_hidden: torch.Tensor | None = None  # (B, K, P, S, d) thought rows, reused by the policy
+        self._fused: tuple[dict, torch.Tensor] | None = None  # the window read and thought rows of sample_in_passes
 
     # ---- layout: (B, R, P, ...) passes  <->  (N, R, ...) positions ------------------------------------------
     def to_positions(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,8 @@ class WindowScoring:
     def scores(self, thoughts: ThoughtBatch, lean: bool = True, null: bool = True) -> Scores:
         """``Scores`` (N, K+1, n); ``lean``: see ``Scorer.target_scores``; ``null=False``: no null-thought row (its
         passes are skipped)."""
-        self._reads, self._interp_hidden = {}, None
+        fused, self._fused = self._fused, None
+        self._reads, self._interp_hidden = ({}, None) if fused is None else fused
         if self.scorer.window:  # per-position windows of W tokens (see the module docstring)
             return self.scorer.score(*batch_positions(self.batch), thoughts, lean=lean, null=null)
         roles, batch, pad = self.roles, self.batch, self.scorer.pad_id
@@ -99,8 +102,9 @@ class WindowScoring:
             seq, starts = thought_sequences(
                 thoughts.thought_ids.to(device), thoughts.lengths.to(device), targets, roles.sot_id, roles.eot_id, pad
             )
-            hidden, _ = run_passes(interp, read, self.to_slots(seq, pad), batch.slot_len)
-            self._interp_hidden = hidden
+            if self._interp_hidden is None:  # else the passes that sampled the thoughts (``sample_in_passes``)
+                self._interp_hidden, _ = run_passes(interp, read, self.to_slots(seq, pad), batch.slot_len)
+            hidden = self._interp_hidden
             rows.append(self.to_positions(_gather(hidden, self.to_slots(starts, 0), n)))
         if null:
             null_ids = torch.tensor(self.scorer.null_seq, device=device)
@@ -117,6 +121,55 @@ class WindowScoring:
         scores = self.scorer.target_scores(h_base, torch.cat(rows, dim=1), targets, target_mask, lean=lean)
         scores.has_null = null
         return scores
+
+    # ---- sampling inside the learning passes -----------------------------------------------------------------
+    def sample_in_passes(self, cfg, k: int, seeds: list[int]) -> ThoughtBatch:
+        """Sample K thoughts at every slot in passes that keep the graph, and feed each row's ``<eot> y_0..y_{n-2}``
+        after its thought ends in the same passes: token s of ``thought_sequences``' row is fed at pass s, so the
+        stacked passes are the teacher-forced thought rows ``scores`` and ``policy`` would run again. The next
+        ``scores`` call reuses them and this window read (``fused_sampling`` says when that is the same computation).
+
+        The samples, their log-probs and the recorder are the HF sampler's (``HFRolloutActor._sample_passes``): each
+        pass's logits are taken from its detached hidden states, so sampling adds nothing to the graph."""
+        roles, batch, pad = self.roles, self.batch, self.scorer.pad_id
+        model = roles.model("interpreter")
+        device = batch.ids.device
+        b, p = batch.slot_len.shape
+        read = read_window(model, batch.ids)
+        targets = self.to_positions(batch.target_ids[:, None])[:, 0]  # (N, n)
+        n, max_len = targets.shape[-1], cfg.max_thought_len
+        y_rows = targets.repeat_interleave(k, 0)  # (N*K, n), rows position-major as the recorder's
+        rec = ThoughtRecorder(batch.num_positions, k, max_len, pad, device)
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        lm_head = model.get_output_embeddings()
+        fed = torch.full((y_rows.shape[0],), roles.sot_id, dtype=torch.long, device=device)
+        history: dict = {}
+        hidden_passes = []
+        t = 0
+        while True:
+            grid = torch.full((b * p, k), pad, dtype=torch.long, device=device)
+            grid[self.valid] = fed.view(-1, k)
+            feed = grid.view(b, p, k).permute(0, 2, 1)[..., None].contiguous()
+            hidden, _ = run_passes(model, read, feed, batch.slot_len, t, history)
+            hidden_passes.append(hidden)
+            sampling = t < max_len and not rec.all_done
+            if sampling:
+                with torch.no_grad():
+                    logits = self.to_positions(lm_head(hidden.detach()[..., 0, :]))  # (N, K, V), as the sampler
+                rows = logits.reshape(-1, logits.shape[-1])
+                active = ~rec.done
+                tokens = rec.step(t, rows, generators, cfg, roles.sot_id, roles.eot_id)
+            t += 1
+            # Token t of each row: its sample while it was still thinking, else <eot> at 1 + length, then y
+            lengths = rec.lengths
+            after = t - lengths - 2  # index of y fed at pass t (or < 0 / >= n - 1: none)
+            post = torch.where(after >= 0, y_rows.gather(1, after.clamp(0, n - 1)[:, None])[:, 0], roles.eot_id)
+            post = torch.where((after >= -1) & (after < n - 1), post, pad)
+            fed = torch.where(active, tokens, post) if sampling else post
+            if not (t < max_len and not rec.all_done) and t > int(lengths.max()) + n:
+                break
+        self._fused = ({id(model): read}, torch.cat(hidden_passes, dim=3))
+        return rec.result(cfg.length_mode == "fixed")
 
     # ---- policy ---------------------------------------------------------------------------------------------
     def policy(self, thoughts: ThoughtBatch, temperature: float, fixed_length: bool, lean: bool = True):
