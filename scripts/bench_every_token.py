@@ -175,6 +175,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write every row here")
     p.add_argument(
+        "--trainer-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more override of the trainer column's runs, repeatable (e.g. rollout.fused_passes=true)",
+    )
+    p.add_argument(
         "--no-trainer",
         dest="trainer",
         action="store_false",
@@ -404,6 +411,9 @@ def run_fresh(pool_ctx, job: Job) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer's own step (a real ``thinkrl train`` in a subprocess)
 # ----------------------------------------------------------------------------------------------------------------
+TRAINER_EXTRA: list[str] = []  # --trainer-override
+
+
 def trainer_overrides(job: Job, folder: Path) -> list[str]:
     """Overrides of the Quiet-STaR recipe that give ``thinkrl train`` the row's shapes (see the module docstring)."""
     slots = job.seq - job.n_ahead - 1  # per window: t = 2 .. L - n_ahead
@@ -460,7 +470,7 @@ def run_trainer(job: Job) -> dict:
         # tokens), and one held-out window
         (folder / "train.txt").write_text(random_text(rng, 2 * job.batch_windows * context + job.n_ahead))
         (folder / "eval.txt").write_text(random_text(rng, context + job.n_ahead))
-        overrides = trainer_overrides(job, folder)
+        overrides = trainer_overrides(job, folder) + TRAINER_EXTRA
         env = dict(os.environ)
         if job.device == "cpu":
             env["ACCELERATE_USE_CPU"] = "true"
@@ -648,6 +658,7 @@ def print_table(args, lines: list[dict]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    TRAINER_EXTRA[:] = args.trainer_override
     device = args.device
     cuda = device == "cuda"
     thread_list = [0] if cuda else args.threads

@@ -411,8 +411,8 @@ class RolloutConfig:
         "sample each thought token inside the passes that learn from it (parallel passes, HF backend, one model as "
         "reasoner and interpreter, interpreter_window 0, async_steps 0, updates_per_rollout 1, unsharded): the "
         "window is read once per step and no thought token is run twice; the same thoughts, loss and gradients as "
-        "the two phases (tests/rl/test_parallel_passes.py). Sampling then runs in train mode (dropout, if the model "
-        "has any, applies) and timing/rollout holds the learning forward",
+        "the two phases (tests/rl/test_parallel_passes.py), but slower so far (docs/every-token.md). Sampling then "
+        "runs in train mode (dropout, if the model has any, applies) and timing/rollout holds the learning forward",
         False,
     )
     sync_every: int = described(
