@@ -85,6 +85,11 @@ import time
 import types
 from pathlib import Path
 
+# thinkrl.timing needs only the standard library and torch, so this venv (transformers 4.37.2, no thinkrl installed)
+# imports it from the checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from thinkrl.timing import proc_status_kb  # noqa: E402
+
 SIZES = {
     "tiny": dict(
         hidden_size=64,
@@ -127,17 +132,6 @@ class ByteStandInTokenizer:
 
     def __len__(self):
         return max(self.special.values()) + 1
-
-
-def proc_status_kb(key):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def git_blob_sha1(path: Path) -> str:
