@@ -61,6 +61,7 @@ class PassContext:
     history: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     keep_history: bool = False
     plan: list[tuple[int, int, int, int]] | None = None  # slot chunks, see ``chunk_plan``
+    kernel: str = "merge"  # "merge": the hand merge below; "flex": torch flex_attention (``flex_passes``)
 
 
 def check_supported(model) -> None:
@@ -147,11 +148,41 @@ def _extended(keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> t
     return k_ext, v_ext
 
 
-def _chunk_attention(
-    q, diag_k, diag_v, keys, values, k_ext, v_ext, slot_len, scaling: float, p0: int, p1: int, lo: int, hi: int
-):
-    """One chunk of slots: the local part (window keys [lo, hi) and the diagonal) by hand, then the window keys
-    ``< lo`` — shared by every query of the chunk, no mask — in one fused ``scaled_dot_product_attention`` call.
+class _Slices(torch.autograd.Function):
+    """Several slices ``[a, b)`` of one tensor along ``dim``, as views. Autograd's own slicing gives every slice's
+    gradient a zero-filled copy of the whole tensor, summed afterwards: one window-sized fill, copy and add per slot
+    chunk, pass and layer (a tenth of a step when thoughts are sampled inside the passes, profiled). Here the
+    slices' gradients land in one buffer."""
+
+    @staticmethod
+    def forward(ctx, x, dim, ranges):
+        ctx.dim, ctx.ranges, ctx.shape = dim, ranges, x.shape
+        return tuple(x.narrow(dim, a, b - a) for a, b in ranges)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = None
+        for g, (a, b) in zip(grads, ctx.ranges):
+            if g is None:
+                continue
+            if grad is None:
+                grad = g.new_zeros(ctx.shape)
+            grad.narrow(ctx.dim, a, b - a).add_(g)
+        return grad, None, None
+
+
+def slices(x: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+    """``x.narrow(dim, a, b - a)`` for each range, with one gradient buffer for all of them (``_Slices``)."""
+    if not x.requires_grad or not torch.is_grad_enabled():
+        return tuple(x.narrow(dim, a, b - a) for a, b in ranges)
+    return _Slices.apply(x, dim, ranges)
+
+
+def _chunk_attention(q, diag_k, diag_v, near_k, near_v, k_pre, v_pre, slot_len, scaling: float, p0, p1, lo, hi):
+    """One chunk of slots ``[p0, p1)`` (q and diag_* already cut to it, ``near_*`` the window keys [lo, hi),
+    ``k_pre``/``v_pre`` the extended window prefix ``[:1 + lo]``): the local part (window keys [lo, hi) and the
+    diagonal) by hand, then the window keys ``< lo`` — shared by every query of the chunk, no mask — in one fused
+    ``scaled_dot_product_attention`` call.
 
     The local part enters that call as one extra *summary key* per query (``_extended``): its score is the local
     log-normaliser (carried in an extra channel of q against a key that is 1 there and 0 elsewhere) and the extra
@@ -159,23 +190,13 @@ def _chunk_attention(
     over both key sets (the log-sum-exp merge; the keys' order does not matter without a mask). The fused kernel
     never materialises the score matrix, and backpropagates into the local log-normaliser through q's extra
     channel."""
-    b, hkv, g, r, _, s, d = q.shape
-    c = p1 - p0
-    qc = q[:, :, :, :, p0:p1]
+    b, hkv, g, r, c, s, d = q.shape
     near_hidden = torch.arange(lo, hi, device=q.device) >= slot_len[:, p0:p1, None]  # (B, c, span)
-    out_l, lse_l = _local_part(
-        qc,
-        diag_k[:, :, :, :, p0:p1],
-        diag_v[:, :, :, :, p0:p1],
-        keys[:, :, lo:hi],
-        values[:, :, lo:hi],
-        near_hidden,
-        scaling,
-    )
-    dtype = k_ext.dtype
-    q_ext = torch.cat([qc, (lse_l[..., None] / scaling).to(q.dtype)], dim=-1).reshape(b, hkv * g, r * c * s, d + 1)
+    out_l, lse_l = _local_part(q, diag_k, diag_v, near_k, near_v, near_hidden, scaling)
+    dtype = k_pre.dtype
+    q_ext = torch.cat([q, (lse_l[..., None] / scaling).to(q.dtype)], dim=-1).reshape(b, hkv * g, r * c * s, d + 1)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q_ext.to(dtype), k_ext[:, :, : 1 + lo], v_ext[:, :, : 1 + lo], scale=scaling, enable_gqa=g > 1
+        q_ext.to(dtype), k_pre, v_pre, scale=scaling, enable_gqa=g > 1
     ).view(b, hkv, g, r, c, s, d + 1)
     return (out[..., :d] + out[..., d:] * out_l.to(dtype)).to(q.dtype)
 
@@ -187,6 +208,10 @@ def parallel_attention_forward(module, query, key, value, attention_mask, scalin
     ctx: PassContext | None = kwargs.get("thinkrl_passes")
     if ctx is None:
         raise RuntimeError("parallel attention called without a PassContext (thinkrl_passes=...)")
+    if ctx.kernel == "flex":
+        from thinkrl.models.flex_passes import flex_passes_forward
+
+        return flex_passes_forward(module, query, key, value, ctx, scaling)
     layer = module.layer_idx
     b, h, n, d = query.shape
     hkv = key.shape[1]
@@ -206,8 +231,22 @@ def parallel_attention_forward(module, query, key, value, attention_mask, scalin
         ctx.plan = chunk_plan(ctx.slot_len)
     dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype  # lse_l needs the precision
     k_ext, v_ext = _extended(wk, wv, dtype)
+    plan = ctx.plan
+    by_slot = [(p0, p1) for p0, p1, _, _ in plan]
+    near = [(lo, hi) for _, _, lo, hi in plan]
+    prefix = [(0, 1 + lo) for _, _, lo, _ in plan]
+    parts = zip(
+        slices(q, 4, by_slot),
+        slices(k, 4, by_slot),
+        slices(v, 4, by_slot),
+        slices(wk, 2, near),
+        slices(wv, 2, near),
+        slices(k_ext, 2, prefix),
+        slices(v_ext, 2, prefix),
+        plan,
+    )
     out = torch.cat(
-        [_chunk_attention(q, k, v, wk, wv, k_ext, v_ext, ctx.slot_len, scaling, *chunk) for chunk in ctx.plan], dim=4
+        [_chunk_attention(*part, ctx.slot_len, scaling, *chunk) for *part, chunk in parts], dim=4
     )  # (B, Hkv, g, R, P, S, D)
     return out.reshape(b, h, n, d).transpose(1, 2), None
 
