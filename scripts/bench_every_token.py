@@ -187,6 +187,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_false",
         help="skip the trainer column (a real `thinkrl train` at each row's shapes)",
     )
+    p.add_argument(
+        "--attention-kernel",
+        choices=("merge", "flex"),
+        default="merge",
+        help="attention of the parallel passes (rollout.attention_kernel): the isolated step's and the trainer's",
+    )
     p.add_argument("--quick", action="store_true", help="window 64, thought 4, tiny, 1 thread, 1 repeat (the test)")
     args = p.parse_args(argv)
     if args.json:  # refuse before measuring anything: a file of someone else's is never overwritten
@@ -224,6 +230,7 @@ class Job:
     n_ahead: int
     repeats: int
     seed: int
+    attention_kernel: str = "merge"  # --attention-kernel
 
 
 def max_positions(job: Job) -> int:
@@ -354,6 +361,7 @@ def run_job(job: Job) -> dict:
     ``timed_runs``'s warm-up call), then ``job.repeats`` timed steps."""
     import transformers
 
+    from thinkrl.models.parallel_passes import set_attention_kernel
     from thinkrl.models.roles import build_roles
     from thinkrl.prompts import null_thought_ids
     from thinkrl.rl.scoring import Scorer
@@ -369,6 +377,8 @@ def run_job(job: Job) -> dict:
     for module in roles.modules().values():
         module.to(device)
         module.train()
+    for m in roles.models.values():
+        set_attention_kernel(m, job.attention_kernel)
     model = roles.model("reasoner")
     actor = HFRolloutActor(cfg.rollout, model, roles.sot_id, roles.eot_id, roles.tokenizer.pad_token_id)
     scorer = Scorer(
@@ -658,7 +668,7 @@ def print_table(args, lines: list[dict]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    TRAINER_EXTRA[:] = args.trainer_override
+    TRAINER_EXTRA[:] = [f"rollout.attention_kernel={args.attention_kernel}", *args.trainer_override]
     device = args.device
     cuda = device == "cuda"
     thread_list = [0] if cuda else args.threads
@@ -697,6 +707,7 @@ def main(argv=None) -> None:
                         n_ahead=args.n_ahead,
                         repeats=args.repeats,
                         seed=args.seed,
+                        attention_kernel=args.attention_kernel,
                     )
                     todo = [job]
                     if seq not in plain_done:

@@ -407,6 +407,15 @@ class RolloutConfig:
         "(task positions); auto picks parallel where it applies",
         "auto",
     )
+    attention_kernel: str = described(
+        "auto | merge | flex: the attention of parallel thought passes. merge: the window keys a chunk of slots "
+        "shares in one fused scaled_dot_product_attention call, the few keys its slots differ on and each "
+        "thought's own earlier tokens by hand, merged exactly by log-sum-exp (any device); flex: one torch "
+        "flex_attention call with a block mask over the window keys and each thought's own tokens, compiled on "
+        "CUDA (elsewhere an unfused reference that holds the whole score matrix: slow, for tests); auto = merge, "
+        "until a GPU benchmark shows flex faster (scripts/bench_every_token.py --attention-kernel flex)",
+        "auto",
+    )
     fused_passes: bool = described(
         "sample each thought token inside the passes that learn from it (parallel passes, HF backend, one model as "
         "reasoner and interpreter, interpreter_window 0, async_steps 0, updates_per_rollout 1, unsharded): the "
@@ -471,6 +480,7 @@ class RolloutConfig:
         check_choice("rollout.vllm_enforce_eager", self.vllm_enforce_eager, ("auto", "true", "false"))
         check_positive("rollout.vllm_sync_timeout_s", self.vllm_sync_timeout_s)
         check_choice("rollout.thought_passes", self.thought_passes, ("auto", "parallel", "per_position"))
+        check_choice("rollout.attention_kernel", self.attention_kernel, ("auto", "merge", "flex"))
         check_positive("rollout.num_thoughts", self.num_thoughts, allow_zero=True)
         check_positive("rollout.max_thought_len", self.max_thought_len)
         check_positive("rollout.temperature", self.temperature)

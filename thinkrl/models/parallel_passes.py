@@ -7,6 +7,9 @@ attention itself). Token s of slot p sits at position ``slot_len[p] + offset + s
 the per-position sequence ``window[:slot_len[p]] ⊕ thought``.
 
 Windows are right-padded: padding comes after every slot's context, and causal attention never looks forward.
+
+``set_attention_kernel`` picks, per model, the attention the passes run (``rollout.attention_kernel``): the hand merge
+of ``parallel_attention`` or the block-sparse ``flex_attention`` of ``flex_passes``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,18 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from thinkrl.models.parallel_attention import PassContext, check_supported, parallel_attention
+
+KERNEL_ATTR = "thinkrl_attention_kernel"  # set on a model by ``set_attention_kernel``; "merge" when absent
+KERNELS = ("auto", "merge", "flex")
+
+
+def set_attention_kernel(model, kernel: str) -> None:
+    """Which attention ``run_passes`` uses for ``model`` (``rollout.attention_kernel``): merge (the hand merge of
+    ``parallel_attention``) or flex (``flex_passes``); auto is merge. Kept on the model object, so copies of it
+    (the EMA reference's deepcopy) keep it too."""
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    setattr(model, KERNEL_ATTR, "flex" if kernel == "flex" else "merge")
 
 
 @dataclass
@@ -60,7 +75,14 @@ def run_passes(
     Returns (last hidden states (B, R, P, S, d), logits (B, R, P, S, V) or None)."""
     b, r, p, s = tokens.shape
     ctx = PassContext(
-        window.window_kv, slot_len, r, p, s, history if history is not None else {}, keep_history=history is not None
+        window.window_kv,
+        slot_len,
+        r,
+        p,
+        s,
+        history if history is not None else {},
+        keep_history=history is not None,
+        kernel=getattr(model, KERNEL_ATTR, "merge"),
     )
     steps = torch.arange(s, device=tokens.device)
     positions = (slot_len[:, None, :, None] + offset + steps).expand(b, r, p, s)
