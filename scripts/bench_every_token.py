@@ -171,7 +171,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=2, help="K thoughts per position")
     p.add_argument("--n-ahead", type=int, default=2, help="true tokens scored after each thought")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median), after 1 warm-up")
-    p.add_argument("--max-per-position-s", type=float, default=60.0, help="skip per-position steps estimated longer")
+    p.add_argument(
+        "--max-per-position-s",
+        type=float,
+        default=60.0,
+        help="skip per-position steps estimated longer (0: skip them all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write every row here")
     p.add_argument(
@@ -186,6 +191,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="trainer",
         action="store_false",
         help="skip the trainer column (a real `thinkrl train` at each row's shapes)",
+    )
+    p.add_argument(
+        "--no-isolated",
+        dest="isolated",
+        action="store_false",
+        help="skip the isolated parallel step (long windows: the trainer column and plain step only)",
     )
     p.add_argument(
         "--attention-kernel",
@@ -489,11 +500,15 @@ def run_trainer(job: Job) -> dict:
         cmd = [sys.executable, "-m", "thinkrl", "train", "--config", TRAINER_RECIPE, *overrides]
         row = {**asdict(job), "recipe": TRAINER_RECIPE, "overrides": [o.replace(tmp, "<tmp>") for o in overrides]}
         started = time.perf_counter()
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        log = folder / "train.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            # wait4: this child's own peak RSS (ru_maxrss, KiB on Linux), whole process: model, imports, step
+            _, status, usage = os.wait4(proc.pid, 0)
         row["wall_s"] = time.perf_counter() - started
-        if done.returncode != 0:
-            tail = (done.stdout + done.stderr)[-3000:]
-            return row | {"status": "failed", "seconds": None, "error": tail}
+        row["peak_rss_mb"] = usage.ru_maxrss / 1024
+        if os.waitstatus_to_exitcode(status) != 0:
+            return row | {"status": "failed", "seconds": None, "error": log.read_text()[-3000:]}
         run_dir = folder / "run"
         steps = sorted(
             (r for r in read_jsonl(run_dir / "metrics.jsonl") if "timing/step" in r), key=lambda r: r["step"]
@@ -544,7 +559,7 @@ def device_label(row: dict) -> str:
 def progress(row: dict) -> None:
     head = f"  {device_label(row):<8} {row['size']:<5} L={row['seq']:<4} m={row['thought_len'] or '-':<2} "
     if row["status"] == "skipped":
-        print(f"{head}{row['path']:<12} skipped (est. {row['estimate_s']:.0f} s)", flush=True)
+        print(f"{head}{row['path']:<12} {skipped(row)}", flush=True)
         return
     if row["status"] == "failed":
         print(f"{head}{row['path']:<12} FAILED:\n{row['error']}", flush=True)
@@ -571,10 +586,15 @@ def fmt_s(row: dict | None) -> str:
     if row is None:
         return "-"
     if row["status"] == "skipped":
-        return f"skipped (est. {row['estimate_s']:.0f} s)"
+        return skipped(row)
     if row["status"] == "failed":
         return "failed"
     return f"{row['seconds']:.3f}"
+
+
+def skipped(row: dict) -> str:
+    est = row["estimate_s"]
+    return "skipped (--max-per-position-s 0)" if est is None else f"skipped (est. {est:.0f} s)"
 
 
 def fmt_mb(row: dict | None) -> str:
@@ -601,6 +621,7 @@ def summarize(args, rows: list[dict]) -> tuple[list[dict], list[str]]:
         line = {"device": dev, "threads": thr, "size": size, "seq": seq, "thought_len": m, "positions": None}
         line.update(par_plain=None, pp_par=None, us_per_token=None, rel=None, loss_diff=None)
         line.update(trainer_s=None, trainer_phases=None, trainer_positions=None, trainer_plain=None, trainer_par=None)
+        line["trainer_rss_mb"] = None
         if par:
             line["positions"] = par["positions"]
             line["us_per_token"] = par["seconds"] * 1e6 / (passes * seq)
@@ -617,6 +638,7 @@ def summarize(args, rows: list[dict]) -> tuple[list[dict], list[str]]:
             problems.append(f"{where}: thinkrl train failed (its output is in the row's 'error')")
         elif trainer:
             line.update(trainer_s=trainer["seconds"], trainer_phases=trainer["phases"])
+            line["trainer_rss_mb"] = trainer.get("peak_rss_mb")
             line["trainer_positions"] = trainer["positions"]
             if plain:
                 line["trainer_plain"] = trainer["seconds"] / plain["seconds"]
@@ -666,6 +688,60 @@ def print_table(args, lines: list[dict]) -> None:
             )
 
 
+def origin_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares line through the origin y = a·x; returns (a, largest |y / (a·x) - 1|)."""
+    a = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return a, max(abs(y / (a * x) - 1) for x, y in zip(xs, ys))
+
+
+def print_growth(args, lines: list[dict]) -> None:
+    """How cost grows: in the thought length (a line through the origin in m + 2 + n_ahead, over 3+ lengths) and in
+    the window (the ratio to a plain step and the peak memory at the longest window against the shortest)."""
+    n = args.n_ahead
+    groups: dict[tuple, list[dict]] = {}
+    for line in lines:
+        groups.setdefault((line["device"], line["threads"], line["size"], line["seq"]), []).append(line)
+    for (dev, thr, size, seq), group in groups.items():
+        for column, key in (("isolated parallel", "par"), ("trainer", "trainer_s")):
+            pts = [(g["thought_len"] + 2 + n, g[key] if key == "trainer_s" else _seconds(g["rows"][0])) for g in group]
+            pts = [(x, y) for x, y in pts if y]
+            if len(pts) >= 3:
+                a, worst = origin_fit(*zip(*pts))
+                cells = ", ".join(f"m={x - 2 - n}: {y:.3f} s ({y / (a * x) - 1:+.1%})" for x, y in pts)
+                print(
+                    f"\nthought length, {dev} x{thr} {size} L={seq}, {column}: s = {a:.4f} x (m + 2 + {n}); "
+                    f"{cells}; largest deviation {worst:.1%}"
+                )
+    by_m: dict[tuple, list[dict]] = {}
+    for line in lines:
+        by_m.setdefault((line["device"], line["threads"], line["size"], line["thought_len"]), []).append(line)
+    for (dev, thr, size, m), group in by_m.items():
+        group = sorted(group, key=lambda g: g["seq"])
+        if len(group) < 2:
+            continue
+        short, long = group[0], group[-1]
+        parts = []
+        for name in ("par_plain", "trainer_plain"):
+            if short[name] and long[name]:
+                parts.append(f"{name} {short[name]:.1f} -> {long[name]:.1f} (x{long[name] / short[name]:.2f})")
+        mb = [_peak(g["rows"][0]) for g in (short, long)]
+        if all(mb):
+            parts.append(f"peak MB parallel {mb[0]:.0f} -> {mb[1]:.0f} (x{mb[1] / mb[0]:.2f})")
+        rss = [g["trainer_rss_mb"] for g in (short, long)]
+        if all(rss):
+            parts.append(f"trainer peak RSS MB {rss[0]:.0f} -> {rss[1]:.0f} (x{rss[1] / rss[0]:.2f})")
+        if parts:
+            print(f"\nwindow L={short['seq']} -> {long['seq']}, {dev} x{thr} {size} m={m}: " + "; ".join(parts))
+
+
+def _seconds(row: dict | None) -> float | None:
+    return row["seconds"] if row and row.get("status", "measured") == "measured" else None
+
+
+def _peak(row: dict | None) -> float | None:
+    return row.get("peak_mb") if row and row.get("status", "measured") == "measured" else None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     TRAINER_EXTRA[:] = [f"rollout.attention_kernel={args.attention_kernel}", *args.trainer_override]
@@ -709,12 +785,12 @@ def main(argv=None) -> None:
                         seed=args.seed,
                         attention_kernel=args.attention_kernel,
                     )
-                    todo = [job]
+                    todo = [job] if args.isolated else []
                     if seq not in plain_done:
                         todo.append(replace(job, path="plain", thought_len=0))
                         plain_done.add(seq)
                     estimate = last_pp[1] * (seq / last_pp[0]) ** 2 if last_pp else None
-                    if estimate is None or estimate <= args.max_per_position_s:
+                    if args.max_per_position_s > 0 and (estimate is None or estimate <= args.max_per_position_s):
                         todo.append(replace(job, path="per_position"))
                     else:
                         row = {**asdict(replace(job, path="per_position")), "status": "skipped"}
@@ -734,6 +810,7 @@ def main(argv=None) -> None:
                         progress(row)
     lines, problems = summarize(args, rows)
     print_table(args, lines)
+    print_growth(args, lines)
     print(
         f"\nN: positions of the isolated step; N trn: positions the trainer thought at per step (its rollout dumps). "
         "trainer s: median timing/step of `thinkrl train` (sampling + scoring + loss + backward + optimizer + "

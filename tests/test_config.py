@@ -124,7 +124,15 @@ def test_truncated_importance_sampling_needs_one_update_per_rollout():
 def test_fused_passes_name_what_they_need():
     text = ["data.source=text", "data.train_file=tinyshakespeare/input.txt", "data.positions=every_k"]
     ok = load_config(None, [*text, "rollout.fused_passes=true"])
-    assert ok.rollout.fused_passes and ok.parallel_passes()
+    assert ok.fused_sampling() and ok.parallel_passes()
+    # auto (the default) fuses where it can and falls back to the two phases without an error elsewhere
+    assert load_config(None, text).fused_sampling()
+    assert not load_config(None, [*text, "rollout.fused_passes=false"]).fused_sampling()
+    assert not load_config(None, [*text, "rollout.backend=vllm"]).fused_sampling()
+    assert not load_config(None, [*text, "learner.updates_per_rollout=2"]).fused_sampling()
+    assert not load_config(None, []).fused_sampling()  # task positions: no parallel passes
+    with pytest.raises(ConfigError, match="rollout.fused_passes"):
+        load_config(None, [*text, "rollout.fused_passes=sometimes"])
     for extra, named in (
         (["rollout.backend=vllm"], "rollout.backend=hf"),
         (["model.weight_groups=[A,B,A]"], "one model as reasoner and interpreter"),

@@ -416,13 +416,14 @@ class RolloutConfig:
         "until a GPU benchmark shows flex faster (scripts/bench_every_token.py --attention-kernel flex)",
         "auto",
     )
-    fused_passes: bool = described(
-        "sample each thought token inside the passes that learn from it (parallel passes, HF backend, one model as "
-        "reasoner and interpreter, interpreter_window 0, async_steps 0, updates_per_rollout 1, unsharded): the "
-        "window is read once per step and no thought token is run twice; the same thoughts, loss and gradients as "
-        "the two phases (tests/rl/test_parallel_passes.py), but slower so far (docs/every-token.md). Sampling then "
-        "runs in train mode (dropout, if the model has any, applies) and timing/rollout holds the learning forward",
-        False,
+    fused_passes: str = described(
+        "auto | true | false: sample each thought token inside the passes that learn from it (parallel passes, HF "
+        "backend, one model as reasoner and interpreter, interpreter_window 0, async_steps 0, updates_per_rollout 1, "
+        "unsharded): the window is read once per step and no thought token is run twice; the same thoughts, loss "
+        "and gradients as the two phases (tests/rl/test_parallel_passes.py). auto: where all of that holds; "
+        "false: always two phases (sample without grad, then teacher-force). Sampling then runs inside the "
+        "learner's forward and timing/rollout holds it (docs/every-token.md)",
+        "auto",
     )
     sync_every: int = described(
         "vllm: push the learner's weights into the engine every N updates (staleness <= N-1)", 1
@@ -478,6 +479,8 @@ class RolloutConfig:
         check_choice("rollout.vllm_transfer", self.vllm_transfer, ("auto", "gloo", "nccl"))
         self.vllm_enforce_eager = str(self.vllm_enforce_eager).lower()
         check_choice("rollout.vllm_enforce_eager", self.vllm_enforce_eager, ("auto", "true", "false"))
+        self.fused_passes = str(self.fused_passes).lower()
+        check_choice("rollout.fused_passes", self.fused_passes, ("auto", "true", "false"))
         check_positive("rollout.vllm_sync_timeout_s", self.vllm_sync_timeout_s)
         check_choice("rollout.thought_passes", self.thought_passes, ("auto", "parallel", "per_position"))
         check_choice("rollout.attention_kernel", self.attention_kernel, ("auto", "merge", "flex"))
@@ -775,20 +778,29 @@ class Config:
                     "rollout.thought_passes=per_position or drop the template"
                 )
 
-        if self.rollout.fused_passes:
-            wg = self.model.weight_groups
-            needs = {
-                "parallel thought passes (rollout.thought_passes)": self.parallel_passes(),
-                "rollout.backend=hf": self.rollout.backend == "hf",
-                "one model as reasoner and interpreter (model.weight_groups [x, A, A])": wg[1] == wg[2],
-                "data.interpreter_window=0": not self.data.interpreter_window,
-                "rollout.async_steps=0": not self.rollout.async_steps,
-                "learner.updates_per_rollout=1": self.learner.updates_per_rollout == 1,
-                "trainer.sharding=none": self.trainer.sharding == "none",
-            }
-            missing = [name for name, ok in needs.items() if not ok]
+        if self.rollout.fused_passes == "true":
+            missing = self._fused_missing()
             if missing:
-                raise ConfigError(f"rollout.fused_passes=true needs {', '.join(missing)}; or set it to false")
+                raise ConfigError(f"rollout.fused_passes=true needs {', '.join(missing)}; or set it to auto or false")
+
+    def _fused_missing(self) -> list[str]:
+        """What ``rollout.fused_passes`` needs and this config lacks (empty: thoughts can be sampled in the passes)."""
+        wg = self.model.weight_groups
+        needs = {
+            "parallel thought passes (rollout.thought_passes)": self.parallel_passes(),
+            "rollout.backend=hf": self.rollout.backend == "hf",
+            "one model as reasoner and interpreter (model.weight_groups [x, A, A])": wg[1] == wg[2],
+            "data.interpreter_window=0": not self.data.interpreter_window,
+            "rollout.async_steps=0": not self.rollout.async_steps,
+            "learner.updates_per_rollout=1": self.learner.updates_per_rollout == 1,
+            "trainer.sharding=none": self.trainer.sharding == "none",
+        }
+        return [name for name, ok in needs.items() if not ok]
+
+    def fused_sampling(self) -> bool:
+        """Whether thoughts are sampled inside the learning passes (``rollout.fused_passes``; auto: where it can)."""
+        mode = self.rollout.fused_passes
+        return mode == "true" or (mode == "auto" and not self._fused_missing())
 
     def parallel_passes(self) -> bool:
         """Whether thoughts are grown in parallel passes over whole windows (see ``rollout.thought_passes``)."""

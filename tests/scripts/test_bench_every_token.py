@@ -55,3 +55,17 @@ def test_bench_every_token_quick(tmp_path):
     assert line["trainer_s"] == trainer["seconds"] and line["trainer_positions"] == line["positions"]
     assert line["trainer_plain"] > 0 and line["trainer_par"] > 0
     assert "trn/plain" in done.stdout and "N trn" in done.stdout
+
+
+def test_origin_fit_measures_the_worst_point():
+    """The thought-length check of bench_every_token: a line through the origin and its largest relative miss."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_every_token import origin_fit
+    finally:
+        sys.path.pop(0)
+    slope, worst = origin_fit([8, 10, 12, 16], [4.0, 5.0, 6.0, 8.0])
+    assert slope == pytest.approx(0.5) and worst == pytest.approx(0.0, abs=1e-12)
+    # A fixed cost (here 2 s) makes a line through the origin miss the shortest thought most.
+    slope, worst = origin_fit([8, 10, 12, 16], [6.0, 7.0, 8.0, 10.0])
+    assert worst == pytest.approx(abs(6.0 / (slope * 8) - 1)) and worst > 0.1

@@ -48,7 +48,8 @@ Loss rows (lean losses, ``learner.lean_losses``): gathered target states and the
 (N·(K+1)·n rows) and d·b per policy row (N·K·M), plus one checkpointed chunk of logits at a time:
 min(rows, 2^24 / V)·V·16 bytes. ``lean_losses=false`` keeps (rows, V) float32 log-distributions: rows·V·12.
 Sampling (no grad): the KV cache of N·K rows of C + 1 + M tokens, 2·kv·ℓ·b each (parallel passes: the windows' cache
-plus each slot's thought history), plus one layer's intermediates and the logits of a decoding step.
+plus each slot's thought history), plus one layer's intermediates and the logits of a decoding step. None when the
+thoughts are sampled inside the learning passes (``rollout.fused_passes``): those passes are the activations below.
 
 A step's peak growth above what is held before it:
   max(sampling, activations + gradients of the LM heads and one layer (the first ones the backward writes) + chunk,
@@ -730,7 +731,9 @@ def plan(
     else:
         adam_temp = 2 * max(a.largest_tensor() for a in archs.values()) * w
     gathered = params * b if sharded else 0.0
-    sampling = sampling_bytes(cfg, archs[role["reasoner"]], b, s)
+    # Sampled inside the learning passes (rollout.fused_passes): no no-grad phase of its own; the window's keys are
+    # the learning read's and the sampled rows' states are the activations counted below.
+    sampling = 0.0 if cfg.fused_sampling() else sampling_bytes(cfg, archs[role["reasoner"]], b, s)
     backward_peak = act + recompute + min(top_grads, grads) + chunk
     phases = {
         "rollout": sampling,

@@ -487,7 +487,7 @@ class Trainer:
             seeds = seeds[skip : skip + len(positions)]
             batch = window_batch(windows, self.roles.tokenizer.pad_token_id, self.accelerator.device)
             scoring = WindowScoring(self.cfg, self.roles, self.scorer, batch)
-            if self.cfg.rollout.fused_passes:  # sampled in the passes the loss then reuses (WindowScoring)
+            if self.cfg.fused_sampling():  # sampled in the passes the loss then reuses (WindowScoring)
                 return positions, scoring, lambda k: scoring.sample_in_passes(self.cfg.rollout, k, seeds)
             return positions, scoring, lambda k: self.actor.sample_windows(batch, k, seeds)
         global_batch = self.cfg.trainer.batch_positions
