@@ -82,11 +82,14 @@ def _assert_kernels_agree(model, passes: list, device: str, monkeypatch, data=SM
     for name in g0:
         scale = max(1.0, float(g0[name].abs().max()))
         torch.testing.assert_close(g1[name] / scale, g0[name] / scale, atol=TOL, rtol=0, msg=name)
-    assert hist0.keys() == hist1.keys()  # the same history, laid out (B, Hkv, R, P, S_prev + S, D) by both
+    assert hist0.keys() == hist1.keys()  # the same history: per pass, keys/values (B, Hkv, R, P, S_i, D)
     for layer in hist0:
-        for a, b in zip(hist0[layer], hist1[layer]):
-            assert a.shape == b.shape == (2, model.config.num_key_value_heads, *data[2].shape[1:], a.shape[-1])
-            torch.testing.assert_close(b, a, atol=TOL, rtol=0)
+        for entries0, entries1 in zip(hist0[layer], hist1[layer]):
+            assert len(entries0) == len(entries1) == len(passes)
+            for (p0, p1), a, b in zip(passes, entries0, entries1):
+                shape = (2, model.config.num_key_value_heads, *data[2].shape[1:-1], p1 - p0, a.shape[-1])
+                assert a.shape == b.shape == shape
+                torch.testing.assert_close(b, a, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("passes", list(PASSES))

@@ -38,6 +38,8 @@ import math
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from thinkrl.models.parallel_attention import with_history
+
 logger = logging.getLogger(__name__)
 
 BLOCK = 128  # flex_attention's sparse block size (queries and keys)
@@ -151,7 +153,7 @@ def _masks(ctx, slot_len, length: int, span: int, device) -> BlockMask | torch.T
 
 def flex_passes_forward(module, query, key, value, ctx, scaling=None):
     """``parallel_attention_forward`` with ``ctx.kernel == "flex"``: query (B, H, N, D), key/value (B, Hkv, N, D)
-    with N = R·P·S. Keeps ``ctx.history`` exactly as the merge path does (per layer (B, Hkv, R, P, S_prev + S, D)).
+    with N = R·P·S. Reads and keeps ``ctx.history`` as the merge path does (``with_history``).
 
     Returns (output (B, N, H, D), None)."""
     global _warned
@@ -160,13 +162,7 @@ def flex_passes_forward(module, query, key, value, ctx, scaling=None):
     hkv = key.shape[1]
     r, p, s = ctx.rows, ctx.slots, ctx.tokens
     scaling = d**-0.5 if scaling is None else scaling
-    k = key.view(b, hkv, r, p, s, d)
-    v = value.view(b, hkv, r, p, s, d)
-    if layer in ctx.history:
-        hk, hv = ctx.history[layer]
-        k, v = torch.cat([hk, k], dim=4), torch.cat([hv, v], dim=4)
-    if ctx.keep_history:
-        ctx.history[layer] = (k, v)
+    k, v = with_history(ctx, layer, key.view(b, hkv, r, p, s, d), value.view(b, hkv, r, p, s, d))
     span = k.shape[4]
     wk, wv = ctx.window_kv[layer]
     length = wk.shape[2]

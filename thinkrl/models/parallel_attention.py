@@ -50,18 +50,39 @@ class PassContext:
     window_kv: per layer (keys, values) of the window pass, each (B, Hkv, L, D).
     slot_len: (B, P) window tokens visible to each slot (its context length t).
     rows, slots, tokens: R, P, S of this forward's queries, laid out (r, p, s).
-    history: per layer (keys, values) (B, Hkv, R, P, S_prev, D) of earlier passes of the same thoughts (sampling
-    runs one token per pass); ``keep_history`` appends this pass's keys/values to it."""
+    history: per layer (keys, values), lists with one (B, Hkv, R, P, S_i, D) entry per earlier pass of the same
+    thoughts (sampling runs one token per pass); ``keep_history`` appends this pass's keys/values to it.
+    entries: how many of them this forward reads (``with_history``)."""
 
     window_kv: list[tuple[torch.Tensor, torch.Tensor]]
     slot_len: torch.Tensor
     rows: int
     slots: int
     tokens: int
-    history: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    history: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
     keep_history: bool = False
+    entries: int = 0
     plan: list[tuple[int, int, int, int]] | None = None  # slot chunks, see ``chunk_plan``
     kernel: str = "merge"  # "merge": the hand merge below; "flex": torch flex_attention (``flex_passes``)
+
+
+def with_history(ctx: PassContext, layer: int, k: torch.Tensor, v: torch.Tensor):
+    """This forward's keys/values (B, Hkv, R, P, S, D) after the first ``ctx.entries`` history entries of the layer
+    (dim 4), and with ``keep_history`` this forward's own appended as the next entry.
+
+    Reading a fixed number of entries, and appending only where the list holds exactly that many, makes a layer's
+    forward repeatable: a checkpointed layer's recompute in the backward (``models/checkpointing``) runs after the
+    later passes have appended theirs, and sees the keys its forward saw."""
+    entries = ctx.history.get(layer, ([], []))
+    if ctx.keep_history:
+        entries = ctx.history.setdefault(layer, ([], []))
+        if len(entries[0]) == ctx.entries:
+            entries[0].append(k)
+            entries[1].append(v)
+    ks, vs = entries[0][: ctx.entries], entries[1][: ctx.entries]
+    if not ks:
+        return k, v
+    return torch.cat([*ks, k], dim=4), torch.cat([*vs, v], dim=4)
 
 
 def check_supported(model) -> None:
@@ -219,13 +240,8 @@ def parallel_attention_forward(module, query, key, value, attention_mask, scalin
     r, p, s = ctx.rows, ctx.slots, ctx.tokens
     scaling = d**-0.5 if scaling is None else scaling
     q = query.view(b, hkv, g, r, p, s, d)  # heads of one kv group stay together (GQA without copies)
-    k = key.view(b, hkv, 1, r, p, s, d)
-    v = value.view(b, hkv, 1, r, p, s, d)
-    if layer in ctx.history:
-        hk, hv = ctx.history[layer]
-        k, v = torch.cat([hk[:, :, None], k], dim=5), torch.cat([hv[:, :, None], v], dim=5)
-    if ctx.keep_history:
-        ctx.history[layer] = (k[:, :, 0], v[:, :, 0])
+    k, v = with_history(ctx, layer, key.view(b, hkv, r, p, s, d), value.view(b, hkv, r, p, s, d))
+    k, v = k[:, :, None], v[:, :, None]  # (B, Hkv, 1, R, P, S_prev + S, D): one copy for the g heads of a group
     wk, wv = ctx.window_kv[layer]
     if ctx.plan is None:  # the same for every layer of this forward
         ctx.plan = chunk_plan(ctx.slot_len)

@@ -82,6 +82,7 @@ def run_passes(
         s,
         history if history is not None else {},
         keep_history=history is not None,
+        entries=len(next(iter(history.values()))[0]) if history else 0,  # the passes before this one
         kernel=getattr(model, KERNEL_ATTR, "merge"),
     )
     steps = torch.arange(s, device=tokens.device)

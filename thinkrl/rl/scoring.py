@@ -9,7 +9,7 @@ interpreter/base/head losses reuse this forward).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -116,9 +116,7 @@ class Scorer:
     ) -> Scores:
         """Target log-probs (teacher-forced on ``targets``); ``lean=False`` gathers them from full distributions;
         ``null=False`` leaves the null thought's row out."""
-        scores = self.target_scores(*self._states(contexts, targets, thoughts, null), lean=lean)
-        scores.has_null = null
-        return scores
+        return self.target_scores(*self._states(contexts, targets, thoughts, null), lean=lean, null=null)
 
     def distributions(
         self, contexts: list[list[int]], targets: list[list[int]], thoughts: ThoughtBatch
@@ -157,16 +155,16 @@ class Scorer:
             h_base = _gather_targets(hb, torch.zeros(n_pos, dtype=torch.long, device=device), n)[:, None]
         return h_base, h_interp, target_ids, target_mask
 
-    def target_scores(self, h_base, h_interp, target_ids, target_mask, lean: bool = True) -> Scores:
-        """Scores from last hidden states: base (N, 1, n, d), interpreter (N, K+1, n, d) (null row last); any further
-        axes before n (e.g. candidates) ride along.
+    def target_scores(self, h_base, h_interp, target_ids, target_mask, lean: bool = True, null: bool = True) -> Scores:
+        """Scores from last hidden states: base (N, 1, n, d), interpreter (N, K+1, n, d) (null row last; ``null``
+        False: K rows, no null thought); any further axes before n (e.g. candidates) ride along.
 
         Lean (the default): only the targets' log-probs, the LM heads run in checkpointed row chunks, so no
         (N, K+1, n, V) tensor exists in the forward or the backward. ``lean=False``: gathered from ``mix``'s full
         distributions (the reference; values and gradients are the same). Shared by the per-position forwards above
         and the parallel passes (``window_scoring``)."""
         if not lean:
-            return self.mix(h_base, h_interp, target_ids, target_mask).scores()
+            return replace(self.mix(h_base, h_interp, target_ids, target_mask).scores(), has_null=null)
         roles = self.roles
         lm_base, lm_interp = roles.true_token_head("base"), roles.true_token_head("interpreter")
         logp_base = chunked_logps.target_logps(lm_base, h_base[:, 0], target_ids)  # (N, n)
@@ -175,7 +173,7 @@ class Scorer:
             h_base, h_interp, lm_base, lm_interp, target_ids=target_ids[:, None], need_interp=need_interp
         )
         logp_reward = logp_interp if need_interp and logp_interp is not None else logp
-        return Scores(logp, logp_reward, logp_base, weight, target_ids, target_mask)
+        return Scores(logp, logp_reward, logp_base, weight, target_ids, target_mask, has_null=null)
 
     def mix(self, h_base, h_interp, target_ids, target_mask) -> Distributions:
         """Distributions from last hidden states: base (N, 1, n, d), interpreter (N, K+1, n, d) (null row last)."""

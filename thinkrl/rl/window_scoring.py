@@ -118,9 +118,7 @@ class WindowScoring:
         index = ((batch.slot_len - 1)[..., None] + torch.arange(n, device=device)).clamp_max(h.shape[1] - 1)
         base = h.gather(1, index.flatten(1)[..., None].expand(-1, -1, h.shape[-1])).view(*index.shape, -1)
         h_base = self.to_positions(base[:, None])  # (N, 1, n, d)
-        scores = self.scorer.target_scores(h_base, torch.cat(rows, dim=1), targets, target_mask, lean=lean)
-        scores.has_null = null
-        return scores
+        return self.scorer.target_scores(h_base, torch.cat(rows, dim=1), targets, target_mask, lean=lean, null=null)
 
     # ---- sampling inside the learning passes -----------------------------------------------------------------
     def sample_in_passes(self, cfg, k: int, seeds: list[int]) -> ThoughtBatch:
