@@ -191,12 +191,12 @@ def test_lora_and_frozen_roles_match():
 
 def test_a_thought_that_sees_another_positions_thought_is_caught(monkeypatch):
     """Let each slot's diagonal read the next slot's thought keys: the equality checks above must fail."""
-    original = pa._local_part
+    original = pa.diagonal
 
-    def leaky(q, diag_k, diag_v, *rest):
-        return original(q, diag_k.roll(1, dims=4), diag_v.roll(1, dims=4), *rest)
+    def leaky(q, keys, values, scaling):  # entries (B, Hkv, R, P, S_i, D): roll the slot axis
+        return original(q, [k.roll(1, dims=3) for k in keys], [v.roll(1, dims=3) for v in values], scaling)
 
-    monkeypatch.setattr(pa, "_local_part", leaky)
+    monkeypatch.setattr(pa, "diagonal", leaky)
     ref, par = _both_paths([], 1, 2)
     with pytest.raises(AssertionError):
         _assert_equal(ref, par)

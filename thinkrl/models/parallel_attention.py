@@ -66,9 +66,10 @@ class PassContext:
     kernel: str = "merge"  # "merge": the hand merge below; "flex": torch flex_attention (``flex_passes``)
 
 
-def with_history(ctx: PassContext, layer: int, k: torch.Tensor, v: torch.Tensor):
+def with_history(ctx: PassContext, layer: int, k: torch.Tensor, v: torch.Tensor, concat: bool = True):
     """This forward's keys/values (B, Hkv, R, P, S, D) after the first ``ctx.entries`` history entries of the layer
-    (dim 4), and with ``keep_history`` this forward's own appended as the next entry.
+    (dim 4; ``concat=False``: as lists of entries, this forward's last), and with ``keep_history`` this forward's own
+    appended as the next entry.
 
     Reading a fixed number of entries, and appending only where the list holds exactly that many, makes a layer's
     forward repeatable: a checkpointed layer's recompute in the backward (``models/checkpointing``) runs after the
@@ -79,10 +80,10 @@ def with_history(ctx: PassContext, layer: int, k: torch.Tensor, v: torch.Tensor)
         if len(entries[0]) == ctx.entries:
             entries[0].append(k)
             entries[1].append(v)
-    ks, vs = entries[0][: ctx.entries], entries[1][: ctx.entries]
-    if not ks:
-        return k, v
-    return torch.cat([*ks, k], dim=4), torch.cat([*vs, v], dim=4)
+    ks, vs = [*entries[0][: ctx.entries], k], [*entries[1][: ctx.entries], v]
+    if not concat:
+        return ks, vs
+    return (torch.cat(ks, dim=4), torch.cat(vs, dim=4)) if len(ks) > 1 else (k, v)
 
 
 def check_supported(model) -> None:
@@ -128,31 +129,78 @@ def chunk_plan(slot_len: torch.Tensor) -> list[tuple[int, int, int, int]]:
     return plan
 
 
-def _local_part(q, diag_k, diag_v, near_k, near_v, near_hidden, scaling: float):
+class _Diagonal(torch.autograd.Function):
+    """Attention of each (row, slot)'s queries over its own thought tokens, elementwise per (row, slot): q (B, Hkv,
+    g, R, P, S, D) against the keys/values of the pass entries (each (B, Hkv, R, P, S_i, D), this forward's last, T =
+    sum S_i); query s sees ``<= T - S + s``. Returns (out like q, lse (B, Hkv, g, R, P, S)).
+
+    Why by hand: the entries are concatenated for the product and the concatenation is not kept. Autograd would
+    keep each pass's concatenation of all earlier entries for its backward, O(m²) copies of the thought keys per
+    layer over a thought of m tokens when sampling runs inside the learning passes; here the backward concatenates
+    them again from the entries the history holds anyway."""
+
+    @staticmethod
+    def forward(ctx, q, scaling, n, *kv):
+        keys, values = torch.cat(kv[:n], dim=4)[:, :, None], torch.cat(kv[n:], dim=4)[:, :, None]
+        s, t = q.shape[-2], keys.shape[-2]
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # (B, Hkv, g, R, P, S, T)
+        future = torch.arange(t, device=q.device)[None, :] > (t - s + torch.arange(s, device=q.device))[:, None]
+        scores = scores.masked_fill(future, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse[..., None])
+        out = torch.matmul(probs.to(q.dtype), values)
+        ctx.scaling, ctx.n = scaling, n
+        ctx.sizes = [x.shape[4] for x in kv[:n]]
+        ctx.save_for_backward(q, probs, *kv)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, probs, *kv = ctx.saved_tensors
+        n = ctx.n
+        keys, values = torch.cat(kv[:n], dim=4)[:, :, None], torch.cat(kv[n:], dim=4)[:, :, None]
+        p = probs.to(q.dtype)
+        grad_scores = torch.zeros_like(probs)
+        grad_v = None
+        if grad_out is not None:
+            grad_v = torch.matmul(p.transpose(-1, -2), grad_out).sum(2)  # (B, Hkv, R, P, T, D), summed over g
+            grad_p = torch.matmul(grad_out, values.transpose(-1, -2)).float()
+            grad_scores = probs * (grad_p - (probs * grad_p).sum(-1, keepdim=True))
+        if grad_lse is not None:  # d lse / d scores = probs
+            grad_scores = grad_scores + probs * grad_lse[..., None].float()
+        grad_scores = (grad_scores * ctx.scaling).to(q.dtype)
+        grad_q = torch.matmul(grad_scores, keys)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q).sum(2)
+        if grad_v is None:
+            grad_v = torch.zeros_like(grad_k)
+        return grad_q, None, None, *grad_k.split(ctx.sizes, dim=4), *grad_v.split(ctx.sizes, dim=4)
+
+
+def diagonal(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], scaling: float):
+    """``_Diagonal``: (out, lse) of q over its own thought tokens, the keys/values given per pass entry."""
+    return _Diagonal.apply(q, scaling, len(keys), *keys, *values)
+
+
+def _local_part(out_d, lse_d, q, near_k, near_v, near_hidden, scaling: float):
     """Exact attention over the keys that differ between the slots of a chunk: the window keys ``[lo, hi)``
     (``near_*`` (B, Hkv, span, D), ``near_hidden`` (B, c, span) True where a slot's context ends before the key)
-    and each slot's own thought tokens, the diagonal (``diag_*`` (B, Hkv, 1, R, c, T, D), T = S_prev + S, query s
-    sees ``<= S_prev + s``), computed elementwise per (row, slot). q (B, Hkv, g, R, c, S, D).
+    and each slot's own thought tokens, whose part ``diagonal`` gave (``out_d`` like q, ``lse_d``). q (B, Hkv, g, R,
+    c, S, D).
 
-    Returns (out like q, lse (B, Hkv, g, R, c, S)); the diagonal always holds the query's own token, so no row is
-    empty."""
+    Returns (out like q, lse (B, Hkv, g, R, c, S)). The diagonal enters the softmax as one more score, its
+    log-normaliser (the summary-key rule of ``_chunk_attention``); it always holds the query's own token, so no row
+    is empty even where every near key is hidden."""
     b, hkv, g, r, c, s, d = q.shape
-    t = diag_k.shape[5]
-    diag = torch.matmul(q, diag_k.transpose(-1, -2)).float() * scaling  # (B, Hkv, g, R, c, S, T)
-    future = torch.arange(t, device=q.device)[None, :] > (t - s + torch.arange(s, device=q.device))[:, None]
-    diag = diag.masked_fill(future, float("-inf"))
     span = near_k.shape[2]
-    if span:
-        near = torch.matmul(q.reshape(b, hkv, -1, d), near_k.transpose(-1, -2)).float() * scaling
-        near = near.view(b, hkv, g, r, c, s, span).masked_fill(near_hidden[:, None, None, None, :, None, :], -math.inf)
-        scores = torch.cat([near, diag], dim=-1)
-    else:
-        scores = diag
+    if not span:
+        return out_d, lse_d
+    near = torch.matmul(q.reshape(b, hkv, -1, d), near_k.transpose(-1, -2)).float() * scaling
+    near = near.view(b, hkv, g, r, c, s, span).masked_fill(near_hidden[:, None, None, None, :, None, :], -math.inf)
+    scores = torch.cat([near, lse_d[..., None].float()], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None]).to(q.dtype)
-    out = torch.matmul(probs[..., span:], diag_v)
-    if span:
-        out = out + torch.matmul(probs[..., :span].reshape(b, hkv, -1, span), near_v).view_as(out)
+    out = probs[..., span:] * out_d
+    out = out + torch.matmul(probs[..., :span].reshape(b, hkv, -1, span), near_v).view_as(out)
     return out, lse
 
 
@@ -199,10 +247,11 @@ def slices(x: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> tuple[to
     return _Slices.apply(x, dim, ranges)
 
 
-def _chunk_attention(q, diag_k, diag_v, near_k, near_v, k_pre, v_pre, slot_len, scaling: float, p0, p1, lo, hi):
-    """One chunk of slots ``[p0, p1)`` (q and diag_* already cut to it, ``near_*`` the window keys [lo, hi),
-    ``k_pre``/``v_pre`` the extended window prefix ``[:1 + lo]``): the local part (window keys [lo, hi) and the
-    diagonal) by hand, then the window keys ``< lo`` — shared by every query of the chunk, no mask — in one fused
+def _chunk_attention(q, out_d, lse_d, near_k, near_v, k_pre, v_pre, slot_len, scaling: float, p0, p1, lo, hi):
+    """One chunk of slots ``[p0, p1)`` (q and the diagonal's out_d/lse_d already cut to it, ``near_*`` the window
+    keys [lo, hi), ``k_pre``/``v_pre`` the extended window prefix ``[:1 + lo]``): the local part (window keys
+    [lo, hi) merged with the diagonal) by hand, then the window keys ``< lo`` — shared by every query of the chunk,
+    no mask — in one fused
     ``scaled_dot_product_attention`` call.
 
     The local part enters that call as one extra *summary key* per query (``_extended``): its score is the local
@@ -213,7 +262,7 @@ def _chunk_attention(q, diag_k, diag_v, near_k, near_v, k_pre, v_pre, slot_len, 
     channel."""
     b, hkv, g, r, c, s, d = q.shape
     near_hidden = torch.arange(lo, hi, device=q.device) >= slot_len[:, p0:p1, None]  # (B, c, span)
-    out_l, lse_l = _local_part(q, diag_k, diag_v, near_k, near_v, near_hidden, scaling)
+    out_l, lse_l = _local_part(out_d, lse_d, q, near_k, near_v, near_hidden, scaling)
     dtype = k_pre.dtype
     q_ext = torch.cat([q, (lse_l[..., None] / scaling).to(q.dtype)], dim=-1).reshape(b, hkv * g, r * c * s, d + 1)
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -240,8 +289,8 @@ def parallel_attention_forward(module, query, key, value, attention_mask, scalin
     r, p, s = ctx.rows, ctx.slots, ctx.tokens
     scaling = d**-0.5 if scaling is None else scaling
     q = query.view(b, hkv, g, r, p, s, d)  # heads of one kv group stay together (GQA without copies)
-    k, v = with_history(ctx, layer, key.view(b, hkv, r, p, s, d), value.view(b, hkv, r, p, s, d))
-    k, v = k[:, :, None], v[:, :, None]  # (B, Hkv, 1, R, P, S_prev + S, D): one copy for the g heads of a group
+    keys, values = with_history(ctx, layer, key.view(b, hkv, r, p, s, d), value.view(b, hkv, r, p, s, d), False)
+    out_d, lse_d = diagonal(q, keys, values, scaling)  # every slot's own thought tokens, elementwise per (r, p)
     wk, wv = ctx.window_kv[layer]
     if ctx.plan is None:  # the same for every layer of this forward
         ctx.plan = chunk_plan(ctx.slot_len)
@@ -253,8 +302,8 @@ def parallel_attention_forward(module, query, key, value, attention_mask, scalin
     prefix = [(0, 1 + lo) for _, _, lo, _ in plan]
     parts = zip(
         slices(q, 4, by_slot),
-        slices(k, 4, by_slot),
-        slices(v, 4, by_slot),
+        slices(out_d, 4, by_slot),
+        slices(lse_d, 4, by_slot),
         slices(wk, 2, near),
         slices(wv, 2, near),
         slices(k_ext, 2, prefix),
