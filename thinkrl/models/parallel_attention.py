@@ -13,7 +13,9 @@ softmax over (a) ∪ (b), i.e. the per-position forward of ``window[:t] ⊕ thou
 How: slots go in chunks of neighbours (``chunk_plan``). The window keys every slot of a chunk sees (``< lo``) are
 shared by all its queries and need no mask: one fused ``scaled_dot_product_attention`` call. The few window keys
 the chunk's slots disagree on (``[lo, hi)``, at most ``SPAN``) and the diagonal are computed by hand; they enter the
-fused call as one *summary key* per query carrying their log-normaliser, which makes the merge exact.
+fused call as one *summary key* per query carrying their log-normaliser, which makes the merge exact. The diagonal
+is computed once for all slots (``_Diagonal``, which keeps the earlier passes' thought keys as the history holds
+them rather than a concatenation per pass), and the chunks' slices share one gradient buffer (``slices``).
 
 Cost per pass: the window attention of one plain forward per row, plus R·P·S·(SPAN + S_prev + S) dot products.
 Nothing of size P × (P·S) exists (the dense mask of the official Quiet-STaR code), nor any window × window × passes

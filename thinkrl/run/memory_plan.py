@@ -375,12 +375,20 @@ def step_forwards(cfg: Config, shapes: Shapes, trainable: dict[str, bool]) -> li
             for g in dict.fromkeys(g for g in (bg, ig) if trainable[g]):
                 out.append(Forward(g, "score_and_loss", b * length, True))
             return out
-        if k and cfg.rollout.backend == "hf":
+        read = {}
+        fused = k and cfg.fused_sampling()
+        if fused:  # the learning passes sample (window_scoring.sample_in_passes): one read, one token per pass
+            read[ig] = Forward(ig, "rollout", b * length, trainable[ig])
+            out.append(read[ig])
+            out += [
+                Forward(ig, "rollout", b * k * p, trainable[ig], "passes", seq=1, span=s.span, keeps_kv=b * length)
+                for _ in range(m + 1 + n)
+            ]
+        elif k and cfg.rollout.backend == "hf":
             out.append(Forward(rg, "rollout", b * length))
             out += [Forward(rg, "rollout", b * k * p, kind="passes", seq=1) for _ in range(m)]
         elif k:
             out.append(Forward(rg, "rollout", s.positions * (s.context + 1) + s.positions * k * (m + 1)))
-        read = {}
 
         def read_of(group):
             if group not in read:
@@ -391,7 +399,7 @@ def step_forwards(cfg: Config, shapes: Shapes, trainable: dict[str, bool]) -> li
             out += _position_scores(cfg, s, ig, bg, trainable)
         else:
             read_of(ig)
-            if k:
+            if k and not fused:  # fused: the thought rows are the sampling passes above
                 width = m + 1 + n
                 out.append(
                     Forward(
