@@ -31,6 +31,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from thinkrl.errors import ConfigError
 
+# rollout.attention_kernel: the attention of parallel thought passes (models/parallel_passes.set_attention_kernel)
+ATTENTION_KERNELS = ("auto", "merge", "flex")
+
 ROLES = ("base", "reasoner", "interpreter")
 FREEZABLE = ROLES + ("head",)
 
@@ -483,7 +486,7 @@ class RolloutConfig:
         check_choice("rollout.fused_passes", self.fused_passes, ("auto", "true", "false"))
         check_positive("rollout.vllm_sync_timeout_s", self.vllm_sync_timeout_s)
         check_choice("rollout.thought_passes", self.thought_passes, ("auto", "parallel", "per_position"))
-        check_choice("rollout.attention_kernel", self.attention_kernel, ("auto", "merge", "flex"))
+        check_choice("rollout.attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         check_positive("rollout.num_thoughts", self.num_thoughts, allow_zero=True)
         check_positive("rollout.max_thought_len", self.max_thought_len)
         check_positive("rollout.temperature", self.temperature)

@@ -42,7 +42,6 @@ from thinkrl.eval.generate import Generator
 from thinkrl.eval.likelihood import answer_token_ids, digit_likelihood_logp
 from thinkrl.eval.setup import EvalSetup
 from thinkrl.eval.tasks import TASKS, EvalItem, item_seed, item_windows, load_items
-from thinkrl.models.parallel_passes import set_attention_kernel
 from thinkrl.models.shared_prefix import right_pad
 from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
 from thinkrl.rl.copy_gauge import list_copy_flags
@@ -138,8 +137,6 @@ class Evaluator:
         self.parallel = opts.task == "text" and self.cfg.parallel_passes()
         if self.parallel:
             item_windows(self.items)  # fails early when the positions cannot be read as whole windows
-            for model in self.roles.models.values():
-                set_attention_kernel(model, ro.attention_kernel)
         wrapper = len(self.prompt.prefix) + len(self.prompt.suffix) if self.prompt else 0
         longest = max(len(it.context) for it in self.items) + wrapper + ro.max_thought_len + len(self.null_ids)
         output_folder.claim(self.folder)

@@ -76,12 +76,10 @@ def with_history(ctx: PassContext, layer: int, k: torch.Tensor, v: torch.Tensor,
     Reading a fixed number of entries, and appending only where the list holds exactly that many, makes a layer's
     forward repeatable: a checkpointed layer's recompute in the backward (``models/checkpointing``) runs after the
     later passes have appended theirs, and sees the keys its forward saw."""
-    entries = ctx.history.get(layer, ([], []))
-    if ctx.keep_history:
-        entries = ctx.history.setdefault(layer, ([], []))
-        if len(entries[0]) == ctx.entries:
-            entries[0].append(k)
-            entries[1].append(v)
+    entries = ctx.history.setdefault(layer, ([], [])) if ctx.keep_history else ctx.history.get(layer, ([], []))
+    if ctx.keep_history and len(entries[0]) == ctx.entries:
+        entries[0].append(k)
+        entries[1].append(v)
     ks, vs = [*entries[0][: ctx.entries], k], [*entries[1][: ctx.entries], v]
     if not concat:
         return ks, vs

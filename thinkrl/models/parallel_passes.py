@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from thinkrl.config import ATTENTION_KERNELS as KERNELS
+from thinkrl.models.host_memory import trim_around_pass
 from thinkrl.models.parallel_attention import PassContext, check_supported, parallel_attention
 
 KERNEL_ATTR = "thinkrl_attention_kernel"  # set on a model by ``set_attention_kernel``; "merge" when absent
-KERNELS = ("auto", "merge", "flex")
 
 
 def set_attention_kernel(model, kernel: str) -> None:
@@ -98,4 +99,5 @@ def run_passes(
         )
     hidden = out.hidden_states[-1].reshape(b, r, p, s, -1)
     logits = out.logits.reshape(b, r, p, s, -1) if need_logits else None
+    trim_around_pass(out.hidden_states[-1])  # CPU: the pass's freed temporaries go back to the system
     return hidden, logits

@@ -20,6 +20,7 @@ from thinkrl.config import ROLES, Config, ModelSpec
 from thinkrl.errors import ModelLoadError
 from thinkrl.models.checkpointing import enable_checkpointing
 from thinkrl.models.mixing_head import MixingHead
+from thinkrl.models.parallel_passes import set_attention_kernel
 from thinkrl.models.true_tokens import TrueTokenHead
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,8 @@ def build_roles(cfg: Config, tokenizer=None, meta: bool = False) -> RoleModels:
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
     groups = dict.fromkeys(cfg.model.weight_groups)  # ordered, unique
     models = {g: build_model(cfg.model.spec(g), tokenizer, cfg, meta) for g in groups}
+    for model in models.values():  # before any copy (the EMA reference keeps it)
+        set_attention_kernel(model, cfg.rollout.attention_kernel)
     role_group = dict(zip(ROLES, cfg.model.weight_groups))
     # A checkpoint's embedding may hold more rows than its tokenizer has tokens (Qwen pads 151,669 tokens to 151,936
     # rows); those spare rows stay, unused by any text, as in the original model.

@@ -50,7 +50,6 @@ from thinkrl.distributed.sharding import (
 from thinkrl.errors import ConfigError, NonFiniteLossError
 from thinkrl.models.meta_loading import fill_sharded
 from thinkrl.models.parallel_attention import check_supported
-from thinkrl.models.parallel_passes import set_attention_kernel
 from thinkrl.models.roles import build_roles, set_threads
 from thinkrl.prompts import null_thought_ids, reasoner_prompt, wrap_contexts
 from thinkrl.rl import copy_gauge
@@ -134,7 +133,6 @@ class Trainer:
         if self.parallel:  # fail before any data is read
             for model in self.roles.models.values():
                 check_supported(model)
-                set_attention_kernel(model, cfg.rollout.attention_kernel)  # before any copy (the EMA reference)
         wants_ema = cfg.reward.baseline == "ema" and cfg.learner.objective == "thoughts"
         ema_copy = None  # sharded: the EMA reference's copy of the interpreter, sharded as the interpreter is
         if self.sharded:  # before the optimizer: it must hold the sharded parameters

@@ -1,0 +1,69 @@
+"""Freed host memory goes back to the system between parallel passes (``thinkrl.models.host_memory``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import thinkrl.models.host_memory as hm
+from thinkrl.models.parallel_passes import read_window, run_passes
+
+glibc = pytest.mark.skipif(hm._malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
+
+# A fresh interpreter (the allocator state of this one depends on the tests before): a freed 8 MB block lifts glibc's
+# mmap threshold, so 1 MB tensors then come from the heap; small tensors allocated between them stay alive, so the
+# freed 1 MB blocks are holes that stay resident until trimmed.
+FRAGMENT = """
+import os, torch
+from thinkrl.models.host_memory import trim
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page / 2**20
+x = torch.ones(2 * 2**20)
+del x
+big, small = [], []
+for _ in range(300):
+    big.append(torch.ones(2**18))
+    small.append(torch.ones(16))
+del big
+before = rss()
+trim()
+print(before - rss())
+"""
+
+
+@glibc
+def test_trim_returns_the_holes_freed_tensors_leave_in_the_heap():
+    out = subprocess.run([sys.executable, "-c", FRAGMENT], capture_output=True, text=True, check=True)
+    released_mb = float(out.stdout.split()[-1])
+    assert released_mb > 200, f"trim released {released_mb:.0f} MB of 300 MB of freed holes"
+
+
+@glibc
+def test_passes_trim_after_each_forward_and_before_each_backward(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hm, "trim", lambda: calls.append(torch.is_grad_enabled()))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 40, (2, 12))
+    slot_len = torch.tensor([[2, 5, 9, 12], [3, 4, 7, 11]])
+    read = read_window(model, ids)
+    history: dict = {}
+    hidden = [run_passes(model, read, torch.randint(0, 40, (2, 2, 4, 1)), slot_len, s, history)[0] for s in range(3)]
+    assert len(calls) == 3  # one per forward
+    torch.stack(hidden).sum().backward()
+    assert len(calls) == 6  # and one as the backward reaches each pass
+    with torch.no_grad():  # sampling without grad: no hook, one trim per pass
+        run_passes(model, read_window(model, ids), torch.randint(0, 40, (2, 2, 4, 1)), slot_len)
+    assert len(calls) == 7
