@@ -12,16 +12,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import thinkrl.models.host_memory as hm
 from thinkrl.models.parallel_passes import read_window, run_passes
 
-glibc = pytest.mark.skipif(hm._malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
+glibc = pytest.mark.skipif(hm._malloc_trim() is None, reason="no glibc malloc_trim or /proc (not Linux with glibc)")
 
 # A fresh interpreter (the allocator state of this one depends on the tests before): a freed 8 MB block lifts glibc's
 # mmap threshold, so 1 MB tensors then come from the heap; small tensors allocated between them stay alive, so the
 # freed 1 MB blocks are holes that stay resident until trimmed.
 FRAGMENT = """
-import os, torch
-from thinkrl.models.host_memory import trim
-page = os.sysconf("SC_PAGE_SIZE")
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page / 2**20
+import torch
+from thinkrl.models.host_memory import resident_bytes, trim
+mb = lambda: resident_bytes() / 2**20
+trim(growth=0)  # the starting point
 x = torch.ones(2 * 2**20)
 del x
 big, small = [], []
@@ -29,23 +29,26 @@ for _ in range(300):
     big.append(torch.ones(2**18))
     small.append(torch.ones(16))
 del big
-before = rss()
-trim()
-print(before - rss())
+before = mb()
+kept = trim(growth=400 * 2**20)  # grown by about 300 MB since: nothing happens
+after_kept = mb()
+trimmed = trim(growth=200 * 2**20)
+print(kept, before - after_kept, trimmed, before - mb())
 """
 
 
 @glibc
-def test_trim_returns_the_holes_freed_tensors_leave_in_the_heap():
+def test_trim_returns_the_holes_freed_tensors_leave_once_the_process_grew_past_its_threshold():
     out = subprocess.run([sys.executable, "-c", FRAGMENT], capture_output=True, text=True, check=True)
-    released_mb = float(out.stdout.split()[-1])
-    assert released_mb > 200, f"trim released {released_mb:.0f} MB of 300 MB of freed holes"
+    kept, released_kept, trimmed, released = out.stdout.split()
+    assert (kept, float(released_kept)) == ("False", 0.0), "trim acted though the process grew less than its threshold"
+    assert trimmed == "True" and float(released) > 200, f"trim released {released} MB of 300 MB of freed holes"
 
 
 @glibc
 def test_passes_trim_after_each_forward_and_before_each_backward(monkeypatch):
     calls = []
-    monkeypatch.setattr(hm, "trim", lambda: calls.append(torch.is_grad_enabled()))
+    monkeypatch.setattr(hm, "trim", lambda: calls.append(torch.is_grad_enabled()))  # the threshold aside
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=40,

@@ -16,24 +16,44 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 import torch
+
+# Trim only when the process has grown by this much since the last trim: each trim returns the free pages, and the
+# next allocations fault them in again (zeroed by the kernel). Measured on the Quiet-STaR preset (128 wide, 4 layers,
+# 128-token windows, 2.1 s steps): trimming after every pass took its step to 3.2 s, while its resident size no
+# longer grows after the first steps (the heap's holes are reused), so it never trims with this rule.
+TRIM_GROWTH = 512 * 2**20
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_after_last_trim = [0]  # resident bytes right after the last trim
 
 
 @functools.cache
 def _malloc_trim():
+    """glibc's ``malloc_trim`` on Linux (resident size from /proc), or None."""
+    if not os.path.exists("/proc/self/statm"):
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
 
 
-def trim() -> None:
-    """Return the heap's free pages to the system (glibc); nothing where the C library has no ``malloc_trim``."""
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def trim(growth: int = TRIM_GROWTH) -> bool:
+    """Return the heap's free pages to the system if the process grew by more than ``growth`` bytes since the last
+    trim (glibc on Linux; elsewhere nothing); says whether it trimmed."""
     fn = _malloc_trim()
-    if fn is not None:
-        fn(0)
+    if fn is None or resident_bytes() - _after_last_trim[0] <= growth:
+        return False
+    fn(0)
+    _after_last_trim[0] = resident_bytes()
+    return True
 
 
 def trim_around_pass(hidden: torch.Tensor) -> None:
