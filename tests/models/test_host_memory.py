@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from stock_models import stock_model
 
 import thinkrl.models.host_memory as hm
 from thinkrl.models.parallel_passes import read_window, run_passes
@@ -49,16 +49,7 @@ def test_trim_returns_the_holes_freed_tensors_leave_once_the_process_grew_past_i
 def test_passes_trim_after_each_forward_and_before_each_backward(monkeypatch):
     calls = []
     monkeypatch.setattr(hm, "trim", lambda: calls.append(torch.is_grad_enabled()))  # the threshold aside
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = stock_model("llama-gqa")
     ids = torch.randint(0, 40, (2, 12))
     slot_len = torch.tensor([[2, 5, 9, 12], [3, 4, 7, 11]])
     read = read_window(model, ids)
