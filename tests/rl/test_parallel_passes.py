@@ -391,15 +391,20 @@ def test_sampling_in_the_learning_passes_equals_two_phases(overrides, every_k, k
         assert thoughts.lengths.min() < thoughts.lengths.max()
 
 
-def test_a_sampling_pass_cut_from_the_graph_is_caught(monkeypatch):
-    """The fused passes carry the gradient of the thought tokens' own states: detaching one pass breaks it."""
+@pytest.mark.parametrize("which", ["sampling", "after_sampling"])
+def test_a_pass_cut_from_the_graph_is_caught(monkeypatch, which):
+    """The fused passes carry the gradient of the thought tokens' own states: detaching one pass breaks it, be it a
+    sampling pass (one token) or the pass of the tokens after the last sample (several)."""
     real = window_scoring.run_passes
 
     def cut(model, read, slots, slot_len, offset=0, history=None, need_logits=False):
         hidden, logits = real(model, read, slots, slot_len, offset, history, need_logits)
-        return (hidden.detach() if history is not None and offset == 1 else hidden), logits
+        hit = offset == 1 if which == "sampling" else slots.shape[-1] > 1
+        return (hidden.detach() if history is not None and hit else hidden), logits
 
     monkeypatch.setattr(window_scoring, "run_passes", cut)
-    two_phase, fused = _two_phase_and_fused([], 1, 2)
+    # fixed length: every row samples to the end, then <eot> y_0..y_{n-2} follow in one pass; the gate head (the
+    # mlp head starts at weight 0, where no gradient reaches the thought states)
+    two_phase, fused = _two_phase_and_fused(["rollout.length_mode=fixed", "head.form=gate"], 1, 2)
     with pytest.raises(AssertionError):
         _assert_equal(two_phase, fused)

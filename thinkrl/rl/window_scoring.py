@@ -123,8 +123,9 @@ class WindowScoring:
     # ---- sampling inside the learning passes -----------------------------------------------------------------
     def sample_in_passes(self, cfg, k: int, seeds: list[int]) -> ThoughtBatch:
         """Sample K thoughts at every slot in passes that keep the graph, and feed each row's ``<eot> y_0..y_{n-2}``
-        after its thought ends in the same passes: token s of ``thought_sequences``' row is fed at pass s, so the
-        stacked passes are the teacher-forced thought rows ``scores`` and ``policy`` would run again. The next
+        after its thought ends in the same passes: token s of ``thought_sequences``' row is fed at pass s (the tokens
+        after the last sample all in one forward), so the stacked passes are the teacher-forced thought rows
+        ``scores`` and ``policy`` would run again. The next
         ``scores`` call reuses them and this window read (``fused_sampling`` says when that is the same computation).
 
         The samples, their log-probs and the recorder are the HF sampler's (``HFRolloutActor._sample_passes``): each
@@ -140,32 +141,39 @@ class WindowScoring:
         rec = ThoughtRecorder(batch.num_positions, k, max_len, pad, device)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         lm_head = model.get_output_embeddings()
-        fed = torch.full((y_rows.shape[0],), roles.sot_id, dtype=torch.long, device=device)
         history: dict = {}
         hidden_passes = []
-        t = 0
-        while True:
-            grid = torch.full((b * p, k), pad, dtype=torch.long, device=device)
-            grid[self.valid] = fed.view(-1, k)
-            feed = grid.view(b, p, k).permute(0, 2, 1)[..., None].contiguous()
+
+        def run(columns: torch.Tensor, t: int) -> torch.Tensor:
+            """Feed tokens (N*K, w) as passes t..t+w-1 of every row; the last states (N, K, w, d) go on the list."""
+            w = columns.shape[1]
+            grid = torch.full((b * p, k, w), pad, dtype=torch.long, device=device)
+            grid[self.valid] = columns.view(-1, k, w)
+            feed = grid.view(b, p, k, w).transpose(1, 2).contiguous()
             hidden, _ = run_passes(model, read, feed, batch.slot_len, t, history)
             hidden_passes.append(hidden)
-            sampling = t < max_len and not rec.all_done
-            if sampling:
-                with torch.no_grad():
-                    logits = self.to_positions(lm_head(hidden.detach()[..., 0, :]))  # (N, K, V), as the sampler
-                rows = logits.reshape(-1, logits.shape[-1])
-                active = ~rec.done
-                tokens = rec.step(t, rows, generators, cfg, roles.sot_id, roles.eot_id)
-            t += 1
-            # Token t of each row: its sample while it was still thinking, else <eot> at 1 + length, then y
-            lengths = rec.lengths
-            after = t - lengths - 2  # index of y fed at pass t (or < 0 / >= n - 1: none)
+            return hidden
+
+        def after_thought(u: int) -> torch.Tensor:
+            """Token u of each finished row: <eot> at 1 + length, then y_0..y_{n-2}, then padding."""
+            after = u - rec.lengths - 2  # index of y at u (-1: the <eot>)
             post = torch.where(after >= 0, y_rows.gather(1, after.clamp(0, n - 1)[:, None])[:, 0], roles.eot_id)
-            post = torch.where((after >= -1) & (after < n - 1), post, pad)
-            fed = torch.where(active, tokens, post) if sampling else post
-            if not (t < max_len and not rec.all_done) and t > int(lengths.max()) + n:
-                break
+            return torch.where((after >= -1) & (after < n - 1), post, pad)
+
+        fed = torch.full((y_rows.shape[0],), roles.sot_id, dtype=torch.long, device=device)
+        t = 0
+        while t < max_len and not rec.all_done:  # one token per pass; each pass samples every row's next token
+            hidden = run(fed[:, None], t)
+            with torch.no_grad():
+                logits = self.to_positions(lm_head(hidden.detach()[..., 0, :]))  # (N, K, V), as the sampler
+            active = ~rec.done
+            tokens = rec.step(t, logits.reshape(-1, logits.shape[-1]), generators, cfg, roles.sot_id, roles.eot_id)
+            t += 1
+            fed = torch.where(active, tokens, after_thought(t))
+        # Sampling is over, so every row's remaining tokens are known: one pass of them all (teacher-forced, as the
+        # scorer's) instead of one per token, which on a small model costs a pass's overhead each.
+        last = int(rec.lengths.max()) + n  # the pass that feeds y_{n-2} of the longest thought
+        run(torch.stack([fed, *(after_thought(u) for u in range(t + 1, last + 1))], dim=1), t)
         self._fused = ({id(model): read}, torch.cat(hidden_passes, dim=3))
         return rec.result(cfg.length_mode == "fixed")
 

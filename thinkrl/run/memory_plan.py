@@ -377,12 +377,13 @@ def step_forwards(cfg: Config, shapes: Shapes, trainable: dict[str, bool]) -> li
             return out
         read = {}
         fused = k and cfg.fused_sampling()
-        if fused:  # the learning passes sample (window_scoring.sample_in_passes): one read, one token per pass
+        if fused:  # the learning passes sample (window_scoring.sample_in_passes): one read, one token per pass,
+            # then the n + 1 tokens after the last sample in one pass
             read[ig] = Forward(ig, "rollout", b * length, trainable[ig])
             out.append(read[ig])
             out += [
-                Forward(ig, "rollout", b * k * p, trainable[ig], "passes", seq=1, span=s.span, keeps_kv=b * length)
-                for _ in range(m + 1 + n)
+                Forward(ig, "rollout", b * k * p * w, trainable[ig], "passes", seq=w, span=s.span, keeps_kv=b * length)
+                for w in [1] * m + [n + 1]
             ]
         elif k and cfg.rollout.backend == "hf":
             out.append(Forward(rg, "rollout", b * length))
