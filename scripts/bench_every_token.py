@@ -37,7 +37,8 @@ What users run (``--no-trainer`` skips it):
                 data.source=text on a file of random printable ASCII (one byte token per character) that the bench
                 writes into a temporary folder, data.positions=every_k, every_k=1, data.n_ahead=n,
                 data.context_len=L - n (a text document is context_len + n_ahead tokens, so each window is L tokens
-                with slots t = 2 .. L - n, exactly the isolated step's windows), rollout.num_thoughts=K,
+                with slots t = 2 .. L - n, exactly the isolated step's windows), rollout.fused_passes=auto (the
+                default; the recipe's own false is for its 128-wide model), rollout.num_thoughts=K,
                 length_mode=fixed, max_thought_len=m, trainer.batch_positions=B * (L - n - 1) (the trainer takes
                 batch_positions // slots-per-window = B whole windows per step), num_threads=t, no LM warm-up, no
                 evaluation or checkpoint during the run, max_steps = ``--repeats`` + 1. The time is the median of
@@ -457,6 +458,7 @@ def trainer_overrides(job: Job, folder: Path) -> list[str]:
         "rollout.length_mode=fixed",
         f"rollout.max_thought_len={job.thought_len}",
         "rollout.thought_passes=parallel",
+        "rollout.fused_passes=auto",  # the recipe's false is for its 128-wide model; --trainer-override to compare
         f"trainer.batch_positions={job.batch_windows * slots}",  # // slots per window = B windows per step
         "trainer.lm_warmup_steps=0",
         "trainer.eval_every=0",

@@ -121,8 +121,10 @@ def _quiet_star(tmp_path, *extra):
     return load_config(ROOT / "configs/quiet_star/tiny_shakespeare.yaml", [*tiny, *extra])
 
 
-def test_quiet_star_flops_equal_the_logged_ones(tmp_path):
-    cfg = _quiet_star(tmp_path)
+@pytest.mark.parametrize("fused", ["false", "true"])  # the recipe's two phases, and sampling in the learning passes
+def test_quiet_star_flops_equal_the_logged_ones(tmp_path, fused):
+    cfg = _quiet_star(tmp_path, f"rollout.fused_passes={fused}")
+    assert cfg.fused_sampling() == (fused == "true")
     Trainer(cfg).train()
     expected = plan(cfg, resolve_archs(cfg), device="cpu").flops_step
     assert logged_flops(tmp_path) == [expected, expected]
