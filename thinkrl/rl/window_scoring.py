@@ -125,8 +125,8 @@ class WindowScoring:
         """Sample K thoughts at every slot in passes that keep the graph, and feed each row's ``<eot> y_0..y_{n-2}``
         after its thought ends in the same passes: token s of ``thought_sequences``' row is fed at pass s (the tokens
         after the last sample all in one forward), so the stacked passes are the teacher-forced thought rows
-        ``scores`` and ``policy`` would run again. The next
-        ``scores`` call reuses them and this window read (``fused_sampling`` says when that is the same computation).
+        ``scores`` and ``policy`` would run again. The next ``scores`` call reuses them and this window read
+        (``fused_sampling`` says when that is the same computation).
 
         The samples, their log-probs and the recorder are the HF sampler's (``HFRolloutActor._sample_passes``): each
         pass's logits are taken from its detached hidden states, so sampling adds nothing to the graph."""
