@@ -408,3 +408,22 @@ def test_a_pass_cut_from_the_graph_is_caught(monkeypatch, which):
     two_phase, fused = _two_phase_and_fused(["rollout.length_mode=fixed", "head.form=gate"], 1, 2)
     with pytest.raises(AssertionError):
         _assert_equal(two_phase, fused)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_the_tokens_after_the_last_sample_go_in_one_pass_unless_checkpointed(monkeypatch, checkpointed):
+    """Fixed length m = 4, n = 2: four sampling passes, then <eot> y_0 after z_4 in one pass of 3 tokens; with
+    checkpointed layers one token a pass (the recompute of a wider pass raises the peak)."""
+    widths = []
+    real = window_scoring.run_passes
+
+    def counted(model, read, slots, slot_len, offset=0, history=None, need_logits=False):
+        if history is not None:
+            widths.append((offset, slots.shape[-1]))
+        return real(model, read, slots, slot_len, offset, history, need_logits)
+
+    monkeypatch.setattr(window_scoring, "run_passes", counted)
+    overrides = ["rollout.length_mode=fixed", f"model.default.gradient_checkpointing={str(checkpointed).lower()}"]
+    _assert_equal(*_two_phase_and_fused(overrides, 1, 2))
+    tail = [(4, 1), (5, 1), (6, 1)] if checkpointed else [(4, 3)]
+    assert widths == [(t, 1) for t in range(4)] + tail

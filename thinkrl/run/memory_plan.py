@@ -378,12 +378,13 @@ def step_forwards(cfg: Config, shapes: Shapes, trainable: dict[str, bool]) -> li
         read = {}
         fused = k and cfg.fused_sampling()
         if fused:  # the learning passes sample (window_scoring.sample_in_passes): one read, one token per pass,
-            # then the n + 1 tokens after the last sample in one pass
+            # then the n + 1 tokens after the last sample in one pass (one each with checkpointed layers)
             read[ig] = Forward(ig, "rollout", b * length, trainable[ig])
             out.append(read[ig])
+            tail = [1] * (n + 1) if cfg.model.spec(ig).gradient_checkpointing else [n + 1]
             out += [
                 Forward(ig, "rollout", b * k * p * w, trainable[ig], "passes", seq=w, span=s.span, keeps_kv=b * length)
-                for w in [1] * m + [n + 1]
+                for w in [1] * m + tail
             ]
         elif k and cfg.rollout.backend == "hf":
             out.append(Forward(rg, "rollout", b * length))
