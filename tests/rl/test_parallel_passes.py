@@ -403,8 +403,8 @@ def test_a_pass_cut_from_the_graph_is_caught(monkeypatch, which):
         return (hidden.detach() if history is not None and hit else hidden), logits
 
     monkeypatch.setattr(window_scoring, "run_passes", cut)
-    # fixed length: every row samples to the end, then <eot> y_0..y_{n-2} follow in one pass; the gate head (the
-    # mlp head starts at weight 0, where no gradient reaches the thought states)
+    # fixed length: every row samples to the end, then its last sample, <eot> and y_0..y_{n-2} go in one pass; the
+    # gate head (the mlp head starts at weight 0, where no gradient reaches the thought states)
     two_phase, fused = _two_phase_and_fused(["rollout.length_mode=fixed", "head.form=gate"], 1, 2)
     with pytest.raises(AssertionError):
         _assert_equal(two_phase, fused)
@@ -412,8 +412,8 @@ def test_a_pass_cut_from_the_graph_is_caught(monkeypatch, which):
 
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_the_tokens_after_the_last_sample_go_in_one_pass_unless_checkpointed(monkeypatch, checkpointed):
-    """Fixed length m = 4, n = 2: four sampling passes, then <eot> y_0 after z_4 in one pass of 3 tokens; with
-    checkpointed layers one token a pass (the recompute of a wider pass raises the peak)."""
+    """Fixed length m = 4, n = 2: four sampling passes (<sot> z_1 z_2 z_3), then z_4 <eot> y_0 in one pass of 3
+    tokens; with checkpointed layers one token a pass (the recompute of a wider pass raises the peak)."""
     widths = []
     real = window_scoring.run_passes
 
